@@ -1,0 +1,36 @@
+# Every target creates the virtual environment first when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch pinned to the build this project is tested with; `make install TORCH="torch torchvision"` for another
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+ARGS   ?=
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install  ## CNN on MNIST 0-5 vs held-out digits and noise, CPU, ~2 minutes; prints the table
+	$(BIN)/python train.py $(ARGS)
+
+test: install  ## the whole CPU suite (CI runs this)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install  ## unit tests only, no end-to-end runs
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: install
+	$(BIN)/ruff check ood_lightning tests train.py evaluate.py
+
+bench: install
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,27 @@
+"""Hydra/OmegaConf glue: custom resolvers and small helpers shared by the entrypoints."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from ood_lightning.data.registry import default_data_root
+
+
+def _epochs_at(max_epochs: int, fractions) -> list[int]:
+    """Milestones at fractions of the schedule: 200 epochs x [0.3, 0.6, 0.8] -> [60, 120, 160]."""
+    return sorted({max(1, int(round(float(f) * int(max_epochs)))) for f in fractions})
+
+
+def register_resolvers() -> None:
+    """Idempotent: ``${ood_data_root:}`` and ``${epochs_at:max_epochs,[fractions]}``."""
+    if not OmegaConf.has_resolver("ood_data_root"):
+        OmegaConf.register_new_resolver("ood_data_root", default_data_root)
+    if not OmegaConf.has_resolver("epochs_at"):
+        OmegaConf.register_new_resolver("epochs_at", _epochs_at)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+register_resolvers()

@@ -1,0 +1,193 @@
+"""``OODDataModule``: ID train/val/test splits and named OOD test sets, all in memory.
+
+Batches are uint8 tensors indexed in one go (``__getitems__``) and turned into
+normalised floats by :class:`~ood_lightning.data.transforms.Preprocess` after they reach
+the device, so augmentation runs batched on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
+from ood_lightning.data.transforms import Preprocess, match_shape
+from ood_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: keys of an OOD set's config that the data module reads itself; the rest go to the loader
+_OOD_KEYS = {"dataset", "split", "convert", "limit", "classes", "group"}
+
+
+class TensorData(Dataset):
+    """A split as a dataset whose batches are fetched by one tensor index, not per sample."""
+
+    def __init__(self, data: ArrayData):
+        self.images, self.labels = data.images, data.labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, indices):
+        index = torch.as_tensor(indices)
+        return self.images[index], self.labels[index]
+
+
+def _keep_batch(batch):
+    return batch
+
+
+def _fixed_subset(data: ArrayData, n: int | None, seed: int) -> ArrayData:
+    """A deterministic random subset of ``n`` samples (independent of the run seed)."""
+    if n is None or n >= len(data):
+        return data
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.subset(perm[: int(n)].sort().values)
+
+
+def _plain(cfg: Any) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
+
+
+class OODDataModule(L.LightningDataModule):
+    """ID data (``data`` config group) plus named OOD test sets (``ood`` config group)."""
+
+    def __init__(self, data: Mapping, ood: Mapping | None = None):
+        super().__init__()
+        self.cfg = _plain(data)
+        self.ood_cfg = {k: _plain(v) for k, v in _plain(ood).items() if v is not None}
+        c = self.cfg
+        aug = c.get("augment") or {}
+        self.preprocess = Preprocess(c.get("mean"), c.get("std"), aug.get("crop_padding", 0),
+                                     aug.get("hflip", False), c.get("dequantize", False))
+        self.train_set = self.val_set = self.test_set = None
+        self.ood_sets: dict[str, ArrayData] = {}
+        self.class_names: tuple[str, ...] = ()
+
+    # -- loading -------------------------------------------------------------------------
+    def _load(self, name: str, split: str, **kwargs) -> ArrayData:
+        c = self.cfg
+        return load_dataset(name, split=split, root=c["root"], download=c.get("download", False),
+                            cache_dir=c.get("cache_dir"), **kwargs)
+
+    def _id_split(self, split: str) -> ArrayData:
+        c = self.cfg
+        kwargs = dict(c.get("kwargs") or {})
+        kwargs.setdefault("seed", int(c.get("split_seed", 0)))
+        if split in ("train", "test") and f"n_{split}" in c:
+            kwargs["n"] = c[f"n_{split}"]
+        data = self._load(c["name"], split, **kwargs)
+        if c.get("known_classes") is not None:
+            data = select_classes(data, c["known_classes"], relabel=True)
+            if len(data) == 0:
+                raise ConfigError(f"data.known_classes={c['known_classes']} leaves no {split} samples of {c['name']!r}")
+        return data
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        c = self.cfg
+        seed = int(c.get("split_seed", 0))
+        full = self._id_split("train")
+        self.class_names = full.classes
+        val_size = c.get("val_size", 0.1)
+        n_val = int(round(val_size * len(full))) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+        if not 0 < n_val < len(full):
+            raise ConfigError(f"data.val_size={val_size} must leave both a validation and a training set ({len(full)} samples)")
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+        self.val_set = full.subset(perm[:n_val].sort().values)
+        self.train_set = full.subset(perm[n_val:].sort().values)
+        self.train_set = _fixed_subset(self.train_set, c.get("limit_train"), seed + 1)
+        self.val_set = _fixed_subset(self.val_set, c.get("limit_val"), seed + 2)
+        self.test_set = _fixed_subset(self._id_split("test"), c.get("limit_test"), seed + 3)
+        self._check_channels()
+        for name, spec in self.ood_cfg.items():
+            self.ood_sets[name] = self._load_ood(name, spec)
+        log.info("ID %s: train %d, val %d, test %d, %d classes; OOD: %s", c["name"], len(self.train_set),
+                 len(self.val_set), len(self.test_set), self.num_classes,
+                 ", ".join(f"{k} ({len(v)})" for k, v in self.ood_sets.items()) or "none")
+
+    def _check_channels(self) -> None:
+        want = self.cfg.get("channels")
+        shape = self.train_set.sample_shape
+        if want is not None and len(shape) == 3 and shape[0] != want:
+            raise ConfigError(f"data.channels={want} but {self.cfg['name']!r} has {shape[0]}-channel images; set data.channels={shape[0]}")
+
+    def _load_ood(self, name: str, spec: dict) -> ArrayData:
+        if "dataset" not in spec:
+            raise ConfigError(f"OOD set {name!r} needs a 'dataset' key (e.g. ood.{name}.dataset=gaussian_noise)")
+        kwargs = {k: v for k, v in spec.items() if k not in _OOD_KEYS}
+        shape = self.train_set.sample_shape
+        kwargs.setdefault("shape", shape)
+        if len(shape) == 3:
+            kwargs.setdefault("image_size", shape[-1])
+        data = self._load(spec["dataset"], spec.get("split", "test"), **kwargs)
+        classes = spec.get("classes")
+        if classes == "unknown":
+            known = self.cfg.get("known_classes")
+            if known is None:
+                raise ConfigError(f"OOD set {name!r} takes the held-out classes, but data.known_classes is null; "
+                                  "choose a class split (e.g. data=mnist6 or data=cifar6)")
+            classes = sorted(set(data.labels.unique().tolist()) - set(known))
+        if classes is not None:
+            data = select_classes(data, classes, relabel=False)
+        if len(data) == 0:
+            raise ConfigError(f"OOD set {name!r} is empty (dataset {spec['dataset']!r}, classes {classes})")
+        data = _fixed_subset(data, spec.get("limit"), int(self.cfg.get("split_seed", 0)) + 4)
+        images = match_shape(data.images, shape, name, bool(spec.get("convert", False)))
+        return ArrayData(images, torch.full((len(data),), -1, dtype=torch.int64))
+
+    # -- facts the model needs -----------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        known = self.cfg.get("known_classes")
+        if known is not None:
+            return len(known)
+        return int(self.train_set.labels.max()) + 1
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.train_set.sample_shape
+
+    # -- loaders -------------------------------------------------------------------------
+    def _loader(self, data: ArrayData, train: bool) -> DataLoader:
+        c = self.cfg
+        workers = int(c.get("num_workers", 0))
+        return DataLoader(TensorData(data), batch_size=int(c["batch_size"] if train else c.get("eval_batch_size", c["batch_size"])),
+                          shuffle=train, drop_last=train and len(data) > c["batch_size"], collate_fn=_keep_batch,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def fit_dataloader(self, limit: int | None = None) -> DataLoader:
+        """ID training data without augmentation (a fixed subset of ``limit``), for fitting detectors."""
+        return self._loader(_fixed_subset(self.train_set, limit, int(self.cfg.get("split_seed", 0)) + 5), train=False)
+
+    def eval_dataloaders(self) -> dict[str, DataLoader]:
+        """Every evaluation split by name: ``id_val``, ``id_test`` and each OOD set."""
+        loaders = {"id_val": self.val_dataloader(), "id_test": self.test_dataloader()}
+        loaders.update({name: self._loader(d, train=False) for name, d in self.ood_sets.items()})
+        return loaders
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.preprocess(x, train=training), y

@@ -1,0 +1,200 @@
+"""Datasets by name, all materialised as in-memory tensors.
+
+Every loader returns :class:`ArrayData` (uint8 images [N, C, H, W] or float features,
+int64 labels), so that batching, augmentation and normalisation happen on whole batches
+(on the GPU when there is one) and no image is decoded per sample per epoch.
+
+Sources, tried in order for the named sets: an offline pack in ``root``
+(``shared/data``), then torchvision's layout in ``root`` (with ``download=True`` for a
+user who is online). Image-folder OOD sets (Textures, LSUN, iSUN, Places365) are read
+with ``torchvision.datasets.ImageFolder`` and resized to the ID image size once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ood_lightning.data import synthetic
+from ood_lightning.data.packs import load_pack
+from ood_lightning.errors import ConfigError, DatasetNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ArrayData:
+    """A whole split in memory: ``images`` uint8 [N,C,H,W] (or float), ``labels`` int64 [N]."""
+
+    images: Tensor
+    labels: Tensor
+    classes: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: Tensor) -> ArrayData:
+        return ArrayData(self.images[index], self.labels[index], self.classes)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+
+def _missing(name: str, looked: list[Path], online_hint: bool = True) -> DatasetNotFoundError:
+    where = ", ".join(str(p) for p in looked)
+    hint = "pass data.root=/path/to/folder (or set OOD_LIGHTNING_DATA)"
+    if online_hint:
+        hint += ", or data.download=true when online"
+    return DatasetNotFoundError(f"dataset {name!r} not found: looked for {where}; {hint}")
+
+
+def _from_pack(path: Path, cache_dir) -> ArrayData:
+    pack = load_pack(str(path), None if cache_dir is None else str(cache_dir))
+    return ArrayData(torch.from_numpy(pack.images), torch.from_numpy(pack.labels), pack.classes)
+
+
+def _torchvision(name: str, cls_name: str, root: Path, split: str, download: bool, looked_for: str) -> ArrayData:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    kwargs = {"split": split} if cls_name == "SVHN" else {"train": split == "train"}
+    try:
+        ds = cls(root=str(root), download=download, **kwargs)
+    except (RuntimeError, FileNotFoundError) as err:
+        if download:
+            raise DatasetNotFoundError(f"downloading {name!r} into {root} failed ({err}); check the connection or pass data.root") from err
+        raise _missing(name, [root / looked_for]) from None
+    data = torch.as_tensor(np.asarray(ds.data))
+    if data.ndim == 3:  # grey [N, H, W]
+        data = data[:, None]
+    elif data.shape[-1] == 3:  # [N, H, W, 3]
+        data = data.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(np.asarray(getattr(ds, "targets", getattr(ds, "labels", None))), dtype=torch.int64)
+    return ArrayData(data.contiguous(), labels, tuple(getattr(ds, "classes", ())))
+
+
+def _packed_or_torchvision(name: str, pack_stem: str, cls_name: str, tv_folder: str):
+    def load(root: Path, split: str, download: bool, cache_dir=None, **_) -> ArrayData:
+        pack = root / f"{pack_stem}-{split}.npz"
+        if pack.exists():
+            return _from_pack(pack, cache_dir)
+        try:
+            return _torchvision(name, cls_name, root, split, download, tv_folder)
+        except DatasetNotFoundError as err:
+            if download:
+                raise
+            raise _missing(name, [pack, root / tv_folder]) from err
+
+    return load
+
+
+def _torchvision_only(name: str, cls_name: str, tv_folder: str):
+    def load(root: Path, split: str, download: bool, **_) -> ArrayData:
+        return _torchvision(name, cls_name, root, split, download, tv_folder)
+
+    return load
+
+
+def _ood_pack(name: str, stem: str):
+    def load(root: Path, cache_dir=None, **_) -> ArrayData:
+        path = root / f"{stem}.npz"
+        if not path.exists():
+            raise _missing(name, [path], online_hint=False)
+        return _from_pack(path, cache_dir)
+
+    return load
+
+
+def _image_folder(name: str, folder: str):
+    def load(root: Path, image_size: int = 32, path: str | None = None, **_) -> ArrayData:
+        from torchvision import transforms
+        from torchvision.datasets import ImageFolder
+
+        where = Path(path) if path else root / folder
+        if not where.is_dir():
+            raise _missing(name, [where], online_hint=False)
+        tf = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), transforms.PILToTensor()])
+        try:
+            ds = ImageFolder(str(where), transform=tf)
+        except FileNotFoundError as err:
+            raise DatasetNotFoundError(f"dataset {name!r}: {where} holds no images in class sub-folders ({err})") from None
+        images = torch.stack([ds[i][0].expand(3, -1, -1) for i in range(len(ds))])
+        return ArrayData(images, torch.full((len(ds),), -1, dtype=torch.int64))
+
+    return load
+
+
+def _synthetic(name: str):
+    def load(split: str = "test", n: int = 1000, shape=None, seed: int = 0, root=None, download=None,
+             cache_dir=None, image_size=None, **kwargs) -> ArrayData:
+        fn = synthetic.SYNTHETIC[name]
+        # train and test draws of toy sets must differ: offset the seed by split
+        seed = int(seed) + {"train": 0, "val": 0, "test": 10_007}.get(split, 0)
+        if shape is not None and name.endswith(("noise", "blobs")):
+            kwargs["shape"] = tuple(shape)
+        x, y = fn(int(n), seed=seed, **kwargs)
+        return ArrayData(x, y)
+
+    return load
+
+
+DATASETS: dict[str, Callable[..., ArrayData]] = {
+    "cifar10": _packed_or_torchvision("cifar10", "cifar10", "CIFAR10", "cifar-10-batches-py"),
+    "cifar100": _packed_or_torchvision("cifar100", "cifar100", "CIFAR100", "cifar-100-python"),
+    "svhn": _packed_or_torchvision("svhn", "svhn", "SVHN", "{train,test}_32x32.mat"),
+    "mnist": _torchvision_only("mnist", "MNIST", "MNIST/raw"),
+    "fashionmnist": _torchvision_only("fashionmnist", "FashionMNIST", "FashionMNIST/raw"),
+    "tinyimagenet_crop": _ood_pack("tinyimagenet_crop", "tinyimagenet-crop"),
+    "tinyimagenet_resize": _ood_pack("tinyimagenet_resize", "tinyimagenet-resize"),
+    "textures": _image_folder("textures", "dtd/images"),
+    "lsun": _image_folder("lsun", "LSUN"),
+    "lsun_resize": _image_folder("lsun_resize", "LSUN_resize"),
+    "isun": _image_folder("isun", "iSUN"),
+    "places365": _image_folder("places365", "places365"),
+    "imagefolder": _image_folder("imagefolder", "imagefolder"),
+    **{name: _synthetic(name) for name in synthetic.SYNTHETIC},
+}
+
+
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike = ".", download: bool = False,
+                 cache_dir: str | os.PathLike | None = None, **kwargs) -> ArrayData:
+    """Load split ``split`` of dataset ``name`` (see :data:`DATASETS`) as tensors."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+    data = DATASETS[name](root=Path(root), split=split, download=download, cache_dir=cache_dir, **kwargs)
+    if len(data) == 0:
+        raise ConfigError(f"dataset {name!r} (split {split!r}) is empty: check the files under {root}")
+    return data
+
+
+def select_classes(data: ArrayData, classes: list[int], relabel: bool) -> ArrayData:
+    """Keep the samples of ``classes``; with ``relabel`` map them to 0..len(classes)-1 in that order."""
+    classes = [int(c) for c in classes]
+    keep = torch.isin(data.labels, torch.tensor(classes))
+    out = data.subset(keep.nonzero().squeeze(1))
+    if relabel:
+        lut = torch.full((max(int(data.labels.max()), *classes) + 1,), -1, dtype=torch.int64)
+        lut[torch.tensor(classes)] = torch.arange(len(classes))
+        names = tuple(data.classes[c] for c in classes) if data.classes else ()
+        out = ArrayData(out.images, lut[out.labels], names)
+    return out
+
+
+def default_data_root() -> str:
+    """``$OOD_LIGHTNING_DATA``, else the project's sibling ``shared/data``, else ``./data``."""
+    env = os.environ.get("OOD_LIGHTNING_DATA")
+    if env:
+        return env
+    project = Path(__file__).resolve().parents[2]
+    for candidate in (project.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if candidate.is_dir():
+            return str(candidate)
+    return str(project / "data")

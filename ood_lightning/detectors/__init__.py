@@ -1,0 +1,31 @@
+"""Post-hoc OOD detectors; ``DETECTORS`` maps config names to classes (higher = more ID)."""
+
+from ood_lightning.detectors.base import Detector, FeatureModel, Outputs, pool
+from ood_lightning.detectors.energy import Energy, energy_score
+from ood_lightning.detectors.mahalanobis import Mahalanobis, fit_logistic_weights
+from ood_lightning.detectors.msp import MSP
+from ood_lightning.detectors.odin import ODIN
+from ood_lightning.detectors.react import ReAct
+
+DETECTORS: dict[str, type[Detector]] = {
+    "msp": MSP,
+    "odin": ODIN,
+    "energy": Energy,
+    "react": ReAct,
+    "mahalanobis": Mahalanobis,
+}
+
+__all__ = [
+    "DETECTORS",
+    "MSP",
+    "ODIN",
+    "Detector",
+    "Energy",
+    "FeatureModel",
+    "Mahalanobis",
+    "Outputs",
+    "ReAct",
+    "energy_score",
+    "fit_logistic_weights",
+    "pool",
+]

@@ -1,0 +1,31 @@
+"""Energy score (Liu et al., NeurIPS 2020): negative free energy of the logits.
+
+Unlike MSP it is not normalised away by the softmax, so it keeps the magnitude of the
+logits, which separates ID from OOD better than the max probability alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
+
+
+def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``T * logsumexp(logits / T)`` per row (→ max logit as T → 0), at least in float32."""
+    logits = logits.detach()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return temperature * torch.logsumexp(logits / temperature, dim=-1)
+
+
+class Energy(Detector):
+    """Score = T·logsumexp(logits/T), i.e. minus the free energy (higher = more ID)."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if temperature <= 0:
+            raise ValueError(f"Energy temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
+        return energy_score(outputs.logits, self.temperature)

@@ -1,0 +1,225 @@
+"""Mahalanobis detector (Lee et al., NeurIPS 2018): class-conditional Gaussians, tied covariance.
+
+Each chosen layer's (pooled) features are modelled as N(μ_c, Σ) per class with one shared
+Σ; a sample's layer score is minus its squared Mahalanobis distance to the closest class
+mean, and layer scores are summed with weights. Equal weights need no OOD data
+("Mahalanobis*"); :func:`fit_logistic_weights` reproduces the paper's weights tuned on OOD
+data, which makes results optimistic and must be reported as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ood_lightning.detectors.base import Detector, FeatureModel, Outputs, pool
+
+PENULTIMATE = "penultimate"
+
+
+def _layer(outputs: Outputs | Mapping[str, Tensor], name: str) -> Tensor:
+    """Pooled features of one layer; "penultimate" falls back to ``outputs.features``."""
+    layers = outputs.layers if isinstance(outputs, Outputs) else outputs
+    if name in layers:
+        return pool(layers[name])
+    if name == PENULTIMATE and isinstance(outputs, Outputs):
+        return outputs.features
+    raise KeyError(f"Mahalanobis layer {name!r} not in outputs (available: {sorted(layers)})")
+
+
+def _stats_device(t: Tensor) -> torch.device:
+    """Float64 statistics live with the features, except on MPS, which has no float64."""
+    return torch.device("cpu") if t.device.type == "mps" else t.device
+
+
+class Mahalanobis(Detector):
+    """Score = Σ_l w_l · max_c −(f_l − μ_{l,c})ᵀ Σ_l⁻¹ (f_l − μ_{l,c}).
+
+    Args:
+        layers: layer names from ``Outputs.layers`` (``"penultimate"`` may also mean
+            ``Outputs.features``), or ``"all"`` for every layer present at fit time.
+        epsilon: input-perturbation step in normalised-input units; > 0 turns on the
+            paper's input pre-processing and makes ``needs_inputs`` True.
+        layer_weights: per-layer weights (sequence aligned with the layers, or a
+            name -> weight mapping); ``None`` means 1 for every layer (no OOD data used).
+        shrinkage: s in Σ ← (1−s)Σ + s·(tr Σ / D)·I, for few samples or dead units.
+
+    Statistics are kept in float64 (squared distances in high dimension are large and
+    differ by little), and scores are returned in float64 for the same reason.
+    """
+
+    def __init__(
+        self,
+        layers: str | Sequence[str] = (PENULTIMATE,),
+        epsilon: float = 0.0,
+        layer_weights: Sequence[float] | Mapping[str, float] | None = None,
+        shrinkage: float = 0.0,
+    ) -> None:
+        if epsilon < 0:
+            raise ValueError(f"Mahalanobis epsilon must be >= 0, got {epsilon}")
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"Mahalanobis shrinkage must be in [0, 1], got {shrinkage}")
+        if isinstance(layers, str):
+            self.layers: str | tuple[str, ...] = "all" if layers == "all" else (layers,)
+        else:
+            self.layers = tuple(str(n) for n in layers)
+            if not self.layers:
+                raise ValueError("Mahalanobis needs at least one layer")
+        self.epsilon = float(epsilon)
+        self.layer_weights = layer_weights
+        self.shrinkage = float(shrinkage)
+        self.classes: Tensor | None = None
+        self.means: dict[str, Tensor] = {}
+        self.covariances: dict[str, Tensor] = {}
+        self.precisions: dict[str, Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self._mu_p_mu: dict[str, Tensor] = {}
+
+    @property
+    def needs_inputs(self) -> bool:  # type: ignore[override]
+        """Only the input pre-processing needs inputs; ε = 0 scores cached outputs."""
+        return self.epsilon > 0
+
+    @property
+    def layer_names(self) -> list[str]:
+        """The fitted layers, in the order their scores are summed."""
+        return list(self.means)
+
+    def _resolve_layers(self, train: Outputs) -> list[str]:
+        if self.layers == "all":
+            return list(train.layers) or [PENULTIMATE]
+        return list(self.layers)
+
+    def _resolve_weights(self, names: list[str]) -> dict[str, float]:
+        w = self.layer_weights
+        if w is None:
+            return {n: 1.0 for n in names}
+        if isinstance(w, Mapping):
+            missing = [n for n in names if n not in w]
+            if missing:
+                raise ValueError(f"Mahalanobis layer_weights lacks layers {missing}")
+            return {n: float(w[n]) for n in names}
+        w = list(w)
+        if len(w) != len(names):
+            raise ValueError(f"Mahalanobis got {len(w)} layer_weights for {len(names)} layers {names}")
+        return {n: float(v) for n, v in zip(names, w)}
+
+    def fit(self, model: FeatureModel, train: Outputs) -> Mahalanobis:
+        if train.labels is None:
+            raise ValueError("Mahalanobis.fit needs class labels in train.labels")
+        names = self._resolve_layers(train)
+        self.weights = self._resolve_weights(names)
+        self.means, self.covariances, self.precisions, self._mu_p_mu = {}, {}, {}, {}
+        for name in names:
+            x = _layer(train, name).detach()
+            x = x.to(_stats_device(x), torch.float64)
+            labels = train.labels.to(x.device)
+            self.classes, inverse = torch.unique(labels, return_inverse=True)
+            counts = torch.bincount(inverse, minlength=len(self.classes)).to(x.dtype)
+            means = torch.zeros(len(self.classes), x.shape[1], dtype=x.dtype, device=x.device)
+            means.index_add_(0, inverse, x)
+            means /= counts[:, None]
+            centred = x - means[inverse]
+            cov = centred.T @ centred / x.shape[0]  # tied MLE covariance (divide by N)
+            if self.shrinkage > 0:
+                d = cov.shape[0]
+                eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+                cov = (1 - self.shrinkage) * cov + self.shrinkage * torch.trace(cov) / d * eye
+            precision = torch.linalg.pinv(cov, hermitian=True)
+            self.means[name] = means
+            self.covariances[name] = cov
+            self.precisions[name] = precision
+            self._mu_p_mu[name] = ((means @ precision) * means).sum(-1)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not self.means:
+            raise RuntimeError("Mahalanobis.score called before fit: call fit(model, train_outputs) first")
+
+    def _layer_score(self, name: str, f: Tensor) -> Tensor:
+        """max_c −(f−μ_c)ᵀP(f−μ_c), expanded so no [N, C, D] tensor is built; differentiable."""
+        dev = _stats_device(f)
+        mu = self.means[name].to(dev)
+        p = self.precisions[name].to(dev)
+        f = f.to(dev, torch.float64)
+        fp = f @ p
+        dist = (fp * f).sum(-1, keepdim=True) - 2 * fp @ mu.T + self._mu_p_mu[name].to(dev)
+        return -dist.amin(-1)
+
+    def layer_scores(self, outputs: Outputs) -> dict[str, Tensor]:
+        """Per-layer scores [N] (unweighted), e.g. for :func:`fit_logistic_weights`."""
+        self._check_fitted()
+        with torch.no_grad():
+            return {n: self._layer_score(n, _layer(outputs, n)) for n in self.means}
+
+    def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
+        scores = self.layer_scores(outputs)
+        return sum(self.weights[n] * s for n, s in scores.items())  # type: ignore[return-value]
+
+    def score_inputs(self, model: FeatureModel, x: Tensor) -> Tensor:
+        """Scores after the paper's pre-processing, done per layer.
+
+        For each layer, x̃_l = x + ε·sign(∇ₓ score_l(x)) moves the input towards its
+        closest class mean in that layer; the layer is then re-scored on x̃_l.
+        """
+        if self.epsilon == 0:
+            return super().score_inputs(model, x)
+        self._check_fitted()
+        names = self.layer_names
+        x_in = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            feats = model.forward_features(x_in)
+            clean = [self._layer_score(n, _layer(feats, n)).sum() for n in names]
+            grads = [torch.autograd.grad(s, x_in, retain_graph=i < len(names) - 1)[0] for i, s in enumerate(clean)]
+        total: Tensor | float = 0.0
+        with torch.no_grad():
+            for name, grad in zip(names, grads):
+                x_tilde = x.detach() + self.epsilon * grad.sign().to(x.dtype)
+                f = _layer(model.forward_features(x_tilde), name)
+                total = total + self.weights[name] * self._layer_score(name, f)
+        return total  # type: ignore[return-value]
+
+
+def fit_logistic_weights(
+    id_layer_scores: Mapping[str, Tensor | np.ndarray] | Tensor | np.ndarray,
+    ood_layer_scores: Mapping[str, Tensor | np.ndarray] | Tensor | np.ndarray,
+    **logreg_kwargs: object,
+) -> dict[str, float] | list[float]:
+    """Per-layer weights from a logistic regression of ID (1) vs OOD (0). USES OOD DATA.
+
+    This is the original paper's tuned variant: it needs labelled OOD samples, so any
+    result using these weights is not a fair OOD-agnostic number. Inputs are per-layer
+    scores, either ``{layer: [N]}`` (as from :meth:`Mahalanobis.layer_scores`; returns a
+    dict) or an array [N, L] (returns a list). Scores are standardised for the fit and
+    the coefficients mapped back to raw-score units, so they can be passed directly as
+    ``Mahalanobis(layer_weights=...)``.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    def as_matrix(s: Mapping[str, Tensor | np.ndarray] | Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(s, Mapping):
+            cols = [np.asarray(torch.as_tensor(v).detach().cpu(), dtype=np.float64) for v in s.values()]
+            return np.stack(cols, axis=1)
+        return np.asarray(torch.as_tensor(s).detach().cpu(), dtype=np.float64).reshape(len(s), -1)
+
+    if isinstance(id_layer_scores, Mapping) != isinstance(ood_layer_scores, Mapping):
+        raise TypeError("fit_logistic_weights: pass both score sets as mappings or both as arrays")
+    if isinstance(id_layer_scores, Mapping) and isinstance(ood_layer_scores, Mapping):
+        names = list(id_layer_scores)
+        if set(names) != set(ood_layer_scores):
+            raise ValueError("fit_logistic_weights: ID and OOD scores cover different layers")
+        ood_layer_scores = {n: ood_layer_scores[n] for n in names}
+    x_id, x_ood = as_matrix(id_layer_scores), as_matrix(ood_layer_scores)
+    x = np.concatenate([x_id, x_ood])
+    y = np.concatenate([np.ones(len(x_id)), np.zeros(len(x_ood))])
+    mean, std = x.mean(0), x.std(0)
+    std[std == 0] = 1.0
+    kwargs = {"max_iter": 1000, **logreg_kwargs}
+    clf = LogisticRegression(**kwargs).fit((x - mean) / std, y)  # type: ignore[arg-type]
+    coef = (clf.coef_[0] / std).tolist()
+    if isinstance(id_layer_scores, Mapping):
+        return dict(zip(id_layer_scores, coef))
+    return coef

@@ -1,0 +1,51 @@
+"""Re-score a trained checkpoint with any detectors and OOD sets (``evaluate.py ckpt_path=``).
+
+The model is rebuilt from the config stored in the checkpoint; data and OOD sets are the
+checkpoint's unless the command line chooses others.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.errors import CheckpointMismatchError
+from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results
+from ood_lightning.training import build_detectors, build_model, load_weights, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def stored_config(ckpt_path: str | Path) -> DictConfig:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "ood_lightning_config" not in ckpt:
+        raise CheckpointMismatchError(f"checkpoint {path} has no stored ood-lightning config; was it written by train.py?")
+    return OmegaConf.create(ckpt["ood_lightning_config"])
+
+
+def rescore(cfg: DictConfig) -> dict:
+    """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    trained = stored_config(cfg.ckpt_path)
+    data = cfg.data if cfg.get("data") else trained.data
+    ood = cfg.ood if cfg.get("ood") is not None else trained.ood
+    dm = OODDataModule(data, ood)
+    dm.setup("test")
+    model = build_model(trained, dm.num_classes)
+    load_weights(model, cfg.ckpt_path)
+    ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),
+                          cfg.evaluation.fit_limit)
+    groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
+    metrics = compute_metrics(ev, cfg.evaluation.tpr, groups)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    write_results(out_dir, ev, extra={"checkpoint": str(cfg.ckpt_path), "data": data.name})
+    print_results(metrics)
+    log.info("results written to %s", out_dir)
+    return metrics

@@ -1,0 +1,138 @@
+"""The evaluation run: fit detectors on ID training outputs, score ID test and every OOD
+set, compute every metric, and write ``metrics.json``, ``scores.npz`` and plots.
+
+One forward pass per split feeds every output-based detector; only detectors that need
+the inputs (ODIN) make their own pass.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import Tensor
+
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.detectors.base import Detector, Outputs
+from ood_lightning.evaluation import metrics as M
+from ood_lightning.evaluation.outputs import extract, score_inputs
+
+log = logging.getLogger(__name__)
+
+#: the metrics shown in the printed table (every metric goes to metrics.json)
+TABLE_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "autc", "macro_f1")
+
+
+@dataclass
+class Evaluation:
+    """Scores per detector and split, the ID outputs metrics need, and the metrics."""
+
+    scores: dict[str, dict[str, Tensor]]
+    preds: dict[str, Tensor]
+    id_test_labels: Tensor
+    num_classes: int
+    metrics: dict = field(default_factory=dict)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+
+
+def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], device: torch.device | str = "cpu",
+                     fit_limit: int | None = None) -> Evaluation:
+    """Fit ``detectors`` on ID training data and score ``id_val``, ``id_test`` and every OOD set."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    dm.setup("test")
+    preprocess = dm.preprocess.to(device)
+    loaders = dm.eval_dataloaders()
+    scores: dict[str, dict[str, Tensor]] = {}
+    with _progress() as progress:
+        outs: dict[str, Outputs] = {}
+        if detectors:
+            fit_out = extract(model, dm.fit_dataloader(fit_limit), preprocess, device, progress, "features: id_train")
+            for det in detectors.values():
+                det.fit(model, fit_out)
+            del fit_out
+        for split, loader in loaders.items():
+            outs[split] = extract(model, loader, preprocess, device, progress, f"features: {split}")
+            own = model.ood_scores(outs[split]) if hasattr(model, "ood_scores") else {}
+            for name, value in own.items():
+                scores.setdefault(name, {})[split] = value.detach().float().cpu()
+        for name, det in detectors.items():
+            for split, loader in loaders.items():
+                if det.needs_inputs:
+                    value = score_inputs(det, model, loader, preprocess, device, progress, f"{name}: {split}")
+                else:
+                    value = det.score(model, outs[split])
+                scores.setdefault(name, {})[split] = value.detach().float().cpu()
+    preds = {split: o.logits.argmax(1) for split, o in outs.items()}
+    return Evaluation(scores, preds, outs["id_test"].labels, dm.num_classes)
+
+
+def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | None = None) -> dict:
+    """Every metric per detector × OOD set (ID = positive class), plus ID test accuracy.
+
+    macro-F1 is the open-set (C+1)-way score at the threshold that keeps ``tpr`` of ID
+    *validation* data; group means (e.g. near / far) are added as ``mean_<group>``.
+    """
+    ood_sets = [s for s in next(iter(ev.scores.values()), {}) if s not in ("id_val", "id_test")]
+    result: dict = {"accuracy": float((ev.preds["id_test"] == ev.id_test_labels).float().mean()),
+                    "num_classes": ev.num_classes, "results": {}}
+    for det, by_split in ev.scores.items():
+        threshold = M.threshold_at_tpr(by_split["id_val"].numpy(), tpr)
+        rows = {}
+        for ood in ood_sets:
+            m = M.ood_metrics(by_split["id_test"].numpy(), by_split[ood].numpy())
+            m["macro_f1"] = M.open_set_macro_f1(ev.preds["id_test"].numpy(), ev.id_test_labels.numpy(),
+                                                by_split["id_test"].numpy(), ev.preds[ood].numpy(),
+                                                by_split[ood].numpy(), threshold, ev.num_classes)
+            rows[ood] = m
+        for group in sorted(set((groups or {}).values())):
+            members = [s for s in ood_sets if (groups or {}).get(s) == group]
+            if len(members) > 1:
+                rows[f"mean_{group}"] = {k: float(np.mean([rows[s][k] for s in members])) for k in rows[members[0]]}
+        result["results"][det] = rows
+    ev.metrics = result
+    return result
+
+
+def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None) -> Path:
+    """``metrics.json`` + ``scores.npz`` + ``plots/scores.png`` in ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {**(extra or {}), **ev.metrics}
+    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    arrays = {f"{det}/{split}": s.numpy() for det, by in ev.scores.items() for split, s in by.items()}
+    arrays.update({f"preds/{split}": p.numpy() for split, p in ev.preds.items()})
+    arrays["labels/id_test"] = ev.id_test_labels.numpy()
+    np.savez_compressed(run_dir / "scores.npz", **arrays)
+    from ood_lightning.evaluation.plots import score_histograms
+
+    score_histograms(ev.scores, run_dir / "plots" / "scores.png")
+    return run_dir / "metrics.json"
+
+
+def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×100)") -> Table:
+    table = Table(title=f"{title}   ID accuracy {100 * metrics['accuracy']:.2f}%")
+    table.add_column("detector")
+    table.add_column("OOD set")
+    for m in TABLE_METRICS:
+        table.add_column(m, justify="right")
+    for det, rows in metrics["results"].items():
+        for i, (ood, m) in enumerate(rows.items()):
+            table.add_row(det if i == 0 else "", ood, *(f"{100 * m[k]:.1f}" for k in TABLE_METRICS),
+                          end_section=i == len(rows) - 1)
+    return table
+
+
+def print_results(metrics: dict, console: Console | None = None) -> None:
+    (console or Console()).print(results_table(metrics))

@@ -1,0 +1,74 @@
+"""What every trained method shares: the detector-facing API, optimisers from config,
+and a guard that stops a run on a non-finite loss with a checkpoint to inspect."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from ood_lightning.errors import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+class OODMethod(L.LightningModule):
+    """Backbone + classifier head; subclasses add losses, density heads and own scores.
+
+    ``optimizer`` / ``scheduler`` are partials from Hydra (``_partial_: true``) taking
+    the parameters / the optimiser, so every hyperparameter lives in the config.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., Any] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
+
+    # -- what detectors call ---------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        return self.backbone.forward_features(x)
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.backbone(x))
+
+    def ood_scores(self, outputs) -> dict[str, Tensor]:
+        """The method's own OOD scores (higher = ID) from cached outputs; none by default."""
+        return {}
+
+    # -- training helpers ----------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
+
+    def check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        """Stop with the step, every loss term and a saved checkpoint when the loss is NaN/inf."""
+        if torch.isfinite(loss).all():
+            return
+        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        path = "not saved (no trainer)"
+        if self._trainer is not None:
+            ckpt_dir = Path(self.trainer.default_root_dir) / "checkpoints"
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            path = str(ckpt_dir / f"nonfinite-step{self.global_step}.ckpt")
+            self.trainer.save_checkpoint(path)
+        raise NonFiniteLossError(f"non-finite loss at epoch {self.current_epoch}, step {self.global_step}: "
+                                 f"{values}; checkpoint saved to {path}. Lower the learning rate or check the data.")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_config is not None:
+            checkpoint["ood_lightning_config"] = self.run_config

@@ -1,0 +1,161 @@
+"""The body of ``train.py``: build data, model, trainer from the config, fit, then score
+the ID test set and every OOD set with the method's own scores and the post-hoc detectors.
+
+Results are written before anything else can fail, and a failed run leaves
+``failed.json`` in its run directory instead of taking a multirun sweep down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ood_lightning.config import to_dict
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.errors import CheckpointMismatchError, OODLightningError
+from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: DictConfig, num_classes: int):
+    """Backbone + method from the config (the method gets the backbone and class count).
+
+    Methods with a density term read the top-level ``lambda`` through their own config
+    (``lambda_: ${lambda}``), so the config stays the only place for hyperparameters.
+    """
+    backbone = instantiate(cfg.backbone)
+    model = instantiate(cfg.method, backbone=backbone, num_classes=num_classes)
+    model.run_config = to_dict(cfg)
+    return model
+
+
+def build_detectors(cfg: DictConfig) -> dict:
+    return {name: instantiate(spec) for name, spec in (cfg.get("detectors") or {}).items() if spec is not None}
+
+
+def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
+    """Load a Lightning checkpoint's weights; a mismatch names the differing keys and the fix."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:4])
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not match the configured model ({detail}); pass the backbone/method/data "
+            "it was trained with (its config is in the run's .hydra/config.yaml)") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _choices() -> dict:
+    try:
+        return dict(HydraConfig.get().runtime.choices)
+    except ValueError:
+        return {}
+
+
+def log_results(loggers, metrics: dict, plot: Path, step: int) -> None:
+    """Send every metric (``ood/<detector>/<set>/<metric>``) and the histogram plot to the loggers."""
+    flat = {f"ood/{det}/{ood}/{k}": v for det, rows in metrics["results"].items() for ood, m in rows.items()
+            for k, v in m.items()}
+    flat["test/acc"] = metrics["accuracy"]
+    for logger in loggers:
+        logger.log_metrics(flat, step=step)
+        if type(logger).__name__ == "WandbLogger":
+            logger.log_image(key="ood/score_histograms", images=[str(plot)])
+        elif type(logger).__name__ == "TensorBoardLogger":
+            import matplotlib.image as mpimg
+
+            logger.experiment.add_image("ood/score_histograms", mpimg.imread(plot)[..., :3], step, dataformats="HWC")
+        logger.save()
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit the configured method, score it, write results; returns the metrics dict."""
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    dm = OODDataModule(cfg.data, cfg.ood)
+    dm.setup("fit")
+    model = build_model(cfg, dm.num_classes)
+    loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
+    callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(to_dict(cfg))
+    if cfg.get("ckpt_path"):
+        load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
+    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    if not trainer.is_global_zero:
+        return {}
+    ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),
+                          cfg.evaluation.fit_limit)
+    groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
+    metrics = compute_metrics(ev, cfg.evaluation.tpr, groups)
+    choices = _choices()
+    meta = {"method": choices.get("method"), "backbone": choices.get("backbone"), "data": cfg.data.name,
+            "seed": int(cfg.seed), "lambda": cfg.get("lambda"), "epochs": trainer.current_epoch}
+    write_results(out_dir, ev, extra=meta)
+    log_results(loggers, metrics, out_dir / "plots" / "scores.png", trainer.global_step)
+    print_results(metrics)
+    log.info("results written to %s", out_dir)
+    return metrics
+
+
+def _write_failure(out_dir: Path, err: BaseException) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "failed.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
+                                                     "traceback": traceback.format_exc()}, indent=2))
+
+
+def run_safely(fn, cfg: DictConfig):
+    """Run ``fn(cfg)``; on failure write ``failed.json``, close loggers, and either exit with
+    one clear line (single run) or carry on with the next job (multirun)."""
+    out_dir = Path(cfg.paths.output_dir)
+    try:
+        return fn(cfg)
+    except (OODLightningError, Exception) as err:  # noqa: B014 - the order documents intent
+        _write_failure(out_dir, err)
+        multirun = False
+        try:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        except ValueError:
+            pass
+        if isinstance(err, OODLightningError):
+            log.error("%s", err)
+            if multirun:
+                return None
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if multirun:
+            log.exception("run failed (details in %s/failed.json); continuing the sweep", out_dir)
+            return None
+        raise
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -1,0 +1,478 @@
+"""Post-hoc detectors against independent truths (hand formulas, numpy, scipy, finite differences)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+
+from ood_lightning.detectors import (
+    DETECTORS,
+    MSP,
+    ODIN,
+    Detector,
+    Energy,
+    Mahalanobis,
+    Outputs,
+    ReAct,
+    fit_logistic_weights,
+    pool,
+)
+
+
+class TinyMLP(nn.Module):
+    """A FeatureModel: two ReLU blocks ("block1", "penultimate") and a linear head."""
+
+    def __init__(self, d_in: int = 8, hidden: int = 32, n_classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        b1 = F.relu(self.fc1(x))
+        return {"block1": b1, "penultimate": F.relu(self.fc2(b1))}
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(self.forward_features(x)["penultimate"])
+
+
+class Logistic(nn.Module):
+    """A linear (logistic-regression) FeatureModel whose penultimate features are the input."""
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.lin = nn.Linear(weight.shape[1], weight.shape[0]).double()
+        with torch.no_grad():
+            self.lin.weight.copy_(weight)
+            self.lin.bias.copy_(bias)
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        return {"penultimate": x}
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.lin(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classify(x)
+
+
+def outputs_of(model: nn.Module, x: Tensor, labels: Tensor | None = None) -> Outputs:
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        return Outputs(
+            logits=model.classify(feats["penultimate"]),
+            features=feats["penultimate"],
+            layers={k: pool(v) for k, v in feats.items()},
+            labels=labels,
+        )
+
+
+def finite_diff_grad(fn, x: Tensor, h: float = 1e-5) -> Tensor:
+    """Central differences of a per-sample scalar function fn: [B, D] -> [B] (float64)."""
+    grad = torch.zeros_like(x)
+    for j in range(x.shape[1]):
+        step = torch.zeros_like(x)
+        step[:, j] = h
+        grad[:, j] = (fn(x + step) - fn(x - step)) / (2 * h)
+    return grad
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """These tensors are tiny: intra-op threads only add sync cost (10-50x on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mlp64() -> TinyMLP:
+    torch.manual_seed(0)
+    return TinyMLP(d_in=3, hidden=6, n_classes=3).double()
+
+
+# ----------------------------------------------------------------------------- MSP / Energy
+
+
+def test_msp_matches_hand_softmax() -> None:
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.0, 0.0, 0.0], [-3.0, 5.0, 1.0]])
+    e = np.exp(logits.numpy().astype(np.float64))
+    expected = (e / e.sum(1, keepdims=True)).max(1)
+    got = MSP().score(None, Outputs(logits=logits, features=torch.zeros(3, 1)))  # type: ignore[arg-type]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
+    assert got[1].item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_energy_matches_hand_logsumexp(temperature: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(16, 5, generator=gen)
+    lg = logits.numpy().astype(np.float64)
+    expected = temperature * np.log(np.exp(lg / temperature).sum(1))
+    got = Energy(temperature).score(None, Outputs(logits=logits, features=logits))  # type: ignore[arg-type]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_energy_tends_to_max_logit_as_temperature_vanishes() -> None:
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(32, 4, generator=gen)
+    out = Outputs(logits=logits, features=logits)
+    max_logit = logits.max(-1).values
+    gap_warm = (Energy(1.0).score(None, out) - max_logit).abs()  # type: ignore[arg-type]
+    gap_cold = (Energy(1e-3).score(None, out) - max_logit).abs()  # type: ignore[arg-type]
+    assert gap_cold.max() <= 1e-3 * np.log(4) + 1e-5  # T·log C bounds the excess
+    assert gap_warm.min() > 0.1  # at T = 1 it is a genuinely different score
+
+
+# ----------------------------------------------------------------------------- ODIN
+
+
+def test_odin_epsilon_zero_is_temperature_scaled_msp(mlp64: TinyMLP) -> None:
+    x = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    logits = mlp64(x).detach().numpy()
+    e = np.exp(logits / 7.0)
+    expected = (e / e.sum(1, keepdims=True)).max(1)
+    det = ODIN(temperature=7.0, epsilon=0.0)
+    np.testing.assert_allclose(det.score_inputs(mlp64, x).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(det.score(mlp64, outputs_of(mlp64, x)).numpy(), expected, rtol=1e-5)
+    assert not det.needs_inputs and ODIN().needs_inputs
+
+
+def test_odin_epsilon_zero_computes_no_gradient() -> None:
+    calls: list[tuple[bool, bool]] = []
+
+    class Spy(Logistic):
+        def forward(self, x: Tensor) -> Tensor:
+            calls.append((torch.is_grad_enabled(), x.requires_grad))
+            return super().forward(x)
+
+    model = Spy(torch.tensor([[1.0, -2.0], [0.5, 1.0]]), torch.zeros(2))
+    x = torch.randn(4, 2, dtype=torch.float64)
+    ODIN(epsilon=0.0).score_inputs(model, x)
+    assert calls and not any(grad or req for grad, req in calls)
+    calls.clear()
+    ODIN(epsilon=0.1).score_inputs(model, x)
+    assert calls[0] == (True, True)  # the spy does see the gradient pass when ε > 0
+
+
+@pytest.mark.parametrize("model_kind", ["logistic", "mlp"])
+def test_odin_perturbation_follows_finite_difference_sign(model_kind: str, mlp64: TinyMLP) -> None:
+    gen = torch.Generator().manual_seed(4)
+    if model_kind == "logistic":
+        model: nn.Module = Logistic(torch.tensor([[2.0, -1.0], [-1.0, 0.5]]), torch.tensor([0.3, -0.2]))
+        x = torch.randn(12, 2, dtype=torch.float64, generator=gen)
+    else:
+        model = mlp64
+        x = torch.randn(12, 3, dtype=torch.float64, generator=gen)
+    temperature, eps = 2.0, 0.05
+    pred = model(x).argmax(-1)
+
+    def log_softmax_pred(z: Tensor) -> Tensor:
+        with torch.no_grad():
+            return (model(z) / temperature).log_softmax(-1).gather(1, pred[:, None])[:, 0]
+
+    fd_sign = finite_diff_grad(log_softmax_pred, x).sign()
+    assert (fd_sign != 0).all()
+    det = ODIN(temperature=temperature, epsilon=eps)
+    x_tilde = det.perturb(model, x)
+    torch.testing.assert_close((x_tilde - x) / eps, fd_sign)
+    # Moving that way increases the predicted class's softmax (for a step this small).
+    assert (log_softmax_pred(x_tilde) > log_softmax_pred(x)).all()
+    # And the score is the temperature-scaled max softmax at the hand-perturbed input.
+    with torch.no_grad():
+        expected = (model(x + eps * fd_sign) / temperature).softmax(-1).amax(-1)
+    torch.testing.assert_close(det.score_inputs(model, x), expected)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_odin_under_no_grad_leaves_params_and_mode_alone(train_mode: bool, mlp64: TinyMLP) -> None:
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    mlp64.train(train_mode)
+    det = ODIN(temperature=1000.0, epsilon=0.01)
+    free = det.score_inputs(mlp64, x)
+    with torch.no_grad():
+        inside = det.score_inputs(mlp64, x)
+    torch.testing.assert_close(inside, free)
+    assert not inside.requires_grad
+    assert all(p.grad is None for p in mlp64.parameters())
+    assert mlp64.training is train_mode
+    mlp64.eval()
+    # The perturbation is real: it changes the score compared with ε = 0.
+    assert not torch.allclose(free, ODIN(1000.0, 0.0).score_inputs(mlp64, x), rtol=0, atol=1e-9)
+    with pytest.raises(RuntimeError, match="score_inputs"):
+        det.score(mlp64, outputs_of(mlp64, x))
+
+
+# ----------------------------------------------------------------------------- ReAct
+
+
+def test_react_threshold_is_numpy_percentile(mlp64: TinyMLP) -> None:
+    x = torch.randn(200, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    train = outputs_of(mlp64, x)
+    for q in (50.0, 90.0, 99.0):
+        det = ReAct(percentile=q).fit(mlp64, train)
+        assert det.threshold == pytest.approx(np.percentile(train.features.numpy(), q), rel=1e-9)
+
+
+def test_react_percentile_100_equals_energy_on_train(mlp64: TinyMLP) -> None:
+    x = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    train = outputs_of(mlp64, x)
+    det = ReAct(percentile=100.0, temperature=2.0).fit(mlp64, train)
+    torch.testing.assert_close(det.score(mlp64, train), Energy(2.0).score(mlp64, train))
+    # A lower percentile really clips, and lowers the energy of clipped samples here.
+    clipped = ReAct(percentile=50.0).fit(mlp64, train).score(mlp64, train)
+    assert not torch.allclose(clipped, Energy().score(mlp64, train))
+
+
+def test_react_scores_clipped_features_by_hand() -> None:
+    head = Logistic(torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([0.0, 1.0]))
+    train = Outputs(logits=torch.zeros(4, 2), features=torch.tensor([[0.0, 1.0], [2.0, 3.0], [1.0, 2.0], [3.0, 0.0]]))
+    det = ReAct(percentile=100.0).fit(head, train)
+    assert det.threshold == 3.0
+    test = Outputs(logits=torch.zeros(1, 2), features=torch.tensor([[1.0, 10.0]], dtype=torch.float64))
+    logits = np.array([1 * 1 + 2 * 3 + 0.0, -1 * 1 + 0.5 * 3 + 1.0])  # features clipped to [1, 3]
+    assert det.score(head, test).item() == pytest.approx(np.log(np.exp(logits).sum()), rel=1e-6)
+
+
+def test_react_subsamples_large_training_sets_deterministically() -> None:
+    gen = torch.Generator().manual_seed(8)
+    feats = torch.rand(2000, 50, generator=gen)  # 100k values, uniform on [0, 1)
+    train = Outputs(logits=torch.zeros(2000, 2), features=feats)
+    a = ReAct(percentile=90.0, max_samples=20_000).fit(None, train)  # type: ignore[arg-type]
+    b = ReAct(percentile=90.0, max_samples=20_000).fit(None, train)  # type: ignore[arg-type]
+    assert a.threshold == b.threshold
+    assert a.threshold == pytest.approx(np.percentile(feats.numpy(), 90.0), abs=0.01)
+    assert a.threshold != pytest.approx(np.percentile(feats.numpy(), 90.0), abs=1e-7)  # it did subsample
+
+
+def test_react_score_before_fit_raises(mlp64: TinyMLP) -> None:
+    out = outputs_of(mlp64, torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="before fit"):
+        ReAct().score(mlp64, out)
+
+
+# ----------------------------------------------------------------------------- Mahalanobis
+
+
+def gaussian_classes(seed: int, dim: int = 4, counts: tuple[int, ...] = (300, 500, 400)):
+    """Samples of N(μ_c, Σ) with a known shared Σ = A Aᵀ and unequal class sizes."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim))
+    sigma = a @ a.T + 0.5 * np.eye(dim)
+    mus = rng.normal(scale=4.0, size=(len(counts), dim))
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)])
+    x = mus[labels] + rng.multivariate_normal(np.zeros(dim), sigma, size=len(labels))
+    return x, labels, mus, sigma
+
+
+def as_outputs(x: np.ndarray, labels: np.ndarray | None = None, **layers: np.ndarray) -> Outputs:
+    feats = torch.from_numpy(x)
+    return Outputs(
+        logits=torch.zeros(len(x), 2),
+        features=feats,
+        layers={k: torch.from_numpy(v) for k, v in layers.items()},
+        labels=None if labels is None else torch.from_numpy(labels),
+    )
+
+
+def test_mahalanobis_statistics_match_numpy() -> None:
+    x, labels, mus, sigma = gaussian_classes(seed=0)
+    det = Mahalanobis().fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    means = np.stack([x[labels == c].mean(0) for c in range(3)])
+    centred = x - means[labels]
+    cov = np.cov(centred.T, bias=True)  # tied MLE covariance, divided by N
+    np.testing.assert_allclose(det.means["penultimate"].numpy(), means, rtol=1e-10)
+    np.testing.assert_allclose(det.covariances["penultimate"].numpy(), cov, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(det.precisions["penultimate"].numpy(), np.linalg.inv(cov), rtol=1e-8)
+    # And the estimates are close to the generating parameters.
+    np.testing.assert_allclose(means, mus, atol=0.5)
+    np.testing.assert_allclose(cov, sigma, atol=0.25 * np.abs(sigma).max())
+
+
+def test_mahalanobis_score_is_minus_min_scipy_distance() -> None:
+    x, labels, _, _ = gaussian_classes(seed=1)
+    det = Mahalanobis().fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    means = det.means["penultimate"].numpy()
+    precision = det.precisions["penultimate"].numpy()
+    test = np.random.default_rng(2).normal(scale=5.0, size=(20, 4))
+    expected = [-min(scipy_mahalanobis(f, m, precision) ** 2 for m in means) for f in test]
+    got = det.score(None, as_outputs(test))  # type: ignore[arg-type]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
+
+
+def test_mahalanobis_multi_layer_is_weighted_sum_of_layers() -> None:
+    x, labels, _, _ = gaussian_classes(seed=3)
+    other = np.tanh(x[:, :3]) * 2 + 0.1 * np.random.default_rng(4).normal(size=(len(x), 3))
+    train = as_outputs(x, labels, early=other, penultimate=x)
+    test_x, _, _, _ = gaussian_classes(seed=5, counts=(5, 5, 5))
+    test = as_outputs(test_x, None, early=np.tanh(test_x[:, :3]) * 2, penultimate=test_x)
+    per_layer = {
+        name: Mahalanobis(layers=(name,)).fit(None, train).score(None, test)  # type: ignore[arg-type]
+        for name in ("early", "penultimate")
+    }
+    both = Mahalanobis(layers="all").fit(None, train)  # type: ignore[arg-type]
+    assert both.layer_names == ["early", "penultimate"]
+    torch.testing.assert_close(both.score(None, test), per_layer["early"] + per_layer["penultimate"])  # type: ignore[arg-type]
+    weighted = Mahalanobis(layers=["early", "penultimate"], layer_weights=[2.0, -0.5]).fit(None, train)  # type: ignore[arg-type]
+    torch.testing.assert_close(
+        weighted.score(None, test),
+        2.0 * per_layer["early"] - 0.5 * per_layer["penultimate"],  # type: ignore[arg-type]
+    )
+
+
+def test_mahalanobis_penultimate_falls_back_to_features() -> None:
+    x, labels, _, _ = gaussian_classes(seed=6)
+    det = Mahalanobis(layers="all").fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    assert det.layer_names == ["penultimate"]
+    with pytest.raises(KeyError, match="block9"):
+        Mahalanobis(layers=("block9",)).fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+
+
+def test_mahalanobis_full_shrinkage_gives_scaled_identity_precision() -> None:
+    x, labels, _, _ = gaussian_classes(seed=7)
+    raw = Mahalanobis().fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    shrunk = Mahalanobis(shrinkage=1.0).fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    cov = raw.covariances["penultimate"].numpy()
+    expected = 4 / np.trace(cov) * np.eye(4)
+    np.testing.assert_allclose(shrunk.precisions["penultimate"].numpy(), expected, rtol=1e-10, atol=1e-14)
+    half = Mahalanobis(shrinkage=0.5).fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    np.testing.assert_allclose(
+        half.covariances["penultimate"].numpy(), 0.5 * cov + 0.5 * np.trace(cov) / 4 * np.eye(4), rtol=1e-10
+    )
+
+
+def test_mahalanobis_input_preprocessing_matches_finite_differences(mlp64: TinyMLP) -> None:
+    gen = torch.Generator().manual_seed(9)
+    x_train = torch.randn(300, 3, dtype=torch.float64, generator=gen)
+    labels = (x_train[:, 0] > 0).long() + (x_train[:, 1] > 0.5).long()
+    train = outputs_of(mlp64, x_train, labels)
+    eps = 0.02
+    det = Mahalanobis(layers="all", epsilon=eps, shrinkage=0.1).fit(mlp64, train)
+    clean = Mahalanobis(layers="all", shrinkage=0.1).fit(mlp64, train)
+    assert det.needs_inputs and not clean.needs_inputs
+    x = torch.randn(10, 3, dtype=torch.float64, generator=gen)
+
+    expected = torch.zeros(10, dtype=torch.float64)
+    for name in ("block1", "penultimate"):
+        single = Mahalanobis(layers=(name,), shrinkage=0.1).fit(mlp64, train)
+
+        def layer_score(z: Tensor, single: Mahalanobis = single) -> Tensor:
+            return single.score(mlp64, outputs_of(mlp64, z))
+
+        x_tilde = x + eps * finite_diff_grad(layer_score, x).sign()
+        assert (layer_score(x_tilde) > layer_score(x)).all()  # closer to its nearest class
+        expected += layer_score(x_tilde)
+
+    mlp64.train()
+    with torch.no_grad():
+        got = det.score_inputs(mlp64, x)
+    assert mlp64.training
+    mlp64.eval()
+    torch.testing.assert_close(got, expected)
+    assert all(p.grad is None for p in mlp64.parameters())
+    torch.testing.assert_close(clean.score_inputs(mlp64, x), clean.score(mlp64, outputs_of(mlp64, x)))
+
+
+def test_fit_logistic_weights_favours_the_informative_layer() -> None:
+    rng = np.random.default_rng(10)
+    id_scores = {
+        "useful": torch.from_numpy(rng.normal(0.0, 1.0, 400)),
+        "noise": torch.from_numpy(rng.normal(0, 1, 400)),
+    }
+    ood_scores = {
+        "useful": torch.from_numpy(rng.normal(-3.0, 1.0, 400)),
+        "noise": torch.from_numpy(rng.normal(0, 1, 400)),
+    }
+    w = fit_logistic_weights(id_scores, ood_scores)
+    assert isinstance(w, dict) and list(w) == ["useful", "noise"]
+    assert w["useful"] > 1.0 and abs(w["noise"]) < 0.2 * w["useful"]
+    # Array form, with the useful column scaled by 100: the raw-unit weight scales by 1/100.
+    as_array = fit_logistic_weights(
+        np.stack([100 * id_scores["useful"].numpy(), id_scores["noise"].numpy()], 1),
+        np.stack([100 * ood_scores["useful"].numpy(), ood_scores["noise"].numpy()], 1),
+    )
+    assert isinstance(as_array, list) and as_array[0] == pytest.approx(w["useful"] / 100, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- config / sanity
+
+
+def test_registry_and_hydra_instantiation() -> None:
+    assert DETECTORS == {"msp": MSP, "odin": ODIN, "energy": Energy, "react": ReAct, "mahalanobis": Mahalanobis}
+    assert all(issubclass(cls, Detector) for cls in DETECTORS.values())
+    hydra_utils = pytest.importorskip("hydra.utils")
+    from omegaconf import OmegaConf
+
+    odin = hydra_utils.instantiate({"_target_": "ood_lightning.detectors.ODIN", "temperature": 1000, "epsilon": 0.0014})
+    assert isinstance(odin, ODIN) and odin.temperature == 1000.0 and odin.epsilon == 0.0014
+    cfg = OmegaConf.create(
+        {
+            "_target_": "ood_lightning.detectors.Mahalanobis",
+            "layers": ["block1", "penultimate"],
+            "layer_weights": [1, 2],
+        }
+    )
+    maha = hydra_utils.instantiate(cfg)
+    assert maha.layers == ("block1", "penultimate") and not maha.needs_inputs
+
+
+@pytest.fixture(scope="module")
+def toy_problem():
+    """A 3-class 8-D Gaussian ID problem, a trained TinyMLP, and OOD shifted off the data plane."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    angles = torch.arange(3) * 2 * np.pi / 3
+    mus = torch.zeros(3, 8)
+    mus[:, 0], mus[:, 1] = 4 * torch.cos(angles), 4 * torch.sin(angles)
+    y = torch.arange(3).repeat_interleave(200)
+    x = mus[y] + torch.randn(len(y), 8, generator=gen)
+    y_test = torch.arange(3).repeat_interleave(100)
+    x_test = mus[y_test] + torch.randn(len(y_test), 8, generator=gen)
+    x_ood = torch.randn(300, 8, generator=gen)
+    x_ood[:, 2:] += 3.0  # ID only varies by unit noise in these six directions
+
+    model = TinyMLP(d_in=8, hidden=32, n_classes=3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
+    assert accuracy > 0.95
+    return model, outputs_of(model, x, y), x_test, x_ood
+
+
+@pytest.mark.parametrize(
+    "detector",
+    [
+        MSP(),
+        Energy(),
+        ODIN(),
+        ReAct(),
+        Mahalanobis(),
+        Mahalanobis(layers="all", epsilon=0.01),
+    ],
+    ids=["msp", "energy", "odin", "react", "mahalanobis", "mahalanobis_all_eps"],
+)
+def test_detectors_separate_far_ood(detector: Detector, toy_problem) -> None:
+    model, train, x_test, x_ood = toy_problem
+    detector.fit(model, train)
+    if detector.needs_inputs:
+        s_id, s_ood = detector.score_inputs(model, x_test), detector.score_inputs(model, x_ood)
+    else:
+        s_id, s_ood = detector.score(model, outputs_of(model, x_test)), detector.score(model, outputs_of(model, x_ood))
+    assert s_id.shape == (len(x_test),) and s_ood.shape == (len(x_ood),)
+    scores = np.concatenate([s_id.numpy(), s_ood.numpy()])
+    is_id = np.concatenate([np.ones(len(s_id)), np.zeros(len(s_ood))])
+    assert roc_auc_score(is_id, scores) > 0.9
