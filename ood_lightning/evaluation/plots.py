@@ -12,7 +12,11 @@ import numpy as np  # noqa: E402
 
 
 def score_histograms(scores: dict[str, dict], path: str | Path) -> Path:
-    """One panel per detector: ID test scores filled, each OOD set as an outline."""
+    """One panel per detector: ID test scores filled, each OOD set as an outline.
+
+    The axis spans the ID scores' range plus as much again on each side; OOD scores beyond
+    it pile up in the edge bins, so heavy tails (Mahalanobis) do not squash the overlap.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dets = list(scores)
@@ -20,7 +24,11 @@ def score_histograms(scores: dict[str, dict], path: str | Path) -> Path:
     for ax, det in zip(axes[:, 0], dets):
         by_split = {k: np.asarray(v, dtype=np.float64) for k, v in scores[det].items() if k != "id_val"}
         finite = np.concatenate([v[np.isfinite(v)] for v in by_split.values()])
-        lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+        ref = by_split.get("id_test", finite)
+        ref = ref[np.isfinite(ref)]
+        lo, hi = np.percentile(ref, [0.5, 99.5]) if ref.size else (0.0, 1.0)
+        spread = hi - lo
+        lo, hi = max(lo - spread, finite.min(initial=lo)), min(hi + spread, finite.max(initial=hi))
         bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
         for split, v in by_split.items():
             v = np.clip(v[np.isfinite(v)], lo, hi)

@@ -1,0 +1,156 @@
+"""The entrypoints end to end on CPU with tiny configs: the files a run writes, exact
+reproducibility from a seed, multirun aggregation, re-scoring, and clear bad-input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from ood_lightning.errors import CheckpointMismatchError, ConfigError
+from ood_lightning.training import train
+from tests.conftest import TINY, compose_cfg, needs_shared, run_script
+
+pytestmark = pytest.mark.slow
+DETECTORS = {"msp", "odin", "energy", "react", "mahalanobis", "mahalanobis_ensemble"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = compose_cfg("train", TINY, out)
+    metrics = train(cfg)
+    return out, metrics
+
+
+def test_train_writes_metrics_scores_plot_checkpoint_and_logs(tiny_run):
+    out, metrics = tiny_run
+    written = json.loads((out / "metrics.json").read_text())
+    assert set(written["results"]) == DETECTORS
+    assert written["method"] is None or written["method"] == "classifier"
+    for det, rows in written["results"].items():
+        assert set(rows) == {"diagonal"}
+        m = rows["diagonal"]
+        assert set(m) >= {"auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "detection_error", "autc", "macro_f1"}
+        assert all(np.isfinite(v) for v in m.values())
+        assert m["tnr95"] == pytest.approx(1 - m["fpr95"])
+    scores = np.load(out / "scores.npz")
+    # metrics.json agrees with scikit-learn on the saved scores (ID positive)
+    for det in DETECTORS:
+        id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/diagonal"]
+        assert len(id_s) == 256 and len(ood_s) == 300  # debug=fast limits ID test to 256
+        truth = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        assert written["results"][det]["diagonal"]["auroc"] == pytest.approx(truth)
+    acc = (scores["preds/id_test"] == scores["labels/id_test"]).mean()
+    assert written["accuracy"] == pytest.approx(acc)
+    assert (out / "plots" / "scores.png").stat().st_size > 10_000
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    assert any(r.get("ood/msp/diagonal/auroc") for r in rows)
+    assert any(r.get("train/loss") for r in rows)
+
+
+def test_same_seed_reproduces_metrics_exactly(tiny_run, tmp_path):
+    out, first = tiny_run
+    second = train(compose_cfg("train", TINY, tmp_path))
+    assert second["results"] == first["results"] and second["accuracy"] == first["accuracy"]
+    other = train(compose_cfg("train", [*TINY, "seed=1"], tmp_path / "seed1"))
+    assert other["results"] != first["results"]
+
+
+def test_detectors_separate_an_easy_ood_set_after_training(tmp_path):
+    """Stripes learnt for 2 epochs vs uniform noise in the same shape: every baseline > 0.9 AUROC."""
+    no_debug = [o for o in TINY if o != "debug=fast"]
+    cfg = compose_cfg("train", [*no_debug, "trainer.max_epochs=2", "data.n_train=2000",
+                                "+ood.noise={dataset: uniform_noise, n: 300, seed: 5}"], tmp_path)
+    metrics = train(cfg)
+    assert metrics["accuracy"] > 0.95
+    for det, rows in metrics["results"].items():
+        assert rows["noise"]["auroc"] > 0.9, (det, rows["noise"])
+
+
+def test_rescore_checkpoint_with_other_detectors(tiny_run, tmp_path):
+    out, first = tiny_run
+    from ood_lightning.evaluation.rescoring import rescore
+
+    cfg = compose_cfg("evaluate", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "detectors=fast"], tmp_path)
+    metrics = rescore(cfg)
+    assert set(metrics["results"]) == {"msp", "energy", "mahalanobis"}
+    for det in ("msp", "energy", "mahalanobis"):
+        assert metrics["results"][det]["diagonal"]["auroc"] == pytest.approx(first["results"][det]["diagonal"]["auroc"])
+
+
+def test_checkpoint_that_does_not_match_the_config_is_a_clear_error(tiny_run, tmp_path):
+    out, _ = tiny_run
+    cfg = compose_cfg("train", [*TINY, "backbone.widths=[8,32]", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}"],
+                      tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"does not match the configured model.*size mismatch"):
+        train(cfg)
+
+
+def test_nan_loss_stops_with_step_terms_and_checkpoint(tmp_path):
+    cfg = compose_cfg("train", [*TINY, "method.optimizer.lr=1e30", "detectors=none"], tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 0, step \d+: ce=(nan|inf).*checkpoint saved to"):
+        train(cfg)
+    assert list((tmp_path / "checkpoints").glob("nonfinite-step*.ckpt"))
+
+
+def test_empty_class_selection_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="leaves no train samples"):
+        train(compose_cfg("train", [*TINY, "data.known_classes=[5]"], tmp_path))
+
+
+def test_cli_multirun_then_aggregate_mean_std(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = run_script("train.py", "-m", *TINY, "detectors=fast", "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert len(list(sweep.glob("*/metrics.json"))) == 2
+    res = run_script("evaluate.py", f"run_dir={sweep}", f"hydra.run.dir={tmp_path / 'agg'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (sweep / "summary.md").read_text()
+    assert "±" in text and "| msp | diagonal | 2 |" in text
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    per_seed = [json.loads(p.read_text())["results"]["msp"]["diagonal"]["auroc"] for p in sorted(sweep.glob("*/metrics.json"))]
+    msp = next(r for r in rows if r["detector"] == "msp" and r["ood_set"] == "diagonal")
+    assert float(msp["auroc_mean"]) == pytest.approx(np.mean(per_seed))
+    assert float(msp["auroc_std"]) == pytest.approx(np.std(per_seed, ddof=1))
+
+
+def test_cli_bad_input_gives_one_clear_line(tmp_path):
+    res = run_script("train.py", "backbone=nope", f"hydra.run.dir={tmp_path / 'a'}")
+    assert res.returncode != 0 and "Available options in 'backbone'" in res.stderr and "wrn28_10" in res.stderr
+    res = run_script("train.py", "debug=fast", "data=mnist", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert res.returncode == 1
+    assert f"error: dataset 'mnist' not found: looked for {tmp_path / 'nowhere'}" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert json.loads((tmp_path / "b" / "failed.json").read_text())["error"].startswith("DatasetNotFoundError")
+    res = run_script("train.py", *TINY, "+ood.noise={dataset: gaussian_noise, shape: [3, 32, 32]}",
+                     f"hydra.run.dir={tmp_path / 'c'}")
+    assert res.returncode == 1 and "ood.noise.convert=true" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_wandb_offline_logs_without_an_account(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train(compose_cfg("train", [*TINY, "logger=wandb", "detectors=fast"], tmp_path))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and list(runs[0].glob("*.wandb"))
+
+
+@needs_shared("MNIST/raw/train-images-idx3-ubyte")
+def test_demo_config_on_real_mnist_split(tmp_path):
+    """The README's demo at reduced size: held-out digits and noise sets, every baseline scored."""
+    cfg = compose_cfg("train", ["debug=fast", "trainer=cpu", "data.limit_train=2000", "trainer.limit_train_batches=null",
+                                "trainer.max_epochs=3",
+                                "ood.gaussian.n=300", "ood.uniform.n=300", "ood.rademacher.n=300", "ood.blobs.n=300"], tmp_path)
+    metrics = train(cfg)
+    assert metrics["accuracy"] > 0.8
+    assert set(metrics["results"]["msp"]) == {"heldout", "gaussian", "uniform", "rademacher", "blobs", "mean_far"}
+    assert metrics["results"]["mahalanobis"]["gaussian"]["auroc"] > 0.9
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["ood_lightning_config"]["data"]["name"] == "mnist"
