@@ -148,7 +148,8 @@ def test_demo_config_on_real_mnist_split(tmp_path):
     """The README's demo at reduced size: held-out digits and noise sets, every baseline scored."""
     cfg = compose_cfg("train", ["debug=fast", "trainer=cpu", "data.limit_train=2000", "trainer.limit_train_batches=null",
                                 "trainer.max_epochs=3",
-                                "ood.gaussian.n=300", "ood.uniform.n=300", "ood.rademacher.n=300", "ood.blobs.n=300"], tmp_path)
+                                "ood.gaussian.n=300", "ood.uniform.n=300", "ood.rademacher.n=300", "ood.blobs.n=300",
+                                "+ood.heldout.limit=300"], tmp_path)
     metrics = train(cfg)
     assert metrics["accuracy"] > 0.8
     assert set(metrics["results"]["msp"]) == {"heldout", "gaussian", "uniform", "rademacher", "blobs", "mean_far"}
