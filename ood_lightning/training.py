@@ -18,26 +18,64 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ood_lightning.config import to_dict
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.errors import CheckpointMismatchError, OODLightningError
+from ood_lightning.errors import CheckpointMismatchError, ConfigError, OODLightningError
 from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results
 
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: DictConfig, num_classes: int):
+def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True):
     """Backbone + method from the config (the method gets the backbone and class count).
 
     Methods with a density term read the top-level ``lambda`` through their own config
     (``lambda_: ${lambda}``), so the config stays the only place for hyperparameters.
     """
-    backbone = instantiate(cfg.backbone)
+    spec = OmegaConf.to_container(cfg.backbone, resolve=True)
+    checkpoint = spec.pop("checkpoint", None)
+    backbone = instantiate(spec)
     model = instantiate(cfg.method, backbone=backbone, num_classes=num_classes)
+    if checkpoint and pretrained:
+        load_pretrained(model, checkpoint)
+    elif pretrained and not model.trains_backbone:
+        choice = _choices().get("method", "posthoc")
+        raise ConfigError(f"method={choice} is post-hoc (the backbone is not trained): pass "
+                          "backbone.checkpoint=<classifier run>/checkpoints/last.ckpt")
     model.run_config = to_dict(cfg)
     return model
+
+
+def load_pretrained(model, path: str | Path) -> None:
+    """Backbone (and classifier head, if present) weights from a ``method=classifier``
+    checkpoint, or a plain backbone ``state_dict`` file (e.g. converted ImageNet weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"backbone.checkpoint={path} does not exist; pass the .ckpt of a "
+                                      "method=classifier run (<run_dir>/checkpoints/last.ckpt) or a state_dict file")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    has_prefix = any(k.startswith("backbone.") for k in state)
+    backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") or not has_prefix}
+    head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    _load_strict(model.backbone, backbone_state, path, "backbone")
+    if head_state:
+        _load_strict(model.head, head_state, path, "classifier head")
+    elif not model.trains_backbone:
+        log.warning("%s has no classifier head: logit-based detectors (MSP, ODIN, Energy) see an untrained head", path)
+
+
+def _load_strict(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        detail = "; ".join(line.strip() for line in lines[1:4])
+        raise CheckpointMismatchError(
+            f"{path} does not match the configured {what} ({detail}); pass the backbone/data it was trained "
+            "with (its config is in the run's .hydra/config.yaml)") from None
 
 
 def build_detectors(cfg: DictConfig) -> dict:
@@ -50,14 +88,7 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
     if not path.is_file():
         raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        model.load_state_dict(state["state_dict"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = "; ".join(line.strip() for line in first[1:4])
-        raise CheckpointMismatchError(
-            f"checkpoint {path} does not match the configured model ({detail}); pass the backbone/method/data "
-            "it was trained with (its config is in the run's .hydra/config.yaml)") from None
+    _load_strict(model, state["state_dict"], path, "model")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +134,8 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(to_dict(cfg))
     if cfg.get("ckpt_path"):
         load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    if model.trains_backbone:
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     if not trainer.is_global_zero:
         return {}
     ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,8 +31,8 @@ def test_train_writes_metrics_scores_plot_checkpoint_and_logs(tiny_run):
     out, metrics = tiny_run
     written = json.loads((out / "metrics.json").read_text())
     assert set(written["results"]) == DETECTORS
-    assert written["method"] is None or written["method"] == "classifier"
-    for det, rows in written["results"].items():
+    assert written["method"] == "classifier" and written["data"] == "stripes" and written["seed"] == 0
+    for rows in written["results"].values():
         assert set(rows) == {"diagonal"}
         m = rows["diagonal"]
         assert set(m) >= {"auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "detection_error", "autc", "macro_f1"}
@@ -155,3 +154,24 @@ def test_demo_config_on_real_mnist_split(tmp_path):
     assert set(metrics["results"]["msp"]) == {"heldout", "gaussian", "uniform", "rademacher", "blobs", "mean_far"}
     assert metrics["results"]["mahalanobis"]["gaussian"]["auroc"] > 0.9
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["ood_lightning_config"]["data"]["name"] == "mnist"
+
+
+def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
+    """method=lsgm / method=lde load backbone.checkpoint, train nothing, and add their scores
+    to the baselines, which must equal those of the run that trained the checkpoint."""
+    out, first = tiny_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    lsgm = train(compose_cfg("train", [*TINY, "method=lsgm", f"backbone.checkpoint={ckpt}"], tmp_path / "lsgm"))
+    assert lsgm["results"]["msp"] == first["results"]["msp"]
+    assert lsgm["accuracy"] == first["accuracy"]
+    assert {"lsgm", "gmm_per_layer", "mahalanobis"} <= set(lsgm["results"])
+    assert 0 <= lsgm["results"]["lsgm"]["diagonal"]["auroc"] <= 1
+    lde = train(compose_cfg("train", [*TINY, "method=lde", "detectors.lde.epochs=1", "~detectors.odin",
+                                      f"backbone.checkpoint={ckpt}"], tmp_path / "lde"))
+    assert {"lde", "lde_unnormalized"} <= set(lde["results"]) and "odin" not in lde["results"]
+    assert not (tmp_path / "lde" / "checkpoints").exists()  # nothing was trained
+
+
+def test_posthoc_method_without_checkpoint_names_the_fix(tmp_path):
+    with pytest.raises(ConfigError, match=r"method=lsgm is post-hoc.*backbone.checkpoint="):
+        train(compose_cfg("train", [*TINY, "method=lsgm"], tmp_path))

@@ -2,6 +2,9 @@
 
 from ood_lightning.detectors.base import Detector, FeatureModel, Outputs, pool
 from ood_lightning.detectors.energy import Energy, energy_score
+from ood_lightning.detectors.godin_perturbation import GODINPerturbation
+from ood_lightning.detectors.latent_flow import LatentFlowDetector
+from ood_lightning.detectors.lsgm import LSGM
 from ood_lightning.detectors.mahalanobis import Mahalanobis, fit_logistic_weights
 from ood_lightning.detectors.msp import MSP
 from ood_lightning.detectors.odin import ODIN
@@ -13,6 +16,9 @@ DETECTORS: dict[str, type[Detector]] = {
     "energy": Energy,
     "react": ReAct,
     "mahalanobis": Mahalanobis,
+    "lsgm": LSGM,
+    "latent_flow": LatentFlowDetector,
+    "godin_perturbation": GODINPerturbation,
 }
 
 __all__ = [
@@ -21,6 +27,9 @@ __all__ = [
     "ODIN",
     "Detector",
     "Energy",
+    "GODINPerturbation",
+    "LSGM",
+    "LatentFlowDetector",
     "FeatureModel",
     "Mahalanobis",
     "Outputs",

@@ -38,7 +38,7 @@ def rescore(cfg: DictConfig) -> dict:
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood
     dm = OODDataModule(data, ood)
     dm.setup("test")
-    model = build_model(trained, dm.num_classes)
+    model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
     load_weights(model, cfg.ckpt_path)
     ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),
                           cfg.evaluation.fit_limit)

@@ -62,6 +62,7 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
             for det in detectors.values():
                 det.fit(model, fit_out)
             del fit_out
+            _select_on_id_validation(detectors, model, dm, preprocess, device)
         for split, loader in loaders.items():
             outs[split] = extract(model, loader, preprocess, device, progress, f"features: {split}")
             own = model.ood_scores(outs[split]) if hasattr(model, "ood_scores") else {}
@@ -76,6 +77,17 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
                 scores.setdefault(name, {})[split] = value.detach().float().cpu()
     preds = {split: o.logits.argmax(1) for split, o in outs.items()}
     return Evaluation(scores, preds, outs["id_test"].labels, dm.num_classes)
+
+
+def _select_on_id_validation(detectors: dict, model, dm: OODDataModule, preprocess, device, limit: int = 1000) -> None:
+    """Detectors that tune a hyperparameter on ID validation inputs only (no OOD data),
+    e.g. Generalized ODIN's perturbation size, do it here."""
+    tuners = [d for d in detectors.values() if hasattr(d, "select_epsilon")]
+    if not tuners:
+        return
+    x = preprocess(dm.val_set.images[:limit].to(device))
+    for det in tuners:
+        det.select_epsilon(model, x)
 
 
 def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | None = None) -> dict:
@@ -123,8 +135,8 @@ def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None
 
 def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×100)") -> Table:
     table = Table(title=f"{title}   ID accuracy {100 * metrics['accuracy']:.2f}%")
-    table.add_column("detector")
-    table.add_column("OOD set")
+    table.add_column("detector", no_wrap=True)
+    table.add_column("OOD set", no_wrap=True)
     for m in TABLE_METRICS:
         table.add_column(m, justify="right")
     for det, rows in metrics["results"].items():

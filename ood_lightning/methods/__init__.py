@@ -1,4 +1,6 @@
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.methods.classifier import Classifier
+from ood_lightning.methods.godin import GeneralizedODIN
+from ood_lightning.methods.posthoc import PostHoc
 
-__all__ = ["OODMethod", "Classifier"]
+__all__ = ["OODMethod", "Classifier", "GeneralizedODIN", "PostHoc"]

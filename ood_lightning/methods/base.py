@@ -24,7 +24,10 @@ class OODMethod(L.LightningModule):
     the parameters / the optimiser, so every hyperparameter lives in the config.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer],
+    #: False for post-hoc methods: train.py then loads a checkpoint and skips fitting
+    trains_backbone: bool = True
+
+    def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None,
                  scheduler: Callable[..., Any] | None = None):
         super().__init__()
         self.backbone = backbone

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from ood_lightning.nn.backbones.densenet import DenseNetBC, densenet100
 from ood_lightning.nn.backbones.residual_mlp import ResidualMLP
 from ood_lightning.nn.backbones.resnet import ResNet, resnet18, resnet34
 from ood_lightning.nn.backbones.small_cnn import SmallCNN
@@ -24,6 +25,7 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "resnet34": resnet34,
     "cnn": SmallCNN,
     "mlp": ResidualMLP,
+    "densenet100": densenet100,
 }
 
 
@@ -38,11 +40,13 @@ def build_backbone(name: str, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "BACKBONES",
+    "DenseNetBC",
     "ResNet",
     "ResidualMLP",
     "SmallCNN",
     "WideResNet",
     "build_backbone",
+    "densenet100",
     "resnet18",
     "resnet34",
 ]
