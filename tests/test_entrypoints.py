@@ -166,6 +166,12 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
     assert lsgm["accuracy"] == first["accuracy"]
     assert {"lsgm", "gmm_per_layer", "mahalanobis"} <= set(lsgm["results"])
     assert 0 <= lsgm["results"]["lsgm"]["diagonal"]["auroc"] <= 1
+    # the OOD-tuned Mahalanobis is scored on the 90% of the OOD set it was not tuned on
+    scores = np.load(tmp_path / "lsgm" / "scores.npz")
+    tuned = "mahalanobis_lr_uses_ood_data"
+    assert len(scores[f"{tuned}/diagonal"]) == 270 and len(scores[f"{tuned}/id_test|diagonal"]) == 256
+    truth = roc_auc_score(np.r_[np.ones(256), np.zeros(270)], np.r_[scores[f"{tuned}/id_test|diagonal"], scores[f"{tuned}/diagonal"]])
+    assert lsgm["results"][tuned]["diagonal"]["auroc"] == pytest.approx(truth)
     lde = train(compose_cfg("train", [*TINY, "method=lde", "detectors.lde.epochs=1", "~detectors.odin",
                                       f"backbone.checkpoint={ckpt}"], tmp_path / "lde"))
     assert {"lde", "lde_unnormalized"} <= set(lde["results"]) and "odin" not in lde["results"]

@@ -5,7 +5,7 @@ from ood_lightning.detectors.energy import Energy, energy_score
 from ood_lightning.detectors.godin_perturbation import GODINPerturbation
 from ood_lightning.detectors.latent_flow import LatentFlowDetector
 from ood_lightning.detectors.lsgm import LSGM
-from ood_lightning.detectors.mahalanobis import Mahalanobis, fit_logistic_weights
+from ood_lightning.detectors.mahalanobis import Mahalanobis, MahalanobisTuned, fit_logistic_weights
 from ood_lightning.detectors.msp import MSP
 from ood_lightning.detectors.odin import ODIN
 from ood_lightning.detectors.react import ReAct
@@ -32,6 +32,7 @@ __all__ = [
     "LatentFlowDetector",
     "FeatureModel",
     "Mahalanobis",
+    "MahalanobisTuned",
     "Outputs",
     "ReAct",
     "energy_score",

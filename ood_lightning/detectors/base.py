@@ -44,6 +44,10 @@ class Outputs:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
+    def subset(self, index: Tensor) -> Outputs:
+        return Outputs(self.logits[index], self.features[index], {k: v[index] for k, v in self.layers.items()},
+                       None if self.labels is None else self.labels[index])
+
 
 def pool(t: Tensor) -> Tensor:
     """Average-pool a feature map [B, C, H, W] (or any [B, C, ...]) to [B, C]."""

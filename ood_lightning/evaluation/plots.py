@@ -22,7 +22,8 @@ def score_histograms(scores: dict[str, dict], path: str | Path) -> Path:
     dets = list(scores)
     fig, axes = plt.subplots(len(dets), 1, figsize=(7, 2.4 * max(1, len(dets))), squeeze=False)
     for ax, det in zip(axes[:, 0], dets):
-        by_split = {k: np.asarray(v, dtype=np.float64) for k, v in scores[det].items() if k != "id_val"}
+        by_split = {k: np.asarray(v, dtype=np.float64) for k, v in scores[det].items()
+                    if k != "id_val" and "|" not in k}
         finite = np.concatenate([v[np.isfinite(v)] for v in by_split.values()])
         ref = by_split.get("id_test", finite)
         ref = ref[np.isfinite(ref)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
             for name, value in own.items():
                 scores.setdefault(name, {})[split] = value.detach().float().cpu()
         for name, det in detectors.items():
+            if getattr(det, "uses_ood_data", False):
+                continue
             for split, loader in loaders.items():
                 if det.needs_inputs:
                     value = score_inputs(det, model, loader, preprocess, device, progress, f"{name}: {split}")
@@ -76,7 +79,28 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
                     value = det.score(model, outs[split])
                 scores.setdefault(name, {})[split] = value.detach().float().cpu()
     preds = {split: o.logits.argmax(1) for split, o in outs.items()}
+    for name, det in detectors.items():
+        if getattr(det, "uses_ood_data", False):
+            _score_tuned_on_ood(name, det, model, outs, scores, preds)
     return Evaluation(scores, preds, outs["id_test"].labels, dm.num_classes)
+
+
+def _score_tuned_on_ood(name: str, det: Detector, model, outs: dict[str, Outputs], scores: dict, preds: dict,
+                        fraction: float = 0.1, max_tune: int = 1000) -> None:
+    """Detectors that tune on OOD data (e.g. Mahalanobis with regression weights) get, per OOD
+    set, ID validation outputs and a random tuning part of that set (10%, at most 1000); their
+    scores for that set (``<split>|<ood>`` for the ID splits) cover only the rest."""
+    for ood in [s for s in outs if s not in ("id_val", "id_test")]:
+        n = len(outs[ood])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        n_tune = min(max_tune, max(1, int(fraction * n)))
+        tune, rest = perm[:n_tune], perm[n_tune:].sort().values
+        det.fit_ood(model, outs["id_val"], outs[ood].subset(tune))
+        by_split = scores.setdefault(name, {})
+        for split in ("id_val", "id_test"):
+            by_split[f"{split}|{ood}"] = det.score(model, outs[split]).detach().float().cpu()
+        by_split[ood] = det.score(model, outs[ood].subset(rest)).detach().float().cpu()
+        preds[f"{ood}|{name}"] = preds[ood][rest]
 
 
 def _select_on_id_validation(detectors: dict, model, dm: OODDataModule, preprocess, device, limit: int = 1000) -> None:
@@ -96,16 +120,19 @@ def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | 
     macro-F1 is the open-set (C+1)-way score at the threshold that keeps ``tpr`` of ID
     *validation* data; group means (e.g. near / far) are added as ``mean_<group>``.
     """
-    ood_sets = [s for s in next(iter(ev.scores.values()), {}) if s not in ("id_val", "id_test")]
+    ood_sets = [s for s in next(iter(ev.scores.values()), {}) if s not in ("id_val", "id_test") and "|" not in s]
     result: dict = {"accuracy": float((ev.preds["id_test"] == ev.id_test_labels).float().mean()),
                     "num_classes": ev.num_classes, "results": {}}
     for det, by_split in ev.scores.items():
-        threshold = M.threshold_at_tpr(by_split["id_val"].numpy(), tpr)
         rows = {}
         for ood in ood_sets:
-            m = M.ood_metrics(by_split["id_test"].numpy(), by_split[ood].numpy())
+            # detectors tuned per OOD set carry their own ID scores for it ("id_test|<ood>")
+            id_test = by_split.get(f"id_test|{ood}", by_split.get("id_test"))
+            threshold = M.threshold_at_tpr(by_split.get(f"id_val|{ood}", by_split.get("id_val")).numpy(), tpr)
+            ood_preds = ev.preds.get(f"{ood}|{det}", ev.preds[ood])
+            m = M.ood_metrics(id_test.numpy(), by_split[ood].numpy())
             m["macro_f1"] = M.open_set_macro_f1(ev.preds["id_test"].numpy(), ev.id_test_labels.numpy(),
-                                                by_split["id_test"].numpy(), ev.preds[ood].numpy(),
+                                                id_test.numpy(), ood_preds.numpy(),
                                                 by_split[ood].numpy(), threshold, ev.num_classes)
             rows[ood] = m
         for group in sorted(set((groups or {}).values())):
@@ -135,10 +162,10 @@ def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None
 
 def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×100)") -> Table:
     table = Table(title=f"{title}   ID accuracy {100 * metrics['accuracy']:.2f}%")
-    table.add_column("detector", no_wrap=True)
-    table.add_column("OOD set", no_wrap=True)
+    table.add_column("detector", overflow="fold")
+    table.add_column("OOD set", overflow="fold")
     for m in TABLE_METRICS:
-        table.add_column(m, justify="right")
+        table.add_column(m, justify="right", no_wrap=True, min_width=5)
     for det, rows in metrics["results"].items():
         for i, (ood, m) in enumerate(rows.items()):
             table.add_row(det if i == 0 else "", ood, *(f"{100 * m[k]:.1f}" for k in TABLE_METRICS),
@@ -147,4 +174,6 @@ def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×1
 
 
 def print_results(metrics: dict, console: Console | None = None) -> None:
-    (console or Console()).print(results_table(metrics))
+    if console is None:  # logs and pipes get a full-width table rather than rich's 80 columns
+        console = Console() if sys.stdout.isatty() else Console(width=120)
+    console.print(results_table(metrics))
