@@ -108,7 +108,8 @@ def log_results(loggers, metrics: dict, plot: Path, step: int) -> None:
     """Send every metric (``ood/<detector>/<set>/<metric>``) and the histogram plot to the loggers."""
     flat = {f"ood/{det}/{ood}/{k}": v for det, rows in metrics["results"].items() for ood, m in rows.items()
             for k, v in m.items()}
-    flat["test/acc"] = metrics["accuracy"]
+    if metrics.get("accuracy") is not None:
+        flat["test/acc"] = metrics["accuracy"]
     for logger in loggers:
         logger.log_metrics(flat, step=step)
         if type(logger).__name__ == "WandbLogger":

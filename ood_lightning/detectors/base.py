@@ -33,20 +33,23 @@ class Outputs:
     """Everything a detector may read about a set of inputs, from one forward pass.
 
     ``layers`` holds intermediate features already average-pooled to [N, D_l]
-    (name -> tensor, in network order, ``"penultimate"`` last).
+    (name -> tensor, in network order, ``"penultimate"`` last). ``extra`` holds per-input
+    values a method computes from the inputs in the same pass (its ``input_scores``, e.g.
+    a VAE's IWAE bound and ELBO terms).
     """
 
     logits: Tensor
     features: Tensor
     layers: dict[str, Tensor] = field(default_factory=dict)
     labels: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.logits.shape[0]
 
     def subset(self, index: Tensor) -> Outputs:
         return Outputs(self.logits[index], self.features[index], {k: v[index] for k, v in self.layers.items()},
-                       None if self.labels is None else self.labels[index])
+                       None if self.labels is None else self.labels[index], {k: v[index] for k, v in self.extra.items()})
 
 
 def pool(t: Tensor) -> Tensor:

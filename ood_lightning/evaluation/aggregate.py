@@ -51,7 +51,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     accuracy: dict[str, list[float]] = defaultdict(list)
     for run in runs:
-        accuracy[run["group"]].append(run["accuracy"])
+        if run.get("accuracy") is not None:
+            accuracy[run["group"]].append(run["accuracy"])
         for det, rows in run["results"].items():
             for ood, m in rows.items():
                 for k in SUMMARY_METRICS:
@@ -60,7 +61,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     rows = []
     for (group, det, ood), by_metric in values.items():
         row = {"group": group, "detector": det, "ood_set": ood, "n": len(next(iter(by_metric.values())))}
-        mean, std = mean_std(accuracy[group])
+        mean, std = mean_std(accuracy[group]) if accuracy[group] else (float("nan"), float("nan"))
         row.update({"accuracy_mean": mean, "accuracy_std": std})
         for k, v in by_metric.items():
             row[f"{k}_mean"], row[f"{k}_std"] = mean_std(v)

@@ -17,7 +17,8 @@ def extract(model, loader: DataLoader, preprocess: Callable[[Tensor], Tensor], d
             progress: Progress | None = None, description: str = "extracting") -> Outputs:
     """Run ``model`` over ``loader`` once and keep everything detectors may need (on CPU)."""
     model.eval()
-    logits, labels, layers = [], [], {}
+    logits, labels, layers, extra = [], [], {}, {}
+    input_scores = getattr(model, "input_scores", None)
     task = progress.add_task(description, total=len(loader)) if progress else None
     for x, y in loader:
         x = preprocess(x.to(device))
@@ -26,12 +27,16 @@ def extract(model, loader: DataLoader, preprocess: Callable[[Tensor], Tensor], d
         labels.append(y.cpu())
         for name, value in feats.items():
             layers.setdefault(name, []).append(pool(value).float().cpu())
+        if input_scores is not None:  # method-specific per-input values (e.g. IWAE), same pass
+            for name, value in input_scores(x).items():
+                extra.setdefault(name, []).append(value.detach().float().cpu())
         if progress:
             progress.advance(task)
     if progress:
         progress.remove_task(task)
     layers = {k: torch.cat(v) for k, v in layers.items()}
-    return Outputs(logits=torch.cat(logits), features=layers["penultimate"], layers=layers, labels=torch.cat(labels))
+    return Outputs(logits=torch.cat(logits), features=layers["penultimate"], layers=layers, labels=torch.cat(labels),
+                   extra={k: torch.cat(v) for k, v in extra.items()})
 
 
 def score_inputs(detector: Detector, model, loader: DataLoader, preprocess, device: torch.device,

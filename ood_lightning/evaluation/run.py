@@ -40,6 +40,7 @@ class Evaluation:
     id_test_labels: Tensor
     num_classes: int
     metrics: dict = field(default_factory=dict)
+    has_classifier: bool = True
 
 
 def _progress() -> Progress:
@@ -58,8 +59,11 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
     scores: dict[str, dict[str, Tensor]] = {}
     with _progress() as progress:
         outs: dict[str, Outputs] = {}
-        if detectors:
+        fit_own = getattr(model, "fit_ood_scores", None)  # e.g. VMDLS's class Gaussians
+        if detectors or fit_own is not None:
             fit_out = extract(model, dm.fit_dataloader(fit_limit), preprocess, device, progress, "features: id_train")
+            if fit_own is not None:
+                fit_own(fit_out)
             for det in detectors.values():
                 det.fit(model, fit_out)
             del fit_out
@@ -82,7 +86,8 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
     for name, det in detectors.items():
         if getattr(det, "uses_ood_data", False):
             _score_tuned_on_ood(name, det, model, outs, scores, preds)
-    return Evaluation(scores, preds, outs["id_test"].labels, dm.num_classes)
+    return Evaluation(scores, preds, outs["id_test"].labels, dm.num_classes,
+                      has_classifier=getattr(model, "has_classifier", True))
 
 
 def _score_tuned_on_ood(name: str, det: Detector, model, outs: dict[str, Outputs], scores: dict, preds: dict,
@@ -121,8 +126,8 @@ def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | 
     *validation* data; group means (e.g. near / far) are added as ``mean_<group>``.
     """
     ood_sets = [s for s in next(iter(ev.scores.values()), {}) if s not in ("id_val", "id_test") and "|" not in s]
-    result: dict = {"accuracy": float((ev.preds["id_test"] == ev.id_test_labels).float().mean()),
-                    "num_classes": ev.num_classes, "results": {}}
+    accuracy = float((ev.preds["id_test"] == ev.id_test_labels).float().mean()) if ev.has_classifier else None
+    result: dict = {"accuracy": accuracy, "num_classes": ev.num_classes, "results": {}}
     for det, by_split in ev.scores.items():
         rows = {}
         for ood in ood_sets:
@@ -131,9 +136,10 @@ def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | 
             threshold = M.threshold_at_tpr(by_split.get(f"id_val|{ood}", by_split.get("id_val")).numpy(), tpr)
             ood_preds = ev.preds.get(f"{ood}|{det}", ev.preds[ood])
             m = M.ood_metrics(id_test.numpy(), by_split[ood].numpy())
-            m["macro_f1"] = M.open_set_macro_f1(ev.preds["id_test"].numpy(), ev.id_test_labels.numpy(),
-                                                id_test.numpy(), ood_preds.numpy(),
-                                                by_split[ood].numpy(), threshold, ev.num_classes)
+            if ev.has_classifier:
+                m["macro_f1"] = M.open_set_macro_f1(ev.preds["id_test"].numpy(), ev.id_test_labels.numpy(),
+                                                    id_test.numpy(), ood_preds.numpy(),
+                                                    by_split[ood].numpy(), threshold, ev.num_classes)
             rows[ood] = m
         for group in sorted(set((groups or {}).values())):
             members = [s for s in ood_sets if (groups or {}).get(s) == group]
@@ -161,14 +167,16 @@ def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None
 
 
 def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×100)") -> Table:
-    table = Table(title=f"{title}   ID accuracy {100 * metrics['accuracy']:.2f}%")
+    acc = metrics.get("accuracy")
+    table = Table(title=title + (f"   ID accuracy {100 * acc:.2f}%" if acc is not None else ""))
     table.add_column("detector", overflow="fold")
     table.add_column("OOD set", overflow="fold")
-    for m in TABLE_METRICS:
+    shown = [k for k in TABLE_METRICS if any(k in m for rows in metrics["results"].values() for m in rows.values())]
+    for m in shown:
         table.add_column(m, justify="right", no_wrap=True, min_width=5)
     for det, rows in metrics["results"].items():
         for i, (ood, m) in enumerate(rows.items()):
-            table.add_row(det if i == 0 else "", ood, *(f"{100 * m[k]:.1f}" for k in TABLE_METRICS),
+            table.add_row(det if i == 0 else "", ood, *(f"{100 * m[k]:.1f}" if k in m else "-" for k in shown),
                           end_section=i == len(rows) - 1)
     return table
 

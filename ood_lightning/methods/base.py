@@ -26,6 +26,8 @@ class OODMethod(L.LightningModule):
 
     #: False for post-hoc methods: train.py then loads a checkpoint and skips fitting
     trains_backbone: bool = True
+    #: False for unsupervised methods (VAE): no accuracy or open-set F1 is reported
+    has_classifier: bool = True
 
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None,
                  scheduler: Callable[..., Any] | None = None):
@@ -48,7 +50,13 @@ class OODMethod(L.LightningModule):
         return self.classify(self.backbone(x))
 
     def ood_scores(self, outputs) -> dict[str, Tensor]:
-        """The method's own OOD scores (higher = ID) from cached outputs; none by default."""
+        """The method's own OOD scores (higher = ID) from cached outputs; none by default.
+
+        Optional hooks the evaluation calls when a method defines them:
+        ``fit_ood_scores(train_outputs)`` once on ID training outputs before scoring, and
+        ``input_scores(x) -> dict[str, Tensor]`` per batch during the one forward pass
+        (results land in ``outputs.extra``).
+        """
         return {}
 
     # -- training helpers ----------------------------------------------------------------
