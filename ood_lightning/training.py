@@ -7,6 +7,7 @@ Results are written before anything else can fail, and a failed run leaves
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ood_lightning.config import to_dict
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError, ConfigError, OODLightningError
+from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,17 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
     _load_strict(model, state["state_dict"], path, "model")
 
 
+def feature_cache(cfg: DictConfig, model) -> FeatureCache | None:
+    """A cache of outputs per fixed checkpoint (post-hoc methods), so that every later
+    detector or flow run on it skips the backbone; off for runs that train (new weights)."""
+    ckpt = cfg.backbone.get("checkpoint")
+    if model.trains_backbone or not ckpt or not cfg.evaluation.get("feature_cache", True):
+        return None
+    path = Path(ckpt).resolve()
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return FeatureCache(Path(cfg.paths.cache_dir) / "features" / f"{path.parent.parent.name}-{path.stem}-{tag}")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +153,7 @@ def train(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),
-                          cfg.evaluation.fit_limit)
+                          cfg.evaluation.fit_limit, feature_cache(cfg, model))
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(ev, cfg.evaluation.tpr, groups)
     choices = _choices()

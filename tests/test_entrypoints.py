@@ -161,7 +161,8 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
     to the baselines, which must equal those of the run that trained the checkpoint."""
     out, first = tiny_run
     ckpt = out / "checkpoints" / "last.ckpt"
-    lsgm = train(compose_cfg("train", [*TINY, "method=lsgm", f"backbone.checkpoint={ckpt}"], tmp_path / "lsgm"))
+    lsgm = train(compose_cfg("train", [*TINY, "method=lsgm", f"backbone.checkpoint={ckpt}",
+                                       f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "lsgm"))
     assert lsgm["results"]["msp"] == first["results"]["msp"]
     assert lsgm["accuracy"] == first["accuracy"]
     assert {"lsgm", "gmm_per_layer", "mahalanobis"} <= set(lsgm["results"])
@@ -173,7 +174,7 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
     truth = roc_auc_score(np.r_[np.ones(256), np.zeros(270)], np.r_[scores[f"{tuned}/id_test|diagonal"], scores[f"{tuned}/diagonal"]])
     assert lsgm["results"][tuned]["diagonal"]["auroc"] == pytest.approx(truth)
     lde = train(compose_cfg("train", [*TINY, "method=lde", "detectors.lde.epochs=1", "~detectors.odin",
-                                      f"backbone.checkpoint={ckpt}"], tmp_path / "lde"))
+                                      f"backbone.checkpoint={ckpt}", "evaluation.feature_cache=false"], tmp_path / "lde"))
     assert {"lde", "lde_unnormalized"} <= set(lde["results"]) and "odin" not in lde["results"]
     assert not (tmp_path / "lde" / "checkpoints").exists()  # nothing was trained
 
@@ -181,3 +182,22 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
 def test_posthoc_method_without_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"method=lsgm is post-hoc.*backbone.checkpoint="):
         train(compose_cfg("train", [*TINY, "method=lsgm"], tmp_path))
+
+
+def test_second_posthoc_run_reuses_cached_features(tiny_run, tmp_path, monkeypatch):
+    """A second post-hoc run on the same checkpoint and data makes no backbone forward pass."""
+    import ood_lightning.evaluation.run as run_module
+
+    out, _ = tiny_run
+    calls = []
+    real_extract = run_module.extract
+    monkeypatch.setattr(run_module, "extract", lambda *a, **k: calls.append(k.get("description")) or real_extract(*a, **k))
+    args = [*TINY, "method=lsgm", "detectors=fast", f"backbone.checkpoint={out / 'checkpoints' / 'last.ckpt'}",
+            f"paths.cache_dir={tmp_path / 'cache'}"]
+    first = train(compose_cfg("train", args, tmp_path / "a"))
+    assert len(calls) == 4  # id_train, id_val, id_test, diagonal
+    calls.clear()
+    second = train(compose_cfg("train", args, tmp_path / "b"))
+    assert calls == [] and second["results"] == first["results"]
+    manifests = list((tmp_path / "cache" / "features").rglob("manifest.json"))
+    assert len(manifests) == 4

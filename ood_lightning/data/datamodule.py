@@ -7,6 +7,8 @@ the device, so augmentation runs batched on the GPU when there is one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -158,6 +160,19 @@ class OODDataModule(L.LightningDataModule):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return self.train_set.sample_shape
+
+    def cache_key(self, split: str, limit: int | None = None) -> tuple[str, str, str]:
+        """(dataset, split, tag) naming a split's inputs for the feature cache; the tag hashes
+        everything that changes them (class split, subset sizes, seeds, normalisation)."""
+        keys = ("known_classes", "val_size", "limit_train", "limit_val", "limit_test", "split_seed", "mean", "std",
+                "kwargs", "n_train", "n_test")
+        spec = {k: self.cfg.get(k) for k in keys}
+        if split in self.ood_cfg:
+            spec, dataset = {**spec, "ood": self.ood_cfg[split]}, self.ood_cfg[split]["dataset"]
+        else:
+            spec, dataset = {**spec, "limit": limit}, self.cfg["name"]
+        digest = hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        return dataset, split, f"eval-{digest}"
 
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, data: ArrayData, train: bool) -> DataLoader:

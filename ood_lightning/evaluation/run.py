@@ -23,6 +23,7 @@ from torch import Tensor
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.detectors.base import Detector, Outputs
 from ood_lightning.evaluation import metrics as M
+from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
 from ood_lightning.evaluation.outputs import extract, score_inputs
 
 log = logging.getLogger(__name__)
@@ -49,19 +50,32 @@ def _progress() -> Progress:
 
 
 def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], device: torch.device | str = "cpu",
-                     fit_limit: int | None = None) -> Evaluation:
-    """Fit ``detectors`` on ID training data and score ``id_val``, ``id_test`` and every OOD set."""
+                     fit_limit: int | None = None, cache: FeatureCache | None = None) -> Evaluation:
+    """Fit ``detectors`` on ID training data and score ``id_val``, ``id_test`` and every OOD set.
+
+    With a ``cache`` (post-hoc runs on a fixed checkpoint) every split's outputs are read
+    from disk when a previous run stored them, so the backbone runs at most once per split.
+    """
     device = torch.device(device)
     model = model.to(device).eval()
     dm.setup("test")
     preprocess = dm.preprocess.to(device)
     loaders = dm.eval_dataloaders()
     scores: dict[str, dict[str, Tensor]] = {}
+    fingerprint = model_fingerprint(model) if cache is not None else None
+
+    def outputs_of(split: str, loader, progress, limit=None) -> Outputs:
+        if cache is None:
+            return extract(model, loader, preprocess, device, progress, f"features: {split}")
+        dataset, name, tag = dm.cache_key(split, limit)
+        return cache.get_or_extract(model, split, loader, preprocess, device, dataset, name, tag,
+                                    extract_fn=extract, progress=progress, fingerprint=fingerprint)
+
     with _progress() as progress:
         outs: dict[str, Outputs] = {}
         fit_own = getattr(model, "fit_ood_scores", None)  # e.g. VMDLS's class Gaussians
         if detectors or fit_own is not None:
-            fit_out = extract(model, dm.fit_dataloader(fit_limit), preprocess, device, progress, "features: id_train")
+            fit_out = outputs_of("id_train", dm.fit_dataloader(fit_limit), progress, fit_limit)
             if fit_own is not None:
                 fit_own(fit_out)
             for det in detectors.values():
@@ -69,7 +83,7 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
             del fit_out
             _select_on_id_validation(detectors, model, dm, preprocess, device)
         for split, loader in loaders.items():
-            outs[split] = extract(model, loader, preprocess, device, progress, f"features: {split}")
+            outs[split] = outputs_of(split, loader, progress)
             own = model.ood_scores(outs[split]) if hasattr(model, "ood_scores") else {}
             for name, value in own.items():
                 scores.setdefault(name, {})[split] = value.detach().float().cpu()
