@@ -177,16 +177,18 @@ class ConvOperatorSpectralNormBound(SpectralNormBound):
         return F.conv_transpose2d(u, weight, None, self.stride, self.padding, out_padding, self.groups,
                                   self.dilation)
 
-    @torch.no_grad()
     def record_input_shape(self, weight: Tensor, input_shape: torch.Size) -> None:
         """Create (or enlarge) ``u``/``v`` for one input of ``input_shape`` = (C, H, W), warm-started."""
         if self.ready() and input_shape[-2] * input_shape[-1] <= self.v.shape[-2] * self.v.shape[-1]:
             return
-        w = _full_precision(weight.detach())
-        self.v = _normalize(torch.randn(1, *input_shape, device=w.device, dtype=w.dtype))
-        self.u = _normalize(self.operator(w, self.v))
-        self.power_iteration(w, self.n_init_iterations)
-        self.u, self.v = self.u.to(weight.dtype), self.v.to(weight.dtype)
+        # the first forward may be Lightning's sanity check under inference_mode: buffers made
+        # there could never be updated in place by training, so make ordinary tensors
+        with torch.inference_mode(False), torch.no_grad():
+            w = _full_precision(weight.detach())
+            self.v = _normalize(torch.randn(1, *input_shape, device=w.device, dtype=w.dtype))
+            self.u = _normalize(self.operator(w, self.v))
+            self.power_iteration(w, self.n_init_iterations)
+            self.u, self.v = self.u.to(weight.dtype), self.v.to(weight.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

@@ -27,6 +27,12 @@ How the log-det is computed depends on the mode:
   ``eval_n_terms`` terms with ``eval_n_probes`` fixed probe vectors (seeded by ``eval_seed`` and
   shared by every sample), so a sample's score depends neither on chance nor on its batch.
 
+In every mode a pass under ``torch.inference_mode`` (Lightning's eval loops) is run with autograd
+re-enabled locally, since the estimators need VJPs. The power iteration of the bounds lags fast
+weight changes slightly; :func:`~ood_lightning.nn.spectral.converge_spectral_norms` before
+evaluation makes every Lip(Linear) ≤ coeff tight again. ``torch.compile`` the backbone, not the
+flow: the training estimator's data-dependent term count and ``autograd.grad`` break graphs.
+
 Why not ``normflows`` (1.7; its ``Residual``/``iResBlock``/``LipschitzMLP`` port Chen et al.'s code):
 it is not installed here; its eval log-det is still a random Russian-roulette draw with
 fresh probes (numpy RNG, outside torch's seeding) except for 2-D inputs, so OOD scores would be
@@ -52,6 +58,7 @@ Probe = Literal["rademacher", "gaussian"]
 
 #: default size of the exact Jacobian's sample chunks: chunk · dim · widest layer ≈ this many floats
 _JACOBIAN_CHUNK_ELEMENTS = 2**24
+
 
 class LipSwish(nn.Module):
     """``x·sigmoid(βx) / 1.1`` with learnable β > 0 (softplus): Lipschitz ≤ 1 for every β.
@@ -109,6 +116,13 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(x + g(x), log|det(I + J_g(x))|)``, the log-det of shape [B]."""
+        if torch.is_inference_mode_enabled():
+            # the estimators need autograd, which inference tensors refuse (Lightning's eval loops)
+            with torch.inference_mode(False), torch.no_grad():
+                return self._forward(x.clone())
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
             return self._roulette(x)
         if self.dim <= self.exact_max_dim:
@@ -197,8 +211,10 @@ class ResidualFlow(nn.Module):
             raise ConfigError(f"residual flow probe must be 'rademacher' or 'gaussian', got {probe!r}")
         if not 0 < geom_p < 1 or n_exact_terms < 0:
             raise ConfigError(f"residual flow needs 0 < geom_p < 1 and n_exact_terms >= 0, got {geom_p}, {n_exact_terms}")
-        counts = {"n_blocks": n_blocks, "n_hidden_layers": n_hidden_layers, "exact_chunk_size": 1 if exact_chunk_size is None else exact_chunk_size,
-                  "eval_n_terms": eval_n_terms, "eval_n_probes": eval_n_probes}
+        counts = {"n_blocks": n_blocks, "n_hidden_layers": n_hidden_layers, "eval_n_terms": eval_n_terms,
+                  "eval_n_probes": eval_n_probes, "exact_chunk_size": exact_chunk_size or 0}
+        if exact_chunk_size is None:
+            del counts["exact_chunk_size"]  # None: sized automatically
         if min(counts.values()) < 1:
             raise ConfigError(f"residual flow counts must be >= 1, got {counts}")
         self.dim = dim

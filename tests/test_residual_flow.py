@@ -1,0 +1,191 @@
+"""Residual flow: exact eval log-det, unbiased training estimator, invertibility, Lip(g) < 1,
+a normalised density, and a density that actually learns."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ood_lightning.errors import ConfigError
+from ood_lightning.nn.flows import LipSwish, ResidualFlow
+from ood_lightning.nn.spectral import converge_spectral_norms, spectral_norms
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices: threads only contend on shared cores (module scope, so fixtures get it too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _flow(dim: int, stiff: bool = True, **kwargs) -> ResidualFlow:
+    """A small random flow; ``stiff``: every Linear at its bound and steep activations, the hardest case."""
+    torch.manual_seed(0)
+    flow = ResidualFlow(dim, **{"n_blocks": 3, "hidden": 16, **kwargs})
+    if stiff:
+        with torch.no_grad():
+            for m in flow.modules():
+                if isinstance(m, nn.Linear):
+                    m.parametrizations.weight.original.mul_(10)  # the bound scales it back to coeff
+                elif isinstance(m, LipSwish):
+                    m.raw_beta.fill_(4.0)
+    return flow
+
+
+@pytest.fixture(scope="module")
+def trained() -> ResidualFlow:
+    """A 4-D flow fitted to a narrow Gaussian, so each block's log-det is O(1), not ~0 as at init."""
+    torch.manual_seed(0)
+    flow = ResidualFlow(4, n_blocks=4, hidden=32)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = -flow.log_prob(torch.randn(256, 4) * torch.tensor([0.3, 0.4, 0.5, 0.3])).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return converge_spectral_norms(flow).eval()
+
+
+def _true_logdet(flow: ResidualFlow, x: torch.Tensor) -> torch.Tensor:
+    """log|det ∂z/∂x| of the whole flow from its full Jacobian, independently of the blocks' estimators."""
+    def z_of(xi: torch.Tensor) -> torch.Tensor:
+        return flow(xi.unsqueeze(0))[0][0]
+
+    with torch.no_grad():
+        jac = torch.func.vmap(torch.func.jacrev(z_of))(x)
+    return torch.linalg.slogdet(jac).logabsdet
+
+
+def _initialised(flow: ResidualFlow, x: torch.Tensor) -> ResidualFlow:
+    """One training forward (ActNorm's data-dependent init, a power-iteration step), then eval."""
+    flow.train()
+    flow(x)
+    return flow.eval()
+
+
+@pytest.mark.parametrize(("dim", "actnorm"), [(2, False), (3, True), (6, False), (4, None)])
+def test_eval_logdet_is_exact(dim: int, actnorm: bool | None, trained: ResidualFlow) -> None:
+    if actnorm is None:
+        flow, x = copy.deepcopy(trained).double(), torch.randn(16, dim, dtype=torch.float64) * 0.4
+    else:
+        flow = _initialised(_flow(dim, actnorm=actnorm), torch.randn(64, dim) * 2 + 1).double()
+        x = torch.randn(16, dim, dtype=torch.float64) * 2
+    with torch.no_grad():
+        z, logdet = flow(x)
+    torch.testing.assert_close(logdet, _true_logdet(flow, x), rtol=0, atol=1e-8)
+    assert z.shape == x.shape and logdet.shape == (16,)
+
+
+def test_training_estimator_is_unbiased_and_differentiable(trained: ResidualFlow) -> None:
+    n_calls, reps = 100, 40
+    flow = copy.deepcopy(trained).double()
+    x = torch.randn(5, 4, dtype=torch.float64) * 0.4
+    exact = _true_logdet(flow.eval(), x)
+    flow.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        # one Geometric draw per block and call is shared by the batch: a call's mean is one independent draw
+        call_means = torch.stack([flow(x.repeat(reps, 1))[1].view(reps, -1).mean(0) for _ in range(n_calls)])
+    mean, stderr = call_means.mean(0), call_means.std(0) / math.sqrt(n_calls)
+    assert (stderr > 0).all(), "the training estimate should be stochastic"
+    assert ((mean - exact).abs() < 4 * stderr + 1e-3).all(), (mean, exact, stderr)
+
+    x_in = x.clone().requires_grad_(True)
+    flow.log_prob(x_in).mean().backward()
+    assert x_in.grad is not None and torch.isfinite(x_in.grad).all()
+    for name, p in flow.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_series_eval_is_deterministic_batch_independent_and_close(trained: ResidualFlow) -> None:
+    flow = copy.deepcopy(trained).double()
+    x = torch.randn(32, 4, dtype=torch.float64) * 0.4
+    exact = flow(x)[1]
+    for block in flow.blocks:
+        block.exact_max_dim = 0
+    with torch.no_grad():
+        first, again, part = flow(x)[1], flow(x)[1], flow(x[5:9])[1]
+    assert torch.equal(first, again)
+    torch.testing.assert_close(part, first[5:9])
+    assert (first - exact).abs().mean() < 0.25, (first - exact).abs().mean()
+
+
+def test_inverse_recovers_input(trained: ResidualFlow) -> None:
+    cases = [(_initialised(_flow(5, actnorm=True), torch.randn(64, 5) * 3).double(),
+              torch.randn(32, 5, dtype=torch.float64) * 3),
+             (copy.deepcopy(trained).double(), torch.randn(32, 4, dtype=torch.float64) * 0.4)]
+    for flow, x in cases:
+        with torch.no_grad():
+            z, _ = flow(x)
+        torch.testing.assert_close(flow.inverse(z, n_iter=500, atol=1e-12), x, rtol=0, atol=1e-8)
+    assert flow.sample(7).shape == (7, 4)
+
+
+def test_each_residual_branch_is_a_contraction(trained: ResidualFlow) -> None:
+    for flow in (_flow(6, hidden=32, coeff=0.9).eval(), trained):
+        coeff = flow.blocks[0].g[0].parametrizations.weight[0].coeff
+        assert all(s <= coeff * (1 + 1e-4) for s in spectral_norms(flow).values())
+        dim = flow.dim
+        x, y = torch.randn(2, 4096, dim)
+        y = torch.where(torch.rand(4096, 1) < 0.5, y, x + 1e-3 * torch.randn_like(x))  # far and near pairs
+        with torch.no_grad():
+            for block in flow.blocks:
+                ratio = (block.g(x) - block.g(y)).norm(dim=1) / (x - y).norm(dim=1)
+                assert ratio.max() < 1.0
+
+
+def test_density_integrates_to_one() -> None:
+    flow = _flow(2, hidden=32, n_blocks=4).double().eval()
+    grid = torch.linspace(-12, 12, 241, dtype=torch.float64)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    with torch.no_grad():
+        log_p = flow.log_prob(torch.stack([xx, yy], -1).view(-1, 2))
+    standard = -0.5 * (xx.pow(2) + yy.pow(2)).view(-1) - math.log(2 * math.pi)
+    assert (log_p - standard).abs().max() > 0.5, "the flow should not be the identity"
+    density = log_p.exp().view(241, 241)
+    mass = torch.trapezoid(torch.trapezoid(density, grid, dim=1), grid)
+    assert abs(mass.item() - 1) < 1e-3
+
+
+def test_fit_learns_a_shifted_scaled_gaussian() -> None:
+    torch.manual_seed(0)
+    mean, std = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.5])
+    target = torch.distributions.Independent(torch.distributions.Normal(mean, std), 1)
+    flow = ResidualFlow(2, n_blocks=4, hidden=32)
+    opt = torch.optim.Adam(flow.parameters(), lr=5e-3)
+    for _ in range(300):
+        loss = -flow.log_prob(target.sample((256,))).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test = target.sample((4000,))
+    with torch.no_grad():
+        fitted, untrained = flow.eval().log_prob(test).mean(), _flow(2, False, n_blocks=4, hidden=32).eval().log_prob(test).mean()
+    ideal = target.log_prob(test).mean()
+    assert fitted > untrained + 1.0
+    assert abs(fitted - ideal) < 0.05, (fitted, ideal)
+
+
+@pytest.mark.parametrize("exact_max_dim", [64, 0])
+def test_inference_mode_scores_like_no_grad(exact_max_dim: int) -> None:
+    """Lightning evaluates under torch.inference_mode, where autograd (the VJPs) is refused."""
+    flow = _flow(3, exact_max_dim=exact_max_dim, actnorm=True).eval()
+    x = torch.randn(8, 3)
+    with torch.inference_mode():
+        scored = flow.log_prob(x)
+    with torch.no_grad():
+        torch.testing.assert_close(scored.clone(), flow.log_prob(x))
+    flow.train()
+    flow.log_prob(x).mean().backward()  # training still works after an inference-mode pass
+
+
+@pytest.mark.parametrize("bad", [{"coeff": 1.0}, {"base": "laplace"}, {"probe": "sphere"}, {"n_blocks": 0}])
+def test_invalid_configs_say_so(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        ResidualFlow(2, **bad)

@@ -1,0 +1,187 @@
+"""Coefficient-bounded spectral norm: the true operator norm of every layer stays ≤ coeff under
+training, layers below coeff are untouched, eval is frozen, and the conv bound is the operator's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ood_lightning.errors import ConfigError
+from ood_lightning.nn.spectral import apply_spectral_norm, converge_spectral_norms, spectral_norms
+
+COEFF = 0.9
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _conv_net() -> nn.Sequential:
+    """Input 3x7x7: a padded 3x3, a strided 3x3 on an odd size, a 1x1, then a Linear."""
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+
+
+def _mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _input_shapes(net: nn.Module, x: torch.Tensor) -> dict[nn.Module, tuple[int, ...]]:
+    shapes: dict[nn.Module, tuple[int, ...]] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:
+        shapes[module] = tuple(args[0].shape[1:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    net(x)
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def _true_norm(layer: nn.Module, in_shape: tuple[int, ...] | None) -> float:
+    """Exact largest singular value of the layer's effective linear map (dense matrix for a conv)."""
+    with torch.no_grad():
+        weight = layer.weight.double()
+        if isinstance(layer, nn.Linear):
+            return torch.linalg.matrix_norm(weight, 2).item()
+        n = torch.Size(in_shape).numel()
+        basis = torch.eye(n, dtype=torch.float64).view(n, *in_shape)  # impulse responses = columns
+        out = F.conv2d(basis, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return torch.linalg.matrix_norm(out.flatten(1), 2).item()
+
+
+@pytest.mark.parametrize("make", [_conv_net, _mlp])
+def test_trained_layers_stay_within_coeff(make) -> None:
+    torch.manual_seed(0)
+    net = make()
+    x = torch.randn(16, 3, 7, 7) if make is _conv_net else torch.randn(16, 8)
+    shapes = _input_shapes(net, x)
+    with torch.no_grad():  # start every layer well above the bound
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(4)
+    apply_spectral_norm(net, COEFF)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(15):
+        loss = -net(x).pow(2).mean()  # rewards larger weights
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    norms = {m: _true_norm(m, shapes.get(m)) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert max(norms.values()) <= COEFF * 1.01, norms
+    assert min(norms.values()) >= COEFF * 0.95, "the bound should be active on layers that want to grow"
+    reported = spectral_norms(net)
+    for name, m in net.named_modules():
+        if m in norms:
+            assert reported[name] == pytest.approx(norms[m], rel=1e-3)
+
+
+def test_layer_below_coeff_is_left_unchanged() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Linear(5, 5))
+    with torch.no_grad():
+        for m in net:
+            m.weight.mul_(0.01)
+    raw = [m.weight.detach().clone() for m in net]
+    apply_spectral_norm(net, COEFF)
+    net.train()
+    net[0](torch.randn(4, 2, 5, 5))
+    net[1](torch.randn(4, 5))
+    for m, w in zip(net, raw):
+        assert torch.equal(m.weight, w)
+
+
+def test_eval_mode_freezes_power_iteration() -> None:
+    torch.manual_seed(0)
+    net, x = _conv_net(), torch.randn(4, 3, 7, 7)
+    apply_spectral_norm(net, COEFF)
+    net(x)
+    with torch.no_grad():
+        net[0].parametrizations.weight.original.add_(torch.randn_like(net[0].weight))  # estimate now stale
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    out = [net(x) for _ in range(3)]
+    assert all(torch.equal(o, out[0]) for o in out)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    net.train()
+    net(x)
+    assert not torch.equal(net.state_dict()["0.parametrizations.weight.0.u"], before["0.parametrizations.weight.0.u"])
+
+
+def test_matrix_mode_does_not_bound_the_conv_operator() -> None:
+    """A 3x3 box filter: reshaped-kernel norm 3, operator norm ~9 (its DC gain), sqrt(kh·kw) apart."""
+    shape = (1, 12, 12)
+    layers = {}
+    for mode in ("matrix", "operator"):
+        conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+        nn.init.ones_(conv.weight)
+        layers[mode] = apply_spectral_norm(conv, 1.0, mode=mode)
+        conv(torch.randn(1, *shape))
+        conv.eval()
+    assert _true_norm(layers["operator"], shape) <= 1.0 + 1e-4
+    assert _true_norm(layers["matrix"], shape) > 2.5
+
+
+def test_conv_state_survives_a_checkpoint_round_trip() -> None:
+    torch.manual_seed(0)
+    net, x = _conv_net(), torch.randn(4, 3, 7, 7)
+    apply_spectral_norm(net, COEFF)
+    net(x)
+    state = net.state_dict()
+    assert state["2.parametrizations.weight.0.v"].shape == (1, 6, 7, 7)
+    fresh = apply_spectral_norm(_conv_net(), COEFF)
+    fresh.load_state_dict(state)
+    net.eval(), fresh.eval()
+    assert torch.equal(fresh(x), net(x))
+
+
+def test_first_forward_under_inference_mode_then_training() -> None:
+    """Lightning's sanity check runs the first forward under torch.inference_mode."""
+    net = apply_spectral_norm(_conv_net(), COEFF).eval()
+    with torch.inference_mode():
+        net(torch.randn(2, 3, 7, 7))
+    net.train()
+    net(torch.randn(2, 3, 7, 7)).sum().backward()
+
+
+def test_gradients_reach_the_raw_weights() -> None:
+    torch.manual_seed(0)
+    net = apply_spectral_norm(_conv_net(), COEFF)
+    net(torch.randn(4, 3, 7, 7)).sum().backward()
+    assert all(m.parametrizations.weight.original.grad is not None
+               for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def test_converge_makes_the_bound_tight_after_lag() -> None:
+    torch.manual_seed(0)
+    layer = apply_spectral_norm(nn.Linear(16, 16), COEFF)
+    with torch.no_grad():  # a jump the one-step power iteration cannot follow at once
+        layer.parametrizations.weight.original.copy_(torch.randn(16, 16) * 3)
+    layer.eval()
+    converge_spectral_norms(layer)
+    assert _true_norm(layer, None) == pytest.approx(COEFF, rel=1e-5)
+
+
+def test_options_none_and_idempotence() -> None:
+    net = _mlp()
+    assert apply_spectral_norm(net, None) is net and not parametrize.is_parametrized(net[0])
+    apply_spectral_norm(net, COEFF)
+    apply_spectral_norm(net, 0.5)  # already bounded layers are skipped, not wrapped twice
+    assert len(net[0].parametrizations.weight) == 1 and net[0].parametrizations.weight[0].coeff == COEFF
+    with pytest.raises(ConfigError):
+        apply_spectral_norm(_mlp(), COEFF, mode="frobenius")
+    with pytest.raises(ConfigError):
+        apply_spectral_norm(_mlp(), -1.0)
+    unseen = apply_spectral_norm(nn.Sequential(nn.Conv2d(1, 1, 3)), COEFF)
+    assert math.isnan(spectral_norms(unseen)["0"])  # until the conv has seen an input
