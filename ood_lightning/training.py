@@ -26,6 +26,7 @@ from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError, ConfigError, OODLightningError
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results
+from ood_lightning.nn.spectral import apply_spectral_norm
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True):
     """
     spec = OmegaConf.to_container(cfg.backbone, resolve=True)
     checkpoint = spec.pop("checkpoint", None)
+    spectral_coeff = spec.pop("spectral_coeff", None)
     backbone = instantiate(spec)
+    if spectral_coeff is not None:  # every conv/linear scaled to operator norm <= c (Gouk et al.)
+        apply_spectral_norm(backbone, float(spectral_coeff))
     model = instantiate(cfg.method, backbone=backbone, num_classes=num_classes)
     if checkpoint and pretrained:
         load_pretrained(model, checkpoint)

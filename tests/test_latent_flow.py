@@ -4,7 +4,6 @@ variables via autograd Jacobians, scikit-learn's PCA and AUROC."""
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -148,12 +147,9 @@ def test_seeded_fits_are_reproducible():
     assert torch.equal(fit().bpd(x), fit().bpd(x))
 
 
-def test_unknown_or_missing_flow_is_a_clear_config_error(monkeypatch):
-    with pytest.raises(ConfigError, match="unknown latent flow"):
+def test_unknown_flow_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match=r"unknown flow 'nope'; choose one of .*glow.*residual"):
         build_flow("nope", 4)
-    monkeypatch.setitem(sys.modules, "ood_lightning.nn.flows.residual", None)  # as if the module were absent
-    with pytest.raises(ConfigError, match="ResidualFlow"):
-        build_flow("residual", 4)
 
 
 def test_residual_flow_plugs_in():

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
 from ood_lightning.errors import ConfigError, NonFiniteLossError
+from ood_lightning.nn.flows.build import build_flow
 
 #: fits with at least this many optimisation steps show a progress bar
 PROGRESS_MIN_STEPS = 200
@@ -33,26 +34,6 @@ PROGRESS_MIN_STEPS = 200
 SCORE_BATCH = 4096
 
 FlowFactory = Callable[[int], nn.Module]
-
-
-def build_flow(name: str, dim: int, n_blocks: int | None = None, hidden: int | None = None, **kwargs) -> nn.Module:
-    """A flow by config name for ``dim``-dimensional inputs; ``None`` keeps the builder's default.
-
-    "residual" is imported only when asked for, so the coupling flows work without it.
-    """
-    sizes = {k: v for k, v in {"n_blocks": n_blocks, "hidden": hidden}.items() if v is not None}
-    if name == "residual":
-        try:
-            from ood_lightning.nn.flows.residual import ResidualFlow
-        except ImportError as err:
-            raise ConfigError(f"flow='residual' needs ood_lightning.nn.flows.residual.ResidualFlow, which could not "
-                              f"be imported ({err}); use flow=glow, realnvp or maf meanwhile") from None
-        return ResidualFlow(dim, **sizes, **kwargs)
-    from ood_lightning.nn.flows.coupling import FLOWS
-
-    if name not in FLOWS:
-        raise ConfigError(f"unknown latent flow {name!r}; choose one of {[*FLOWS, 'residual']}")
-    return FLOWS[name](dim, **sizes, **kwargs)
 
 
 def _auroc(id_scores: Tensor, ood_scores: Tensor) -> float:

@@ -1,6 +1,7 @@
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.methods.classifier import Classifier
+from ood_lightning.methods.dhm import DeepHybridModel
 from ood_lightning.methods.godin import GeneralizedODIN
 from ood_lightning.methods.posthoc import PostHoc
 
-__all__ = ["OODMethod", "Classifier", "GeneralizedODIN", "PostHoc"]
+__all__ = ["OODMethod", "Classifier", "DeepHybridModel", "GeneralizedODIN", "PostHoc"]

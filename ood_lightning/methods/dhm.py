@@ -1,0 +1,129 @@
+"""``method=dhm``: the Deep Hybrid Model (Cao & Zhang, CVPR 2022; revisited by Schlumbom &
+Frank, TMLR).
+
+A spectrally normalised feature extractor (``backbone.spectral_coeff``) gives features h;
+a linear head classifies them and a residual flow models the density of their
+normalised version ĥ (l∞ by default). Loss = CE + λ·NLL with NLL = −mean log p(ĥ); the
+OOD score is log p(ĥ) (higher = ID). Choices where the papers are silent:
+
+- The NLL gradient reaches the extractor too (joint training), as in both papers; this is
+  what makes large λ collapse the features.
+- Two optimisers with manual optimisation: SGD (+ MultiStepLR) for extractor and head,
+  Adam for the flow, both stepped every batch, schedulers at epoch ends.
+- The score uses the flow in eval mode: the exact log-det up to 1024 dimensions
+  (``ResidualFlow.exact_max_dim``), a seeded series estimate beyond.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ood_lightning.analysis.collapse import CollapseMonitor
+from ood_lightning.evaluation.metrics import auroc
+from ood_lightning.methods.base import OODMethod
+from ood_lightning.nn.feature_norm import normalize_features
+from ood_lightning.nn.flows.build import build_flow
+
+
+class DeepHybridModel(OODMethod):
+    def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable, flow_optimizer: Callable,
+                 lambda_: float, flow: dict, feature_norm: str = "linf", scheduler: Callable | None = None,
+                 flow_scheduler: Callable | None = None, collapse_factor: float = 10.0,
+                 monitor_ood: dict | None = None, score_batch_size: int = 512):
+        super().__init__(backbone, num_classes, optimizer, scheduler)
+        self.automatic_optimization = False
+        flow = dict(flow)
+        self.flow = build_flow(flow.pop("name"), backbone.feature_dim, flow.pop("n_blocks", None),
+                               flow.pop("hidden", None), **flow)
+        self.lambda_ = float(lambda_)
+        self.feature_norm = feature_norm
+        self.flow_optimizer_factory = flow_optimizer
+        self.flow_scheduler_factory = flow_scheduler
+        self.collapse_factor = collapse_factor
+        self.monitor_ood = dict(monitor_ood or {})
+        self.score_batch_size = score_batch_size
+
+    # -- model -------------------------------------------------------------------------------
+    def density_input(self, features: Tensor) -> Tensor:
+        return normalize_features(features, self.feature_norm)
+
+    def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        h = self.backbone(x)
+        logits = self.head(h)
+        z, logdet = self.flow(self.density_input(h))
+        log_prior = -0.5 * (z.pow(2).sum(1) + z.shape[1] * torch.log(torch.tensor(2 * torch.pi, device=z.device)))
+        nll = -(log_prior + logdet).mean()
+        ce = F.cross_entropy(logits, y)
+        return {"loss": ce + self.lambda_ * nll, "ce": ce, "nll": nll, "logdet": logdet.mean(),
+                "acc": (logits.argmax(1) == y).float().mean()}
+
+    # -- training ----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        extractor = [p for n, p in self.named_parameters() if not n.startswith("flow.")]
+        opts = [self.optimizer_factory(extractor), self.flow_optimizer_factory(self.flow.parameters())]
+        scheds = [f(o) for f, o in ((self.scheduler_factory, opts[0]), (self.flow_scheduler_factory, opts[1]))
+                  if f is not None]
+        return opts, scheds
+
+    def configure_callbacks(self):
+        return [CollapseMonitor(key="train/logdet", factor=self.collapse_factor)]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        terms = self.losses(x, y)
+        self.check_finite(terms["loss"], {k: v for k, v in terms.items() if k != "acc"})
+        for opt in self.optimizers():
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(terms["loss"])
+        for opt in self.optimizers():
+            opt.step()
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, on_step=False, on_epoch=True,
+                      prog_bar=True, batch_size=len(y))
+        return terms["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        scheds = self.lr_schedulers()
+        for sched in scheds if isinstance(scheds, list) else [scheds] if scheds else []:
+            sched.step()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        terms = self.losses(x, y)  # the flow re-enables autograd for its log-det where needed
+        self.log_dict({f"val/{k}": v.detach() for k, v in terms.items()}, on_epoch=True, prog_bar=False,
+                      batch_size=len(y), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """AUROC of the DHM score against a subset of each configured OOD set (paper Fig. 3)."""
+        sets, limit = self.monitor_ood.get("sets") or [], int(self.monitor_ood.get("limit", 500))
+        dm = getattr(self.trainer, "datamodule", None)
+        if not sets or dm is None or self.trainer.sanity_checking:
+            return
+        id_x = dm.preprocess(dm.val_set.images[:limit].to(self.device))
+        id_scores = self.density_scores(id_x)
+        for name in sets if sets != "all" else list(dm.ood_sets):
+            ood = dm.ood_sets[name].images[:limit].to(self.device)
+            self.log(f"val/auroc/{name}", auroc(id_scores.cpu().numpy(), self.density_scores(dm.preprocess(ood)).cpu().numpy()))
+
+    # -- scores ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def density_scores(self, x: Tensor) -> Tensor:
+        was_training = self.training
+        self.eval()
+        scores = torch.cat([self.log_density(self.backbone(chunk)) for chunk in x.split(self.score_batch_size)])
+        self.train(was_training)
+        return scores
+
+    def log_density(self, features: Tensor) -> Tensor:
+        """log p(ĥ) of (un-normalised) features, in eval mode, batched on the model's device."""
+        out = []
+        for chunk in features.split(self.score_batch_size):
+            out.append(self.flow.log_prob(self.density_input(chunk.to(self.device))).detach().cpu())
+        return torch.cat(out)
+
+    def ood_scores(self, outputs) -> dict[str, Tensor]:
+        self.eval()
+        return {"dhm": self.log_density(outputs.features)}
