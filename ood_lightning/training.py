@@ -157,7 +157,8 @@ def train(cfg: DictConfig) -> dict:
     if not trainer.is_global_zero:
         return {}
     ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),
-                          cfg.evaluation.fit_limit, feature_cache(cfg, model))
+                          cfg.evaluation.fit_limit, feature_cache(cfg, model),
+                          bool(cfg.evaluation.get("fit_augmented", False)))
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(ev, cfg.evaluation.tpr, groups)
     choices = _choices()

@@ -50,11 +50,14 @@ def _progress() -> Progress:
 
 
 def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], device: torch.device | str = "cpu",
-                     fit_limit: int | None = None, cache: FeatureCache | None = None) -> Evaluation:
+                     fit_limit: int | None = None, cache: FeatureCache | None = None,
+                     fit_augmented: bool = False) -> Evaluation:
     """Fit ``detectors`` on ID training data and score ``id_val``, ``id_test`` and every OOD set.
 
     With a ``cache`` (post-hoc runs on a fixed checkpoint) every split's outputs are read
     from disk when a previous run stored them, so the backbone runs at most once per split.
+    ``fit_augmented`` fits detectors on features of augmented training images (the
+    backbone's own training augmentation), as LDE offers.
     """
     device = torch.device(device)
     model = model.to(device).eval()
@@ -64,18 +67,20 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
     scores: dict[str, dict[str, Tensor]] = {}
     fingerprint = model_fingerprint(model) if cache is not None else None
 
-    def outputs_of(split: str, loader, progress, limit=None) -> Outputs:
+    def outputs_of(split: str, loader, progress, limit=None, augment: bool = False) -> Outputs:
+        prep = (lambda x: preprocess(x, train=True)) if augment else preprocess
         if cache is None:
-            return extract(model, loader, preprocess, device, progress, f"features: {split}")
+            return extract(model, loader, prep, device, progress, f"features: {split}")
         dataset, name, tag = dm.cache_key(split, limit)
-        return cache.get_or_extract(model, split, loader, preprocess, device, dataset, name, tag,
+        tag = f"{tag}-augmented" if augment else tag
+        return cache.get_or_extract(model, split, loader, prep, device, dataset, name, tag,
                                     extract_fn=extract, progress=progress, fingerprint=fingerprint)
 
     with _progress() as progress:
         outs: dict[str, Outputs] = {}
         fit_own = getattr(model, "fit_ood_scores", None)  # e.g. VMDLS's class Gaussians
         if detectors or fit_own is not None:
-            fit_out = outputs_of("id_train", dm.fit_dataloader(fit_limit), progress, fit_limit)
+            fit_out = outputs_of("id_train", dm.fit_dataloader(fit_limit), progress, fit_limit, fit_augmented)
             if fit_own is not None:
                 fit_own(fit_out)
             for det in detectors.values():
