@@ -223,7 +223,7 @@ def test_wrn_registry_dropout(name: str, dropout: float) -> None:
 
 
 def test_registry_names_and_unknown_name_error() -> None:
-    assert set(BACKBONES) == {"wrn28_10", "wrn28_2", "resnet18", "resnet34", "cnn", "mlp"}
+    assert set(BACKBONES) == {"wrn28_10", "wrn28_2", "resnet18", "resnet34", "cnn", "mlp", "densenet100"}
     with pytest.raises(ValueError, match=r"unknown backbone 'vit'; available: .*resnet18") as info:
         build_backbone("vit")
     for name in BACKBONES:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.init import kaiming_init
+
 
 class _BottleneckLayer(nn.Module):
     """BN-ReLU-1x1 conv (to 4k) then BN-ReLU-3x3 conv (to k): the "B" of DenseNet-BC.
@@ -97,16 +99,8 @@ class DenseNetBC(nn.Module):
                 planes = compressed
         self.bn = nn.BatchNorm2d(planes)
         self.feature_dim: int = planes
-        self._init_weights()
+        kaiming_init(self)
 
-    def _init_weights(self) -> None:
-        # He (fan-out) init, as in the authors' Torch code, for training from scratch.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """Named intermediate outputs in network order, ending with "penultimate"."""

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.init import kaiming_init
+
 
 class _BasicBlock(nn.Module):
     """Post-activation basic block conv-BN-ReLU-conv-BN (+ shortcut) then ReLU."""
@@ -56,15 +58,8 @@ class ResNet(nn.Module):
             blocks += [_BasicBlock(planes, planes, 1) for _ in range(count - 1)]
             self.add_module(f"block{i}", nn.Sequential(*blocks))
             in_planes = planes
-        self._init_weights()
+        kaiming_init(self)
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """Named intermediate outputs in network order, ending with "penultimate"."""

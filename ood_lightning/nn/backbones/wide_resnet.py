@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.init import kaiming_init
+
 
 class _WideBasicBlock(nn.Module):
     """Pre-activation block BN-ReLU-conv-BN-ReLU-(dropout)-conv plus a shortcut.
@@ -58,7 +60,7 @@ class WideResNet(nn.Module):
         self.block2 = self._make_group(widths[0], widths[1], n, stride=2, dropout=dropout)
         self.block3 = self._make_group(widths[1], widths[2], n, stride=2, dropout=dropout)
         self.bn = nn.BatchNorm2d(widths[2])
-        self._init_weights()
+        kaiming_init(self)
 
     @staticmethod
     def _make_group(in_planes: int, out_planes: int, n: int, stride: int, dropout: float) -> nn.Sequential:
@@ -66,14 +68,6 @@ class WideResNet(nn.Module):
         blocks += [_WideBasicBlock(out_planes, out_planes, 1, dropout) for _ in range(n - 1)]
         return nn.Sequential(*blocks)
 
-    def _init_weights(self) -> None:
-        # He init keeps activations from vanishing in a 28-layer ReLU net trained from scratch.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """Named intermediate outputs in network order, ending with "penultimate"."""
