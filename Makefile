@@ -29,7 +29,7 @@ test-fast: install  ## unit tests only, no end-to-end runs
 lint: install
 	$(BIN)/ruff check ood_lightning tests train.py evaluate.py
 
-bench: install
+bench: install  ## train images/s: plain PyTorch vs Lightning classifier vs DHM (tiny model on CPU); docs/performance.md
 	$(BIN)/python benchmarks/throughput.py $(ARGS)
 
 clean:

@@ -114,6 +114,68 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
+    """The top-level ``channels_last`` and ``compile`` keys, applied to ``model.backbone`` for ``device``.
+
+    - ``channels_last: auto|true|false``: NHWC weights and inputs for conv backbones (tensor
+      cores read NHWC without transposes); ``auto`` = on CUDA only. Inputs are converted by a
+      forward pre-hook on the backbone.
+    - ``compile: false|true|{torch.compile kwargs}``: ``torch.compile`` of the backbone's
+      ``__call__`` (``nn.Module.compile``, so state_dict keys and checkpoints are unchanged).
+      Only the backbone: heads are one matmul, and the residual flow's training log-det
+      (Russian-roulette series length drawn per step, ``autograd.grad`` inside the forward)
+      breaks graphs on every step. Direct calls of ``forward_features`` (the evaluation's
+      feature extraction) stay eager.
+
+    On CPU with the defaults both are no-ops. Returns what was applied (for logs and the benchmark).
+    """
+    backbone = model.backbone
+    applied = {"channels_last": False, "compile": False}
+    choice = cfg.get("channels_last", "auto")
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in backbone.modules())
+    if str(choice).lower() == "auto":
+        choice = device.type == "cuda"
+    if bool(choice) and has_conv:
+        backbone.to(memory_format=torch.channels_last)
+        backbone.register_forward_pre_hook(_channels_last_input)
+        applied["channels_last"] = True
+    options = cfg.get("compile", False)
+    if options:
+        kwargs = {} if options is True else to_dict(options)
+        backbone.compile(**kwargs)
+        applied["compile"] = kwargs or True
+    if any(applied.values()):
+        log.info("backbone speedups on %s: %s", device, applied)
+    return applied
+
+
+def _channels_last_input(module: torch.nn.Module, args: tuple):
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.ndim == 4:
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
+def distributed_world_size() -> int:
+    """Processes in the default process group (1 when none is initialised, e.g. before/without DDP)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def share_rank_zero_state(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's weights and buffers (what rank 0 saved as the checkpoint).
+
+    After DDP training the parameters agree, but buffers need not: each rank's last forward
+    updated its BatchNorm running statistics with its own batch after DDP's buffer broadcast.
+    Distributed evaluation would otherwise score each block with a slightly different model.
+    """
+    dist = torch.distributed
+    state = [{k: v.detach().cpu() for k, v in model.state_dict().items()} if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(state, src=0)
+    if dist.get_rank() != 0:
+        model.load_state_dict(state[0])
+
+
 def _choices() -> dict:
     try:
         return dict(HydraConfig.get().runtime.choices)
@@ -152,18 +214,34 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(to_dict(cfg))
     if cfg.get("ckpt_path"):
         load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
+    apply_speedups(model, cfg, trainer.strategy.root_device)
     if model.trains_backbone:
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    # DDP: every rank scores its block of each split and the outputs are gathered before
+    # detectors and metrics (evaluation.distributed); otherwise rank 0 scores everything
+    distributed = distributed_world_size() > 1 and bool(cfg.evaluation.get("distributed", True))
+    if not trainer.is_global_zero and not distributed:
+        return {}
+    device = resolve_device(cfg.evaluation.device)
+    if distributed:
+        share_rank_zero_state(model)
+        if cfg.evaluation.device == "auto":
+            device = trainer.strategy.root_device  # this rank's GPU
+        log.info("OOD evaluation split over %d ranks (rank %d scores its block of each split on %s)",
+                 distributed_world_size(), torch.distributed.get_rank(), device)
+    ev = score_everything(model, dm, build_detectors(cfg), device, cfg.evaluation.fit_limit,
+                          feature_cache(cfg, model), bool(cfg.evaluation.get("fit_augmented", False)),
+                          distributed=distributed)
     if not trainer.is_global_zero:
         return {}
-    ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),
-                          cfg.evaluation.fit_limit, feature_cache(cfg, model),
-                          bool(cfg.evaluation.get("fit_augmented", False)))
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(ev, cfg.evaluation.tpr, groups)
     choices = _choices()
     meta = {"method": choices.get("method"), "backbone": choices.get("backbone"), "data": cfg.data.name,
             "seed": int(cfg.seed), "lambda": cfg.get("lambda"), "epochs": trainer.current_epoch}
+    after = getattr(model, "after_scoring", None)
+    if after is not None:  # e.g. a VAE: bits/dim, sample/reconstruction grids, ELBO components, latent probe
+        meta.update(after(out_dir, ev.outputs, dm, resolve_device(cfg.evaluation.device)) or {})
     write_results(out_dir, ev, extra=meta)
     log_results(loggers, metrics, out_dir / "plots" / "scores.png", trainer.global_step)
     print_results(metrics)

@@ -3,6 +3,13 @@
 Batches are uint8 tensors indexed in one go (``__getitems__``) and turned into
 normalised floats by :class:`~ood_lightning.data.transforms.Preprocess` after they reach
 the device, so augmentation runs batched on the GPU when there is one.
+
+The trainer's train/val loaders (``data.loader``): ``gpu`` keeps the whole split on the
+trainer's device (:class:`~ood_lightning.data.device_loader.DeviceLoader`: no per-batch
+copy, seeded shuffling, DDP shards); ``cpu`` is a ``DataLoader`` over the in-memory split;
+``auto`` (default) takes ``gpu`` when the trainer runs on CUDA and the split takes at most
+``DEVICE_LOADER_MAX_FRACTION`` of the GPU's memory, else ``cpu``. Evaluation loaders
+(``fit_dataloader``, ``eval_dataloaders``) are always ``DataLoader``s: one pass each.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from ood_lightning.data.device_loader import DeviceLoader
 from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
 from ood_lightning.data.transforms import Preprocess, match_shape
 from ood_lightning.errors import ConfigError
@@ -26,6 +34,9 @@ log = logging.getLogger(__name__)
 
 #: keys of an OOD set's config that the data module reads itself; the rest go to the loader
 _OOD_KEYS = {"dataset", "split", "convert", "limit", "classes", "group"}
+#: data.loader=auto puts a split on the GPU when it takes at most this fraction of its memory
+DEVICE_LOADER_MAX_FRACTION = 0.25
+_LOADERS = ("auto", "gpu", "cpu")
 
 
 class TensorData(Dataset):
@@ -183,11 +194,44 @@ class OODDataModule(L.LightningDataModule):
                           num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+    def _trainer_device(self) -> torch.device | None:
+        trainer = self.trainer
+        return None if trainer is None else trainer.strategy.root_device
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+    def loader_kind(self, data: ArrayData) -> str:
+        """``gpu`` or ``cpu``: what ``data.loader`` resolves to for ``data`` with the attached trainer."""
+        choice = str(self.cfg.get("loader", "auto")).lower()
+        if choice not in _LOADERS:
+            raise ConfigError(f"data.loader={choice!r}: choose one of {', '.join(_LOADERS)}")
+        device = self._trainer_device()
+        if choice != "auto":
+            return choice if device is not None else "cpu"
+        if device is None or device.type != "cuda":
+            return "cpu"
+        size = data.images.nbytes + data.labels.nbytes
+        total = torch.cuda.get_device_properties(device).total_memory
+        return "gpu" if size <= DEVICE_LOADER_MAX_FRACTION * total else "cpu"
+
+    def _trainer_loader(self, data: ArrayData, train: bool) -> DataLoader | DeviceLoader:
+        """The loader the trainer iterates: on its device (``data.loader=gpu``) or a ``DataLoader``."""
+        device = self._trainer_device()
+        if device is not None:  # its mean/std buffers: no host-to-device copy (and sync) per batch
+            self.preprocess.to(device)
+        if self.loader_kind(data) == "cpu":
+            return self._loader(data, train)
+        c, trainer = self.cfg, self.trainer
+        batch_size = int(c["batch_size"] if train else c.get("eval_batch_size", c["batch_size"]))
+        # the run's seed (L.seed_everything sets it on every rank); epochs add to it
+        return DeviceLoader(data.images, data.labels, batch_size, shuffle=train,
+                            drop_last=train and len(data) > batch_size * trainer.world_size,
+                            seed=torch.initial_seed(), device=device, rank=trainer.global_rank,
+                            world_size=trainer.world_size)
+
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._trainer_loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | DeviceLoader:
+        return self._trainer_loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
@@ -198,7 +242,7 @@ class OODDataModule(L.LightningDataModule):
 
     def eval_dataloaders(self) -> dict[str, DataLoader]:
         """Every evaluation split by name: ``id_val``, ``id_test`` and each OOD set."""
-        loaders = {"id_val": self.val_dataloader(), "id_test": self.test_dataloader()}
+        loaders = {"id_val": self._loader(self.val_set, train=False), "id_test": self.test_dataloader()}
         loaders.update({name: self._loader(d, train=False) for name, d in self.ood_sets.items()})
         return loaders
 

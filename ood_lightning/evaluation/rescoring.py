@@ -45,7 +45,11 @@ def rescore(cfg: DictConfig) -> dict:
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(ev, cfg.evaluation.tpr, groups)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    write_results(out_dir, ev, extra={"checkpoint": str(cfg.ckpt_path), "data": data.name})
+    meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name}
+    after = getattr(model, "after_scoring", None)
+    if after is not None:  # methods' own reports (e.g. a VAE's pictures and bits/dim)
+        meta.update(after(out_dir, ev.outputs, dm, resolve_device(cfg.evaluation.device)) or {})
+    write_results(out_dir, ev, extra=meta)
     print_results(metrics)
     log.info("results written to %s", out_dir)
     return metrics

@@ -24,7 +24,7 @@ from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.detectors.base import Detector, Outputs
 from ood_lightning.evaluation import metrics as M
 from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
-from ood_lightning.evaluation.outputs import extract, score_inputs
+from ood_lightning.evaluation.outputs import across_ranks, extract, map_across_ranks, rank_and_world, score_inputs
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +42,36 @@ class Evaluation:
     num_classes: int
     metrics: dict = field(default_factory=dict)
     has_classifier: bool = True
+    #: every split's outputs of the one forward pass (methods' own reports, e.g. a VAE's)
+    outputs: dict[str, Outputs] = field(default_factory=dict, repr=False)
 
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
+                    transient=True, disable=rank_and_world()[0] != 0)
 
 
 def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], device: torch.device | str = "cpu",
                      fit_limit: int | None = None, cache: FeatureCache | None = None,
-                     fit_augmented: bool = False) -> Evaluation:
+                     fit_augmented: bool = False, distributed: bool = False) -> Evaluation:
     """Fit ``detectors`` on ID training data and score ``id_val``, ``id_test`` and every OOD set.
 
     With a ``cache`` (post-hoc runs on a fixed checkpoint) every split's outputs are read
     from disk when a previous run stored them, so the backbone runs at most once per split.
     ``fit_augmented`` fits detectors on features of augmented training images (the
     backbone's own training augmentation), as LDE offers.
+
+    ``distributed=True`` (every rank of an initialised process group calls this, DDP): each
+    rank runs the forward passes (and the method's own per-sample scores) on its block of
+    every split and the results are gathered from all ranks before detectors and metrics, so
+    every rank returns the same full :class:`Evaluation` as one process would.
     """
+    with across_ranks(distributed):
+        return _score_everything(model, dm, detectors, device, fit_limit, cache, fit_augmented)
+
+
+def _score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], device, fit_limit, cache,
+                      fit_augmented) -> Evaluation:
     device = torch.device(device)
     model = model.to(device).eval()
     dm.setup("test")
@@ -88,8 +101,11 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
             del fit_out
             _select_on_id_validation(detectors, model, dm, preprocess, device)
         for split, loader in loaders.items():
+            prepare = getattr(model, "prepare_split", None)
+            if prepare is not None:  # e.g. a VAE re-estimating BatchNorm statistics on this split
+                prepare(split, loader, preprocess, device)
             outs[split] = outputs_of(split, loader, progress)
-            own = model.ood_scores(outs[split]) if hasattr(model, "ood_scores") else {}
+            own = map_across_ranks(model.ood_scores, outs[split]) if hasattr(model, "ood_scores") else {}
             for name, value in own.items():
                 scores.setdefault(name, {})[split] = value.detach().float().cpu()
         for name, det in detectors.items():
@@ -106,7 +122,7 @@ def score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], d
         if getattr(det, "uses_ood_data", False):
             _score_tuned_on_ood(name, det, model, outs, scores, preds)
     return Evaluation(scores, preds, outs["id_test"].labels, dm.num_classes,
-                      has_classifier=getattr(model, "has_classifier", True))
+                      has_classifier=getattr(model, "has_classifier", True), outputs=outs)
 
 
 def _score_tuned_on_ood(name: str, det: Detector, model, outs: dict[str, Outputs], scores: dict, preds: dict,

@@ -16,6 +16,7 @@ OOD score is log p(ĥ) (higher = ID). Choices where the papers are silent:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -55,7 +56,7 @@ class DeepHybridModel(OODMethod):
         h = self.backbone(x)
         logits = self.head(h)
         z, logdet = self.flow(self.density_input(h))
-        log_prior = -0.5 * (z.pow(2).sum(1) + z.shape[1] * torch.log(torch.tensor(2 * torch.pi, device=z.device)))
+        log_prior = -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi))
         nll = -(log_prior + logdet).mean()
         ce = F.cross_entropy(logits, y)
         return {"loss": ce + self.lambda_ * nll, "ce": ce, "nll": nll, "logdet": logdet.mean(),
