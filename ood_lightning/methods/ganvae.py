@@ -1,0 +1,135 @@
+"""``method=ganvae``: the VAE of ``method=vae`` trained adversarially, Soft-IntroVAE style.
+
+Objective implemented: **Soft-IntroVAE** (Daniel & Tamar, CVPR 2021), the soft-exponential
+successor of IntroVAE (Huang et al., NeurIPS 2018). The encoder doubles as the
+discriminator: it is trained to give real inputs a high ELBO and generated inputs - decoded
+prior samples *and reconstructions* of the real batch - a low one, while the decoder is
+trained to make both kinds of fakes look real to the encoder (low KL, reconstructable).
+With s = 1/D (per-dimension scale), ELBO pieces from the configured likelihood
+(``rec`` = its distortion D * max log p - log p(x|z) >= 0, which for the Gaussian is
+||x - x_hat||^2 / 2 sigma^2):
+
+    encoder:  s (b_rec rec(x) + b_kl KL(x))
+              + 1/(2 alpha) sum_{f in {fake, recon}} E exp(-alpha s (b_rec rec(f) + b_neg KL(f)))
+    decoder:  s (b_rec rec(x) + b_kl (KL(fake) + KL(recon)) / 2
+              + gamma_r b_rec (rec(fake) + rec(recon)) / 2)
+
+(alpha = 2 as in the paper's code). Why this one rather than IntroVAE's hinge
+[m - KL(fake)]^+ on the KL alone: the hinge needs a margin m tuned per dataset and makes
+training unstable once fakes pass it, whereas the soft exponential has no threshold, gives a
+smooth gradient everywhere, and its optimum is provably the data distribution (the
+paper's analysis); the encoder still ends up scoring fakes by their (negative) ELBO, which
+is the likelihood-like quantity whose OOD behaviour we study.
+
+Everything else - architecture, likelihoods, IWAE scores, BatchNorm adaptation, ELBO
+components, pictures, probe - is :class:`~ood_lightning.methods.vae.VAE`'s. Two optimisers
+(encoder + posterior head, decoder) built from the same ``optimizer`` config; the first
+``vae_warmup_epochs`` epochs are plain (beta-)VAE training. Note for the BatchNorm study:
+as in the paper's code, the encoder runs in training mode on real, reconstructed and
+generated batches alike, so its BatchNorm running statistics average over all three.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ood_lightning.methods.vae import VAE, gaussian_kl_terms
+
+
+class GANVAE(VAE):
+    """Soft-IntroVAE on the VAE's networks (manual optimisation, two optimisers)."""
+
+    def __init__(self, *args, beta_rec: float = 1.0, beta_kl: float = 1.0, beta_neg: float = 256.0,
+                 gamma_r: float = 1e-8, alpha: float = 2.0, vae_warmup_epochs: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        self.beta_rec, self.beta_kl, self.beta_neg = float(beta_rec), float(beta_kl), float(beta_neg)
+        self.gamma_r, self.alpha = float(gamma_r), float(alpha)
+        self.vae_warmup_epochs = int(vae_warmup_epochs)
+
+    def encoder_parameters(self):
+        return [*self.backbone.parameters(), *self.posterior.parameters()]
+
+    def configure_optimizers(self):
+        opts = [self.optimizer_factory(self.encoder_parameters()), self.optimizer_factory(self.decoder.parameters())]
+        if self.scheduler_factory is None:
+            return opts
+        return opts, [self.scheduler_factory(o) for o in opts]
+
+    def _posterior_sample(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.encode(x)
+        return mu, logvar, self.reparameterize(mu, logvar)
+
+    def _fake_elbo_loss(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(distortion, KL) per input of ``images`` (detached) under the encoder and decoder."""
+        mu, logvar, z = self._posterior_sample(images)
+        return self.likelihood.distortion(self.decode(z), images), gaussian_kl_terms(mu, logvar)["kl"]
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        opt_e, opt_d = self.optimizers()
+        s = 1.0 / self.num_dims
+        if self.current_epoch < self.vae_warmup_epochs:
+            t = self.elbo_terms(x)
+            loss = s * (self.beta_rec * self.likelihood.distortion(t["params"], x) + self.beta_kl * t["kl"]).mean()
+            self.check_finite(loss, {"vae": loss})
+            opt_e.zero_grad()
+            opt_d.zero_grad()
+            self.manual_backward(loss)
+            opt_e.step()
+            opt_d.step()
+            self._log(t, {"train/loss": loss})
+            return
+
+        noise = torch.randn(len(x), self.latent_dim, device=x.device)
+        # ---- encoder: real ELBO up, fake and reconstruction ELBO down (soft exponential)
+        self.toggle_optimizer(opt_e)
+        with torch.no_grad():
+            fake = self.likelihood.mean(self.decode(noise))
+        t = self.elbo_terms(x)
+        rec_real = self.likelihood.distortion(t["params"], x)
+        recon = self.likelihood.mean(t["params"]).detach()
+        exp_elbo = []
+        for images in (recon, fake):
+            rec_f, kl_f = self._fake_elbo_loss(images)
+            exp_elbo.append(torch.exp(-self.alpha * s * (self.beta_rec * rec_f + self.beta_neg * kl_f)).mean())
+        loss_e = s * (self.beta_rec * rec_real + self.beta_kl * t["kl"]).mean() + 0.5 / self.alpha * sum(exp_elbo)
+        self.check_finite(loss_e, {"loss_e": loss_e, "rec": rec_real.mean(), "kl": t["kl"].mean()})
+        opt_e.zero_grad()
+        self.manual_backward(loss_e)
+        opt_e.step()
+        self.untoggle_optimizer(opt_e)
+
+        # ---- decoder: reconstruct the real batch, make fakes and reconstructions look real
+        self.toggle_optimizer(opt_d)
+        fake = self.likelihood.mean(self.decode(noise))
+        params = self.decode(t["z"].detach())
+        rec_real_d = self.likelihood.distortion(params, x)
+        recon = self.likelihood.mean(params)
+        kls, recs = [], []
+        for images in (recon, fake):
+            mu, logvar, z = self._posterior_sample(images)  # gradients reach the decoder through the images
+            kls.append(gaussian_kl_terms(mu, logvar)["kl"])
+            recs.append(self.likelihood.distortion(self.decode(z.detach()), images.detach()))
+        loss_d = s * (self.beta_rec * rec_real_d + self.beta_kl * 0.5 * (kls[0] + kls[1])
+                      + self.gamma_r * self.beta_rec * 0.5 * (recs[0] + recs[1])).mean()
+        self.check_finite(loss_d, {"loss_d": loss_d, "kl_fake": kls[1].mean(), "kl_recon": kls[0].mean()})
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+        self._log(t, {"train/loss_e": loss_e, "train/loss_d": loss_d, "train/kl_fake": kls[1].mean(),
+                      "train/kl_recon": kls[0].mean(), "train/exp_elbo_fake": exp_elbo[1],
+                      "train/kl_diff": kls[1].mean() - t["kl"].mean()})
+
+    def _log(self, t: dict, extra: dict) -> None:
+        self.log_dict({"train/bpd": self.bits_per_dim(t["elbo"]).mean().detach(), "train/kl": t["kl"].mean().detach(),
+                       **{k: v.detach() for k, v in extra.items()}},
+                      prog_bar=True, on_step=False, on_epoch=True, batch_size=len(t["elbo"]))
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        for sched in schedulers if isinstance(schedulers, list) else ([schedulers] if schedulers else []):
+            sched.step()
+

@@ -1,0 +1,290 @@
+"""method=vae / method=ganvae: the IWAE bound against a closed-form marginal likelihood,
+the decoder likelihoods, BatchNorm-statistics adaptation, ELBO components, a few training
+steps, the pictures and latent probe, and one end-to-end run of train()."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ood_lightning.analysis.bn_adaptation import batch_norms, batch_statistics, bn_state, reestimate_bn_stats
+from ood_lightning.analysis.latent_probe import fit_latent_probe, walk_along_normal
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.evaluation.outputs import extract
+from ood_lightning.methods.ganvae import GANVAE
+from ood_lightning.methods.vae import VAE, gaussian_kl_terms, iwae_bound, iwae_log_weights
+from ood_lightning.nn.dcgan import DCGANDecoder, DCGANEncoder
+from ood_lightning.nn.likelihoods import Categorical256, DiscretizedLogistic, GaussianFixedVariance, to_bins
+from ood_lightning.training import train
+from tests.conftest import compose_cfg
+
+torch.set_num_threads(1)
+
+
+def tiny_vae(cls=VAE, likelihood="gaussian", size=9, channels=1, **kwargs) -> VAE:
+    enc = DCGANEncoder(in_channels=channels, image_size=size, widths=(8, 16))
+    opt = lambda params: torch.optim.Adam(params, lr=2e-3)  # noqa: E731
+    return cls(enc, num_classes=2, optimizer=opt, latent_dim=4, likelihood=likelihood, iwae_samples=(1, 5, 20),
+               decode_batch=256, **kwargs)
+
+
+def toy_images(n=256, size=9, seed=0, shift=0.0) -> torch.Tensor:
+    """Smooth blobs in [0, 1] (1 channel); ``shift`` brightens them (a covariate shift)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    c = torch.rand(n, 2, generator=g) * (size - 1)
+    d2 = (yy[None] - c[:, 0, None, None]) ** 2 + (xx[None] - c[:, 1, None, None]) ** 2
+    return (torch.exp(-d2 / 6.0) * 0.8 + shift).clamp(0, 1).unsqueeze(1)
+
+
+# -- the IWAE bound ------------------------------------------------------------------------------------
+def test_iwae_approaches_closed_form_marginal_of_linear_gaussian_and_grows_with_k():
+    """p(z) = N(0, I), p(x|z) = N(Wz + b, s2 I) has p(x) = N(b, W W^T + s2 I). With a
+    deliberately poor diagonal q, E[IWAE_K] increases with K towards log p(x)."""
+    torch.manual_seed(0)
+    d, D, s2 = 2, 3, 0.3
+    W, b = torch.randn(D, d, dtype=torch.float64), torch.randn(D, dtype=torch.float64)
+    marginal = torch.distributions.MultivariateNormal(b, W @ W.T + s2 * torch.eye(D, dtype=torch.float64))
+    x = marginal.sample((200,))
+    log_px_true = marginal.log_prob(x)
+    post_cov = torch.linalg.inv(torch.eye(d, dtype=torch.float64) + W.T @ W / s2)
+    post_mu = (x - b) @ W @ post_cov.T / s2
+    mu = post_mu + 0.3  # biased mean and an inflated diagonal variance: a poor but valid q
+    logvar = torch.log(1.5 * torch.diagonal(post_cov)).expand_as(mu)
+
+    def log_px_given_z(z, xs):
+        return torch.distributions.Normal(z @ W.T + b, math.sqrt(s2)).log_prob(xs).sum(-1)
+
+    bounds = {}
+    for k in (1, 5, 50, 2000):
+        reps = [iwae_bound(iwae_log_weights(x, mu, logvar, log_px_given_z, k, max_batch=20_000)[0]) for _ in range(5)]
+        bounds[k] = float(torch.stack(reps).mean() - log_px_true.mean())  # gap to the truth, averaged
+    assert bounds[1] < bounds[5] < bounds[50] <= bounds[2000] + 1e-3, bounds
+    assert bounds[1] < -0.05  # the poor q has a visible ELBO gap ...
+    assert abs(bounds[2000]) < 0.01, bounds  # ... that IWAE closes
+    # the chunked evaluation (few latents per decoder pass) is the same estimator
+    torch.manual_seed(1)
+    full = iwae_log_weights(x, mu, logvar, log_px_given_z, 7, max_batch=10_000)[0]
+    torch.manual_seed(1)
+    chunked = iwae_log_weights(x, mu, logvar, log_px_given_z, 7, max_batch=200)[0]
+    assert chunked.shape == full.shape == (7, 200) and torch.isfinite(chunked).all()
+
+
+# -- the likelihoods -------------------------------------------------------------------------------------
+def test_discrete_likelihoods_are_normalised_and_bins_are_recovered():
+    k = torch.arange(256)
+    assert torch.equal(to_bins(k / 255.0), k) and torch.equal(to_bins((k + 0.999) / 256.0), k)
+    x = (k.float() / 255.0).view(256, 1, 1, 1)
+    torch.manual_seed(0)
+    logistic = torch.randn(1, 2, 1, 1).expand(256, 2, 1, 1)
+    categorical = torch.randn(1, 256, 1, 1).expand(256, 256, 1, 1)
+    for lik, params in ((DiscretizedLogistic(), logistic), (Categorical256(), categorical)):
+        total = torch.logsumexp(lik.log_prob(params, x), 0)
+        assert total.item() == pytest.approx(0.0, abs=1e-4), type(lik).__name__
+        assert lik.mean(params[:1]).shape == (1, 1, 1, 1) and 0 <= lik.sample(params[:1]).min() <= 1
+    gauss = GaussianFixedVariance(0.1)
+    params, xg = torch.randn(4, 3, 5, 5), torch.rand(4, 3, 5, 5)
+    ref = torch.distributions.Normal(torch.sigmoid(params), math.sqrt(0.1)).log_prob(xg).flatten(1).sum(1)
+    assert torch.allclose(gauss.log_prob(params, xg), ref - 75 * math.log(256), atol=1e-3)
+    assert torch.all(gauss.distortion(params, xg) >= 0)
+
+
+def test_dcgan_networks_handle_any_square_size():
+    for size, channels in ((9, 1), (28, 1), (32, 3)):
+        enc = DCGANEncoder(channels, size, widths=(8, 16, 32))
+        dec = DCGANDecoder.mirror(enc, latent_dim=5, out_channels=channels * 2)
+        feats = enc.forward_features(torch.rand(2, channels, size, size))
+        assert feats["penultimate"].shape == (2, enc.feature_dim)
+        assert dec(torch.randn(2, 5)).shape == (2, channels * 2, size, size)
+
+
+# -- BatchNorm adaptation --------------------------------------------------------------------------------
+def test_bn_reestimation_changes_running_stats_only():
+    torch.manual_seed(0)
+    vae = tiny_vae().eval()
+    weights = {k: v.clone() for k, v in vae.named_parameters()}
+    bns = batch_norms(vae.backbone)
+    before = bn_state(bns)
+    shifted = toy_images(192, shift=0.4)
+    n = reestimate_bn_stats(bns, shifted.split(64), vae.backbone)
+    assert n == 3 and all(not bn.training for bn in bns) and all(bn.momentum == 0.1 for bn in bns)
+    assert not torch.allclose(before[0]["running_mean"], bns[0].running_mean)
+    for name, w in vae.named_parameters():
+        assert torch.equal(w, weights[name]), name
+    # equal-weight average of the per-batch statistics: one BatchNorm on known data
+    bn = torch.nn.BatchNorm1d(2)
+    data = torch.randn(300, 2) * 3 + 5
+    reestimate_bn_stats([bn], data.split(100), bn)
+    assert torch.allclose(bn.running_mean, data.mean(0), atol=1e-5)
+
+
+def test_batch_statistics_changes_scores_and_restores_the_model():
+    torch.manual_seed(0)
+    vae = tiny_vae(adapt_bn="encoder").eval()
+    x = toy_images(64, shift=0.3)
+    bns = batch_norms(vae.backbone)
+    before = bn_state(bns)
+    mu_plain = vae.encode(x)[0]
+    with batch_statistics(bns):
+        mu_adapted = vae.encode(x)[0]
+    assert not torch.allclose(mu_plain, mu_adapted)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, bn_state(bns)) for k in a)
+    assert all(not bn.training for bn in bns)
+    scores = vae.input_scores(x)
+    assert {"iwae_k20", "iwae_k20_bn_encoder", "elbo_bn_encoder"} <= set(scores)
+    assert not torch.allclose(scores["elbo"], scores["elbo_bn_encoder"])
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, bn_state(bns)) for k in a)
+
+
+def test_stream_statistics_through_prepare_split():
+    torch.manual_seed(0)
+    vae = tiny_vae(adapt_bn="both", bn_stats="stream").eval()
+    x = toy_images(128, shift=0.3)
+    bns = batch_norms(vae.backbone, vae.decoder)
+    before = bn_state(bns)
+    with pytest.raises(Exception, match="prepare_split"):
+        vae.input_scores(x)
+    loader = DataLoader(TensorDataset(x, torch.zeros(128)), batch_size=32)
+    vae.prepare_split("shifted", loader, lambda t: t, "cpu")
+    scores = vae.input_scores(x[:16])
+    assert torch.isfinite(scores["iwae_k5_bn_both"]).all()
+    assert not torch.allclose(scores["elbo"], scores["elbo_bn_both"])
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, bn_state(bns)) for k in a)
+
+
+# -- ELBO components ---------------------------------------------------------------------------------------
+def test_components_sum_to_the_elbo_and_bounds_order():
+    torch.manual_seed(0)
+    vae = tiny_vae(likelihood="logistic").eval()
+    x = toy_images(32)
+    e = vae.input_scores(x)
+    kl = 0.5 * (e["mu_sq"] + e["var_m1_sum"] - e["logvar_sum"])
+    assert torch.allclose(e["elbo"], e["rec"] - kl, atol=1e-4)
+    mu, logvar = vae.encode(x)
+    kl_ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu, torch.exp(0.5 * logvar)),
+                                               torch.distributions.Normal(0.0, 1.0)).sum(1)
+    assert torch.allclose(gaussian_kl_terms(mu, logvar)["kl"], kl_ref, atol=1e-4)
+
+    class Out:
+        extra = e
+
+    s = vae.ood_scores(Out())
+    parts = s["elbo_rec"] + s["elbo_mu"] + s["elbo_logvar"] + s["elbo_var"]
+    assert torch.allclose(parts, s["elbo"], atol=1e-5)
+    assert torch.allclose(s["elbo"], -vae.bits_per_dim(e["elbo"]))
+    for suffix in ("", "_bn_encoder"):
+        parts = sum(s[f"elbo_{c}{suffix}"] for c in ("rec", "mu", "logvar", "var"))
+        assert torch.allclose(parts, s[f"elbo{suffix}"], atol=1e-5)
+    # IWAE with more samples is (on average) the tighter bound
+    assert e["iwae_k20"].mean() >= e["elbo"].mean()
+
+
+# -- training ---------------------------------------------------------------------------------------------
+def _fit(model, steps=25, n=256):
+    x = toy_images(n)
+    loader = DataLoader(TensorDataset(x, torch.zeros(n, dtype=torch.long)), batch_size=32, shuffle=True)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, loader)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "logistic", "categorical"])
+def test_tiny_vae_trains_a_few_steps_with_finite_bpd(likelihood):
+    torch.manual_seed(0)
+    model = tiny_vae(likelihood=likelihood)
+    x = toy_images(64)
+    with torch.no_grad():
+        before = model.eval().input_scores(x)["elbo"].mean()
+    model, _ = _fit(model.train())
+    with torch.no_grad():
+        scores = model.input_scores(x)
+    bpd = model.bits_per_dim(scores["iwae_k20"])
+    assert torch.isfinite(bpd).all() and (bpd > 0).all()
+    assert scores["elbo"].mean() > before  # training improved the ELBO
+
+
+def test_ganvae_trains_a_few_steps_with_finite_bpd():
+    torch.manual_seed(0)
+    model, x = _fit(tiny_vae(GANVAE, beta_neg=16.0), steps=12)
+    with torch.no_grad():
+        bpd = model.bits_per_dim(model.input_scores(x[:32])["iwae_k5"])
+    assert torch.isfinite(bpd).all()
+
+
+# -- pictures and the latent probe ----------------------------------------------------------------------
+def test_latent_probe_separates_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(300, 6))
+    b[:, 2] += 4.0
+    p = fit_latent_probe(a, b, max_per_set=None)
+    assert p.positive_accuracy > 0.95 and p.negative_accuracy > 0.95 and p.n_test == 300
+    assert abs(abs(p.normal[2]) - 1) < 0.1 and p.distances_id.mean() > 0 > p.distances_ood.mean()
+    walk = walk_along_normal(a[:2], p, np.array([-1.0, 0.0, 2.0]))
+    assert np.allclose(p.distance(walk.reshape(-1, 6)).reshape(2, 3), [[-1, 0, 2]] * 2, atol=1e-6)
+
+
+def test_after_scoring_writes_pictures_probe_and_bits_per_dim(tmp_path):
+    torch.manual_seed(0)
+    dm = OODDataModule({"name": "stripes", "root": ".", "n_train": 300, "n_test": 200, "val_size": 50,
+                        "batch_size": 64, "channels": 1},
+                       {"diagonal": {"dataset": "diagonal_stripes", "n": 200, "seed": 7}})
+    dm.setup("test")
+    model = tiny_vae().eval()
+    outs = {split: extract(model, loader, dm.preprocess, torch.device("cpu"))
+            for split, loader in dm.eval_dataloaders().items()}
+    summary = model.after_scoring(tmp_path, outs, dm)["generative"]
+    for name in ("samples", "reconstructions", "elbo_components", "elbo_components_bn_encoder", "latent_probe",
+                 "latent_walk_diagonal"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 2000, name
+    written = json.loads((tmp_path / "generative.json").read_text())
+    assert written == summary
+    assert set(summary["bits_per_dim"]) == {"id_val", "id_test", "diagonal"}
+    assert summary["bits_per_dim"]["id_test"]["iwae_k20"] > 0
+    assert 0 <= summary["latent_probe"]["diagonal"]["positive_accuracy"] <= 1
+
+
+# -- end to end -------------------------------------------------------------------------------------------
+VAE_TINY = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone.widths=[8,16]", "backbone.image_size=9",
+            "method.latent_dim=4", "method.iwae_samples=[2,8]", "trainer=cpu", "debug=fast", "logger=csv",
+            "data.n_train=600", "data.n_test=200", "data.val_size=100", "ood.diagonal.n=200"]
+
+
+@pytest.mark.parametrize("overrides", [["method=vae"],
+                                       ["experiment=vae_cifar10", "method=ganvae", "method.likelihood=categorical"],
+                                       ["experiment=vae_mnist", "method.likelihood=logistic"]])
+def test_configs_build_the_model_on_unnormalised_dequantised_data(overrides, tmp_path):
+    from ood_lightning.training import build_model
+
+    cfg = compose_cfg("train", overrides, tmp_path)
+    assert cfg.data.mean is None and cfg.data.std is None and cfg.data.dequantize and cfg.data.augment.crop_padding == 0
+    assert not cfg.get("detectors")
+    model = build_model(cfg, num_classes=10)
+    assert isinstance(model, GANVAE if "method=ganvae" in overrides else VAE) and model.latent_dim == 128
+    assert model.image_shape == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    assert ("early_stopping" in cfg.callbacks) == ("method=ganvae" not in overrides)
+
+
+@pytest.mark.slow
+def test_train_vae_end_to_end_writes_iwae_scores(tmp_path):
+    metrics = train(compose_cfg("train", [*VAE_TINY, "trainer.max_epochs=2"], tmp_path))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["method"] == "vae" and written["accuracy"] is None
+    for det in ("iwae_k2", "iwae_k8", "elbo", "iwae_k8_bn_encoder", "elbo_rec", "elbo_mu", "elbo_logvar", "elbo_var"):
+        assert 0 <= written["results"][det]["diagonal"]["auroc"] <= 1, det
+        assert "macro_f1" not in written["results"][det]["diagonal"]
+    assert metrics["results"] == written["results"]
+    scores = np.load(tmp_path / "scores.npz")
+    assert len(scores["iwae_k8/id_test"]) == 200 and np.isfinite(scores["iwae_k8/diagonal"]).all()
+    parts = sum(scores[f"elbo_{c}/diagonal"] for c in ("rec", "mu", "logvar", "var"))
+    assert np.allclose(parts, scores["elbo/diagonal"], atol=1e-4)
+    assert (tmp_path / "checkpoints" / "best.ckpt").exists() and (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert written["generative"]["bits_per_dim"]["id_test"]["iwae_k8"] > 0 and "diagonal" in written["generative"]["latent_probe"]
+    for name in ("samples", "reconstructions", "elbo_components", "latent_probe", "latent_walk_diagonal"):
+        assert (tmp_path / "plots" / f"{name}.png").exists(), name
