@@ -67,7 +67,7 @@ def load_pretrained(model, path: str | Path) -> None:
     backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") or not has_prefix}
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
     _load_strict(model.backbone, backbone_state, path, "backbone")
-    if head_state:
+    if head_state and getattr(model, "loads_classifier_head", True):
         _load_strict(model.head, head_state, path, "classifier head")
     elif not model.trains_backbone:
         log.warning("%s has no classifier head: logit-based detectors (MSP, ODIN, Energy) see an untrained head", path)

@@ -228,7 +228,16 @@ class OODDataModule(L.LightningDataModule):
                             world_size=trainer.world_size)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
-        return self._trainer_loader(self.train_set, train=True)
+        """Shuffled batches, or the method's own batch sampler (``train_batch_sampler(labels)``, e.g.
+        VMDLS's B_C classes x B_N examples)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        make_sampler = getattr(model, "train_batch_sampler", None)
+        if make_sampler is None:
+            return self._trainer_loader(self.train_set, train=True)
+        workers = int(self.cfg.get("num_workers", 0))
+        return DataLoader(TensorData(self.train_set), batch_sampler=make_sampler(self.train_set.labels),
+                          collate_fn=_keep_batch, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader | DeviceLoader:
         return self._trainer_loader(self.val_set, train=False)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ood_lightning.data import synthetic
+from ood_lightning.data.noisy import additive_noise
 from ood_lightning.data.packs import load_pack
 from ood_lightning.errors import ConfigError, DatasetNotFoundError
 
@@ -161,6 +162,7 @@ DATASETS: dict[str, Callable[..., ArrayData]] = {
     "places365": _image_folder("places365", "places365"),
     "imagefolder": _image_folder("imagefolder", "imagefolder"),
     **{name: _synthetic(name) for name in synthetic.SYNTHETIC},
+    "additive_noise": additive_noise,  # a registered set plus noise, e.g. VMDLS's "MNIST-noise"
 }
 
 

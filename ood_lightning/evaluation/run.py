@@ -91,6 +91,7 @@ def _score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], 
 
     with _progress() as progress:
         outs: dict[str, Outputs] = {}
+        own_preds: dict[str, Tensor] = {}
         fit_own = getattr(model, "fit_ood_scores", None)  # e.g. VMDLS's class Gaussians
         if detectors or fit_own is not None:
             fit_out = outputs_of("id_train", dm.fit_dataloader(fit_limit), progress, fit_limit, fit_augmented)
@@ -108,6 +109,9 @@ def _score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], 
             own = map_across_ranks(model.ood_scores, outs[split]) if hasattr(model, "ood_scores") else {}
             for name, value in own.items():
                 scores.setdefault(name, {})[split] = value.detach().float().cpu()
+            if hasattr(model, "ood_predictions"):  # a method's own class prediction per score (VMDLS)
+                for name, value in model.ood_predictions(outs[split]).items():
+                    own_preds[f"{split}|{name}"] = value.cpu()
         for name, det in detectors.items():
             if getattr(det, "uses_ood_data", False):
                 continue
@@ -118,6 +122,7 @@ def _score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], 
                     value = det.score(model, outs[split])
                 scores.setdefault(name, {})[split] = value.detach().float().cpu()
     preds = {split: o.logits.argmax(1) for split, o in outs.items()}
+    preds.update(own_preds)
     for name, det in detectors.items():
         if getattr(det, "uses_ood_data", False):
             _score_tuned_on_ood(name, det, model, outs, scores, preds)
@@ -172,7 +177,8 @@ def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | 
             ood_preds = ev.preds.get(f"{ood}|{det}", ev.preds[ood])
             m = M.ood_metrics(id_test.numpy(), by_split[ood].numpy())
             if ev.has_classifier:
-                m["macro_f1"] = M.open_set_macro_f1(ev.preds["id_test"].numpy(), ev.id_test_labels.numpy(),
+                m["macro_f1"] = M.open_set_macro_f1(ev.preds.get(f"id_test|{det}", ev.preds["id_test"]).numpy(),
+                                                    ev.id_test_labels.numpy(),
                                                     id_test.numpy(), ood_preds.numpy(),
                                                     by_split[ood].numpy(), threshold, ev.num_classes)
             rows[ood] = m

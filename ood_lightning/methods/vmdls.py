@@ -1,0 +1,466 @@
+"""``method=vmdls``: Variational Metric Deep Latent Space (VMDLS) for OOD detection and open-set recognition.
+
+**Model.** A backbone g(x) feeds a stochastic head: μ(g) and log σ²(g) (linear, d = 32 by
+default) and z = μ + σ·ε. Every training batch holds B_C classes × B_N examples
+(:class:`~ood_lightning.data.class_batch_sampler.ClassBatchSampler`). On the sampled z,
+averaged over every valid (anchor a, positive p, negative n) triplet of the batch:
+
+* triplet  L_t = max(0, ‖z_a − z_p‖² − ‖z_a − z_n‖² + M_t), M_t = 0.1;
+* distancing  L_d = max(0, M_d − ‖z_a − z_n‖²), M_d = d by default;
+* KL  L_KL = KL(N(μ, σ²I) ‖ N(m(y), s²I)), s² = 0.1, averaged over the batch, where m(c) is
+  the mean of class c's z over the *previous* epoch.
+
+The paper writes the objective as −L_KL + L_t + L_d, with L_KL the (negative) KL term of an
+evidence lower bound. What is minimised here is the divergence itself:
+
+    loss = kl_weight · KL + triplet_weight · L_t + distance_weight · L_d
+
+(the authors' code also adds the KL with a + sign). **Epoch 0** has no previous-epoch class
+means: until a class has one, its KL target is the running mean of its z over the current
+epoch so far, this batch included (detached). Without a KL in epoch 0 the distancing term is
+met by inflating σ (noise alone makes ‖z_a − z_n‖² ≈ 2dσ²) instead of separating the classes,
+which we measured on MNIST; the log-variance bias starts at log s² for the same reason.
+``kl_start_epoch`` > 0 switches the KL off before that epoch (the authors' code zero-initialises
+the means, keeps the KL off for its first 20 epochs and weighs its per-dimension mean by 0.1,
+i.e. ``kl_weight`` = 0.1 / d here).
+
+**Classifier.** ``classify`` returns −‖μ − m_c‖² / (2s²): the log-density of the KL prior
+N(m_c, s²I) up to a constant, i.e. nearest class mean in the latent space, so MSP / Energy /
+ODIN apply. The paper has no cross-entropy head.
+
+**After training** (:meth:`fit_ood_scores`, one pass over the ID training set without
+augmentation) one anisotropic Gaussian per class is fitted on the feature ensemble
+t = (t¹, t², t³, g, μ): average-pooled outputs of blocks 1-3, the penultimate features and the
+head mean μ = μ(g), concatenated (one joint Gaussian, as in the authors' code; ``joint: false``
+sums per-feature Gaussians instead). Covariances are shrunk towards their diagonal so that dead
+units do not make them singular. Scores, higher = ID:
+
+* ``vmdls_b`` = ℓ(t) = max_c log N(t; μ_c, Σ_c);
+* ``vmdls`` = ℓ − (w − 1) · max(M − ℓ, 0), with w = ‖t¹(x) − t¹(x̂)‖² / mean over ID training data,
+  x̂ the reconstruction of x by a plain convolutional autoencoder, and M = max ℓ over ID training
+  data + ``reference_margin``. For ℓ ≤ M this is M + w·(ℓ − M), which ranks exactly as the
+  authors' (ℓ − M)·w: the log-likelihood gap to the reference is stretched by the reconstruction
+  error. With w ≡ 1 (``autoencoder: null``) VMDLS equals VMDLS_b.
+
+**Autoencoder.** A separate component (``method.autoencoder``), trained in the same run on the
+same (preprocessed) batches with an ℓ2 loss and its own optimiser; its parameters are disjoint
+from the model's and its input carries no gradient, so it does not affect the latent space.
+w is computed per input during the evaluation pass (:meth:`input_scores`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ood_lightning.data.class_batch_sampler import ClassBatchSampler
+from ood_lightning.detectors.base import Outputs, pool
+from ood_lightning.errors import ConfigError
+from ood_lightning.methods.base import OODMethod
+
+#: short names of ensemble members, for the feature-ablation scores
+_SHORT = {"mu": "mu", "penultimate": "g", "block1": "t1", "block2": "t2", "block3": "t3", "block4": "t4"}
+
+
+# ---------------------------------------------------------------------------------- losses
+def triplet_losses(z: Tensor, y: Tensor, triplet_margin: float, distance_margin: float) -> tuple[Tensor, Tensor]:
+    """(L_t, L_d) averaged over every valid triplet (a, p, n): y_a = y_p, a ≠ p, y_n ≠ y_a.
+
+    Squared Euclidean distances. Vectorised over (positive pair) × (candidate negative), an
+    [P, B] tensor with P = number of ordered positive pairs, never [B, B, B]. Zero (with a
+    graph) when the batch has no valid triplet.
+    """
+    d = (z[:, None, :] - z[None, :, :]).pow(2).sum(-1)  # [B, B]
+    same = y[:, None] == y[None, :]
+    neg = ~same
+    pos = same & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    a, p = pos.nonzero(as_tuple=True)  # [P]
+    valid = neg[a]  # [P, B]: negatives of each pair's anchor
+    count = valid.sum()
+    if count == 0:
+        zero = z.sum() * 0.0
+        return zero, zero
+    d_an = d[a]  # [P, B]
+    l_t = torch.where(valid, F.relu(d[a, p][:, None] - d_an + triplet_margin), 0.0).sum() / count
+    l_d = torch.where(valid, F.relu(distance_margin - d_an), 0.0).sum() / count
+    return l_t, l_d
+
+
+def class_kl(mu: Tensor, logvar: Tensor, means: Tensor, prior_var: float) -> Tensor:
+    """Mean over the batch of KL(N(μ, diag σ²) ‖ N(m, s²I)), summed over latent dimensions.
+
+    ``means`` holds each sample's target m(y_i) ([B, d]).
+    """
+    log_ratio = torch.log(torch.as_tensor(prior_var, dtype=mu.dtype, device=mu.device)) - logvar
+    per_dim = 0.5 * (log_ratio + (logvar.exp() + (mu - means).pow(2)) / prior_var - 1.0)
+    return per_dim.sum(1).mean()
+
+
+def reconstruction_weighted(loglik: Tensor, w: Tensor, reference: float | Tensor) -> Tensor:
+    """VMDLS = ℓ − (w − 1)·max(M − ℓ, 0): M + w·(ℓ − M) below the reference M, ℓ above it.
+
+    Increasing in ℓ for any w > 0, decreasing in w below M, and exactly ℓ when w ≡ 1.
+    """
+    return loglik - (w.to(loglik.dtype) - 1.0) * F.relu(reference - loglik)
+
+
+# ---------------------------------------------------------------------------------- modules
+class StochasticHead(nn.Module):
+    """μ(g) and log σ²(g): two linear maps from the backbone features to the latent space."""
+
+    def __init__(self, in_features: int, latent_dim: int, initial_var: float = 1.0) -> None:
+        super().__init__()
+        self.mu = nn.Linear(in_features, latent_dim)
+        self.logvar = nn.Linear(in_features, latent_dim)
+        nn.init.constant_(self.logvar.bias, math.log(initial_var))  # σ² starts near initial_var
+
+    def forward(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mu(g), self.logvar(g)
+
+    @staticmethod
+    def sample(mu: Tensor, logvar: Tensor) -> Tensor:
+        """z = μ + σ·ε, ε ~ N(0, I) (reparameterised)."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+class NearestClassMean(nn.Module):
+    """Logits −‖μ − m_c‖² / (2s²) from the class means of the latent space (buffers, checkpointed)."""
+
+    def __init__(self, num_classes: int, latent_dim: int, prior_var: float) -> None:
+        super().__init__()
+        self.prior_var = float(prior_var)
+        self.register_buffer("means", torch.zeros(num_classes, latent_dim))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool))
+
+    def forward(self, mu: Tensor) -> Tensor:
+        return -torch.cdist(mu, self.means.to(mu.dtype)).pow(2) / (2 * self.prior_var)
+
+
+class ConvAutoencoder(nn.Module):
+    """A plain convolutional autoencoder: two stride-2 convolutions down, a 1×1 channel bottleneck,
+    two transposed convolutions up (to the input size, odd sizes included); linear output in
+    the normalised input space."""
+
+    def __init__(self, in_channels: int = 1, widths: Sequence[int] = (32, 64), bottleneck: int = 8) -> None:
+        super().__init__()
+        w1, w2 = (int(w) for w in widths)
+        self.down1 = nn.Conv2d(in_channels, w1, 3, stride=2, padding=1)
+        self.down2 = nn.Conv2d(w1, w2, 3, stride=2, padding=1)
+        self.squeeze = nn.Conv2d(w2, int(bottleneck), 1)
+        self.expand = nn.Conv2d(int(bottleneck), w2, 1)
+        self.up2 = nn.ConvTranspose2d(w2, w1, 3, stride=2, padding=1)
+        self.up1 = nn.ConvTranspose2d(w1, in_channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h1 = F.relu(self.down1(x))
+        code = self.squeeze(F.relu(self.down2(h1)))
+        h = F.relu(self.up2(F.relu(self.expand(code)), output_size=h1.shape[-2:]))
+        return self.up1(h, output_size=x.shape[-2:])
+
+
+# ---------------------------------------------------------------------------------- Gaussians
+class ClassGaussians:
+    """One full-covariance Gaussian per class, in float64.
+
+    Σ_c ← (1 − s)·Σ_c + s·diag(Σ_c) (``shrinkage`` s, towards the diagonal so that features of
+    different scale keep theirs), plus a floor of 1e-6·tr(Σ_c)/D on the diagonal, so that
+    singular covariances (dead units, few samples) do not crash; the floor is raised tenfold
+    until the Cholesky factorisation succeeds.
+    """
+
+    def __init__(self, shrinkage: float = 0.01) -> None:
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ConfigError(f"VMDLS shrinkage must be in [0, 1], got {shrinkage}")
+        self.shrinkage = float(shrinkage)
+        self.classes: Tensor | None = None
+        self.means: Tensor | None = None
+        self.scale_tril: Tensor | None = None
+        self.log_norm: Tensor | None = None
+
+    def fit(self, x: Tensor, labels: Tensor) -> ClassGaussians:
+        x = x.to(torch.float64)
+        self.classes, inverse = torch.unique(labels.to(x.device), return_inverse=True)
+        d = x.shape[1]
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        means, trils = [], []
+        for c in range(len(self.classes)):  # one covariance per class: a loop over classes only
+            xc = x[inverse == c]
+            mean = xc.mean(0)
+            centred = xc - mean
+            cov = centred.T @ centred / len(xc)
+            cov = (1 - self.shrinkage) * cov + self.shrinkage * torch.diag(cov.diagonal())
+            floor = 1e-6 * max(float(cov.diagonal().mean()), 1e-12)
+            for _ in range(12):
+                tril, info = torch.linalg.cholesky_ex(cov + floor * eye)
+                if int(info) == 0:
+                    break
+                floor *= 10
+            else:
+                raise RuntimeError(f"VMDLS: the covariance of class {int(self.classes[c])} is not positive definite")
+            means.append(mean)
+            trils.append(tril)
+        self.means = torch.stack(means)
+        self.scale_tril = torch.stack(trils)
+        logdet = 2 * self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        self.log_norm = -0.5 * (d * torch.log(torch.tensor(2 * torch.pi, dtype=x.dtype)) + logdet)
+        return self
+
+    def log_likelihood(self, x: Tensor, max_elements: int = 1 << 24) -> Tensor:
+        """log N(x; μ_c, Σ_c) for every row and class: [N, C]."""
+        if self.means is None:
+            raise RuntimeError("ClassGaussians.log_likelihood called before fit")
+        x = x.to(self.means.device, torch.float64)
+        num_classes, d = self.means.shape
+        chunk = max(1, max_elements // (num_classes * d))
+        out = []
+        for rows in x.split(chunk):
+            diff = (rows[None, :, :] - self.means[:, None, :]).transpose(1, 2)  # [C, D, n]
+            white = torch.linalg.solve_triangular(self.scale_tril, diff, upper=False)
+            out.append((self.log_norm[:, None] - 0.5 * white.pow(2).sum(1)).T)
+        return torch.cat(out) if out else x.new_zeros(0, num_classes)
+
+
+# ---------------------------------------------------------------------------------- the method
+class VMDLS(OODMethod):
+    """Backbone + stochastic head trained with triplet, distancing and class-conditioned KL losses.
+
+    See the module docstring for the model, losses, scores and the choices made. Optimisation
+    is manual because the autoencoder has its own optimiser: one backward pass through the
+    (disjoint) graphs, then one step of each optimiser; the main scheduler steps per epoch.
+    """
+
+    #: the classifier head of a ``method=classifier`` checkpoint does not fit this head
+    loads_classifier_head = False
+
+    def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None,
+                 scheduler: Callable[..., Any] | None = None, *, latent_dim: int = 32, triplet_margin: float = 0.1,
+                 distance_margin: float | None = None, prior_var: float = 0.1, kl_start_epoch: int = 0,
+                 triplet_weight: float = 1.0, distance_weight: float = 1.0, kl_weight: float = 1.0,
+                 classes_per_batch: int = 10, samples_per_class: int = 40, batches_per_epoch: int | None = None,
+                 sampler_seed: int = 0, layers: Sequence[str] = ("block1", "block2", "block3", "penultimate", "mu"),
+                 joint: bool = True, shrinkage: float = 0.01, reference_margin: float = 1.0,
+                 ensemble_ablation: bool = False, autoencoder: nn.Module | None = None,
+                 autoencoder_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 reconstruction_layer: str = "block1") -> None:
+        super().__init__(backbone, num_classes, optimizer, scheduler)
+        if prior_var <= 0:
+            raise ConfigError(f"method.prior_var must be > 0, got {prior_var}")
+        if autoencoder is not None and autoencoder_optimizer is None:
+            raise ConfigError("method.autoencoder is set but method.autoencoder_optimizer is null")
+        self.automatic_optimization = False
+        self.latent_dim = int(latent_dim)
+        self.latent = StochasticHead(backbone.feature_dim, self.latent_dim, prior_var)
+        self.head = NearestClassMean(num_classes, self.latent_dim, prior_var)
+        self.autoencoder = autoencoder
+        self.autoencoder_optimizer_factory = autoencoder_optimizer
+        self.triplet_margin = float(triplet_margin)
+        self.distance_margin = float(self.latent_dim if distance_margin is None else distance_margin)
+        self.prior_var = float(prior_var)
+        self.kl_start_epoch = int(kl_start_epoch)
+        self.weights = {"triplet": float(triplet_weight), "distance": float(distance_weight), "kl": float(kl_weight)}
+        self.classes_per_batch = int(classes_per_batch)
+        self.samples_per_class = int(samples_per_class)
+        self.batches_per_epoch = None if batches_per_epoch is None else int(batches_per_epoch)
+        self.sampler_seed = int(sampler_seed)
+        self.layers = list(layers)
+        if not self.layers:
+            raise ConfigError("method.layers must name at least one feature (e.g. [mu])")
+        self.joint = bool(joint)
+        self.shrinkage = float(shrinkage)
+        self.reference_margin = float(reference_margin)
+        self.ensemble_ablation = bool(ensemble_ablation)
+        self.reconstruction_layer = reconstruction_layer
+        self.register_buffer("_z_sum", torch.zeros(num_classes, self.latent_dim), persistent=False)
+        self.register_buffer("_z_count", torch.zeros(num_classes), persistent=False)
+        # fitted by fit_ood_scores: [(feature names, ClassGaussians)] per score
+        self._gaussians: dict[str, list[tuple[list[str], ClassGaussians]]] = {}
+        self._reference = 0.0  # M
+        self._w_scale = 1.0
+        self._last_pass: tuple[Tensor, dict[str, Tensor]] | None = None
+        self._last_loglik: tuple[Outputs, dict[str, Tensor]] | None = None
+
+    # -- data -----------------------------------------------------------------------------
+    def train_batch_sampler(self, labels: Tensor) -> ClassBatchSampler:
+        """B_C classes × B_N examples per batch; what the data module's training loader should use."""
+        return ClassBatchSampler(labels, self.classes_per_batch, self.samples_per_class,
+                                 num_batches=self.batches_per_epoch, seed=self.sampler_seed)
+
+    # -- model ----------------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        feats = self.backbone.forward_features(x)
+        if self.autoencoder is not None and not self.training and not torch.is_grad_enabled():
+            self._last_pass = (x, feats)  # the evaluation pass calls input_scores(x) next: reuse
+        return feats
+
+    def classify(self, features: Tensor) -> Tensor:
+        return self.head(self.latent.mu(features))
+
+    def kl_targets(self, z: Tensor, y: Tensor) -> Tensor:
+        """m(c) per class [C, d]: the previous epoch's mean of z, else (epoch 0, or a class not seen
+        yet) the running mean of z over this epoch so far, this batch included; no gradient."""
+        z = z.detach().to(self._z_sum.dtype)
+        total = self._z_sum.index_add(0, y, z)
+        count = self._z_count + torch.bincount(y, minlength=self.num_classes).to(self._z_count.dtype)
+        running = total / count.clamp_min(1)[:, None]
+        return torch.where(self.head.seen[:, None], self.head.means, running)
+
+    def loss_terms(self, z: Tensor, mu: Tensor, logvar: Tensor, y: Tensor) -> dict[str, Tensor]:
+        l_t, l_d = triplet_losses(z, y, self.triplet_margin, self.distance_margin)
+        terms = {"triplet": l_t, "distance": l_d}
+        if self.current_epoch >= self.kl_start_epoch:
+            terms["kl"] = class_kl(mu, logvar, self.kl_targets(z, y)[y].to(mu.dtype), self.prior_var)
+        else:
+            terms["kl"] = mu.sum() * 0.0
+        return terms
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        mu, logvar = self.latent(self.backbone(x))
+        z = self.latent.sample(mu, logvar)
+        terms = self.loss_terms(z, mu, logvar, y)
+        loss = sum(self.weights[k] * v for k, v in terms.items())
+        total = loss
+        if self.autoencoder is not None:
+            terms["reconstruction"] = F.mse_loss(self.autoencoder(x), x)
+            total = loss + terms["reconstruction"]
+        self.check_finite(total, terms)
+        for opt in opts:
+            opt.zero_grad()
+        self.manual_backward(total)
+        for opt in opts:
+            opt.step()
+        with torch.no_grad():
+            self._z_sum.index_add_(0, y, z.detach().to(self._z_sum.dtype))
+            self._z_count += torch.bincount(y, minlength=self.num_classes).to(self._z_count.dtype)
+        self.log_dict({"train/loss": loss, **{f"train/{k}": v for k, v in terms.items()}}, prog_bar=False,
+                      on_step=False, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        mu, _ = self.latent(self.backbone(x))
+        acc = (self.head(mu).argmax(1) == y).float().mean()
+        l_t, l_d = triplet_losses(mu[:256], y[:256], self.triplet_margin, self.distance_margin)
+        self.log_dict({"val/acc": acc, "val/triplet": l_t, "val/distance": l_d}, prog_bar=True, on_epoch=True,
+                      on_step=False, batch_size=len(y), sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:
+        self._z_sum.zero_()
+        self._z_count.zero_()
+
+    def on_train_epoch_end(self) -> None:
+        """This epoch's class means of z become the KL targets (and classifier) of the next."""
+        z_sum = self.trainer.strategy.reduce(self._z_sum.clone(), reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._z_count.clone(), reduce_op="sum")
+        seen = count > 0
+        self.head.means[seen] = (z_sum[seen] / count[seen, None]).to(self.head.means.dtype)
+        self.head.seen |= seen
+        schedulers = self.lr_schedulers()
+        for sch in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers is not None else []:
+            sch.step()
+
+    def configure_optimizers(self):
+        main = [p for name, p in self.named_parameters() if not name.startswith("autoencoder.")]
+        opts = [self.optimizer_factory(main)]
+        if self.autoencoder is not None:
+            opts.append(self.autoencoder_optimizer_factory(self.autoencoder.parameters()))
+        if self.scheduler_factory is None:
+            return opts
+        return opts, [{"scheduler": self.scheduler_factory(opts[0]), "interval": "epoch"}]
+
+    # -- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def input_scores(self, x: Tensor) -> dict[str, Tensor]:
+        """w(x) = ‖t¹(x) − t¹(x̂)‖² (pooled ``reconstruction_layer``), per input; nothing without an autoencoder."""
+        if self.autoencoder is None:
+            return {}
+        layer = self.reconstruction_layer
+        last, self._last_pass = self._last_pass, None
+        feats = last[1] if last is not None and last[0] is x else self.backbone.forward_features(x)
+        t_x = pool(feats[layer])
+        t_hat = pool(self.backbone.forward_features(self.autoencoder(x))[layer])
+        return {"vmdls_w": (t_x - t_hat).pow(2).sum(1)}
+
+    def _stats_device(self) -> torch.device:
+        return torch.device("cpu") if self.device.type == "mps" else self.device
+
+    def _feature(self, outputs: Outputs, name: str) -> Tensor:
+        if name == "mu":
+            ref = self.latent.mu.weight
+            mu = self.latent.mu(outputs.features.to(ref.device, ref.dtype))
+            return mu.to(self._stats_device(), torch.float64)
+        if name == "penultimate":
+            t = outputs.features
+        elif name in outputs.layers:
+            t = outputs.layers[name]
+        else:
+            raise ConfigError(f"VMDLS feature {name!r} is not an output of this backbone; available: "
+                              f"{sorted(outputs.layers) + ['mu']} (set method.layers)")
+        return pool(t).to(self._stats_device(), torch.float64)
+
+    def _fit(self, outputs: Outputs, names: list[str]) -> list[tuple[list[str], ClassGaussians]]:
+        groups = [names] if self.joint else [[n] for n in names]
+        labels = outputs.labels
+        return [(g, ClassGaussians(self.shrinkage).fit(torch.cat([self._feature(outputs, n) for n in g], 1), labels))
+                for g in groups]
+
+    def _log_likelihood(self, outputs: Outputs, fitted: list[tuple[list[str], ClassGaussians]]) -> Tensor:
+        """Σ over feature groups of log N(t_group; class c): [N, C] (one group when ``joint``)."""
+        return sum(gauss.log_likelihood(torch.cat([self._feature(outputs, n) for n in g], 1)) for g, gauss in fitted)
+
+    def _ablation_sets(self) -> dict[str, list[str]]:
+        """Paper Table 5: μ alone, then adding g, t³, t², t¹ (each prefix of the reversed ensemble)."""
+        if not self.ensemble_ablation:
+            return {}
+        rev = self.layers[::-1]
+        return {"vmdls_b_" + "_".join(_SHORT.get(n, n) for n in rev[:k]): rev[:k] for k in range(1, len(rev))}
+
+    @torch.no_grad()
+    def fit_ood_scores(self, train: Outputs) -> None:
+        """Class Gaussians on the ID training ensemble; the reference M and the scale of w."""
+        if train.labels is None:
+            raise ValueError("VMDLS.fit_ood_scores needs the class labels of the training outputs")
+        sets = {"vmdls_b": self.layers, **self._ablation_sets()}
+        self._last_loglik = None
+        self._gaussians = {name: self._fit(train, names) for name, names in sets.items()}
+        loglik = self._log_likelihood(train, self._gaussians["vmdls_b"]).amax(1)
+        self._reference = float(loglik.max()) + self.reference_margin
+        w = train.extra.get("vmdls_w")
+        self._w_scale = float(w.double().mean().clamp_min(1e-12)) if w is not None else 1.0
+
+    @torch.no_grad()
+    def ood_scores(self, outputs: Outputs) -> dict[str, Tensor]:
+        """``vmdls_b`` (max class log-likelihood of the ensemble) and ``vmdls`` (reconstruction-weighted);
+        with ``ensemble_ablation`` also ``vmdls_b_mu``, ``vmdls_b_mu_g``, ... Higher = ID."""
+        scores = {name: ll.amax(1) for name, ll in self._class_log_likelihoods(outputs).items()}
+        w = outputs.extra.get("vmdls_w")
+        w = torch.ones_like(scores["vmdls_b"]) if w is None else w.to(scores["vmdls_b"].device) / self._w_scale
+        scores["vmdls"] = reconstruction_weighted(scores["vmdls_b"], w, self._reference)
+        return scores
+
+    @torch.no_grad()
+    def ood_predictions(self, outputs: Outputs) -> dict[str, Tensor]:
+        """The paper's open-set class prediction for each score: argmax_c of its class log-likelihoods
+        (``vmdls`` predicts like ``vmdls_b``: w > 0 scales all classes alike)."""
+        preds = {}
+        for name, ll in self._class_log_likelihoods(outputs).items():
+            classes = self._gaussians[name][0][1].classes.to(ll.device)
+            preds[name] = classes[ll.argmax(1)].cpu()
+        preds["vmdls"] = preds["vmdls_b"]
+        return preds
+
+    def _class_log_likelihoods(self, outputs: Outputs) -> dict[str, Tensor]:
+        """[N, C] per fitted score; the last set's are kept, as scores and predictions both need them."""
+        if not self._gaussians:
+            raise RuntimeError("VMDLS scored before fit_ood_scores(train_outputs)")
+        if self._last_loglik is None or self._last_loglik[0] is not outputs:
+            self._last_loglik = (outputs, {name: self._log_likelihood(outputs, fitted)
+                                           for name, fitted in self._gaussians.items()})
+        return self._last_loglik[1]

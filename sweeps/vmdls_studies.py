@@ -1,0 +1,111 @@
+"""VMDLS studies from finished runs (driven by sweeps/vmdls_ablations.sh).
+
+    python sweeps/vmdls_studies.py table RUN_DIR...                 # macro-F1 / AUROC of every VMDLS score
+    python sweeps/vmdls_studies.py latent RUN_DIR... --out FILE     # paper Table 4's 2-D latent, one panel per run
+    python sweeps/vmdls_studies.py histograms RUN_DIR [--out FILE]  # paper Fig. 3: vmdls_b vs vmdls histograms
+
+``table`` reads only ``metrics.json``; ``histograms`` only ``scores.npz``; ``latent`` rebuilds the
+model from ``checkpoints/last.ckpt`` (its stored config) and plots μ of the ID test set (coloured
+by class) and of each OOD set (grey) for runs trained with ``method.latent_dim=2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def table(run_dirs: list[Path]) -> str:
+    """A markdown table: run × VMDLS score × OOD set, macro-F1 and AUROC (×100)."""
+    lines = ["| run | score | OOD set | macro-F1 | AUROC | TNR@95 |", "|---|---|---|---|---|---|"]
+    for run in run_dirs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        for score, rows in metrics["results"].items():
+            if not score.startswith("vmdls") and score != "msp":
+                continue
+            for ood, m in rows.items():
+                lines.append(f"| {run.name} | {score} | {ood} | {100 * m.get('macro_f1', float('nan')):.1f} | "
+                             f"{100 * m['auroc']:.1f} | {100 * m['tnr95']:.1f} |")
+    return "\n".join(lines)
+
+
+def histograms(run_dir: Path, out: Path) -> Path:
+    """Paper Fig. 3: ID test vs each OOD set, without (vmdls_b) and with (vmdls) reconstruction weighting."""
+    from ood_lightning.evaluation.plots import score_histograms
+
+    scores = np.load(run_dir / "scores.npz")
+    picked = {}
+    for det in ("vmdls_b", "vmdls"):
+        picked[det] = {k.split("/", 1)[1]: scores[k] for k in scores.files if k.startswith(f"{det}/")}
+    return score_histograms(picked, out)
+
+
+def latent(run_dirs: list[Path], out: Path, limit: int = 3000) -> Path:
+    """Scatter of the 2-D head mean μ per run: ID test by class, OOD sets in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from ood_lightning.data.datamodule import OODDataModule
+    from ood_lightning.evaluation.rescoring import stored_config
+    from ood_lightning.training import build_model, load_weights
+
+    fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 4), squeeze=False)
+    for ax, run in zip(axes[0], run_dirs):
+        ckpt = run / "checkpoints" / "last.ckpt"
+        cfg = stored_config(ckpt)
+        dm = OODDataModule(cfg.data, cfg.ood)
+        dm.setup("test")
+        model = build_model(cfg, dm.num_classes, pretrained=False)
+        load_weights(model, ckpt)
+        model.eval()
+        if model.latent_dim != 2:
+            raise SystemExit(f"{run}: latent_dim={model.latent_dim}; the scatter needs method.latent_dim=2")
+        loaders = dm.eval_dataloaders()
+        for split, loader in loaders.items():
+            if split == "id_val":
+                continue
+            mus, labels = [], []
+            with torch.no_grad():
+                for x, y in loader:
+                    mus.append(model.latent.mu(model.backbone(dm.preprocess(x))))
+                    labels.append(y)
+                    if sum(len(m) for m in mus) >= limit:
+                        break
+            mu, y = torch.cat(mus)[:limit].numpy(), torch.cat(labels)[:limit].numpy()
+            if split == "id_test":
+                ax.scatter(mu[:, 0], mu[:, 1], c=y % 10, cmap="tab10", vmin=0, vmax=9, s=2, alpha=0.6)
+            else:
+                ax.scatter(mu[:, 0], mu[:, 1], color="grey", marker="x", s=2, alpha=0.3, label=split)
+        ax.set_title(run.name, fontsize=9)
+        ax.legend(fontsize=7, markerscale=4)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=["table", "latent", "histograms"])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.study == "table":
+        print(table(args.runs))
+    elif args.study == "latent":
+        print(latent(args.runs, args.out or args.runs[0].parent / "latent.png"))
+    else:
+        print(histograms(args.runs[0], args.out or args.runs[0] / "plots" / "vmdls_histograms.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""VMDLS: vectorised losses against brute force, the KL against torch.distributions, the class
+batch sampler (shape, seeding, DDP shards, Lightning's sampler injection), the class Gaussians,
+the reconstruction weighting, and tiny end-to-end runs through train()."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from ood_lightning.data.class_batch_sampler import ClassBatchSampler
+from ood_lightning.detectors.base import Outputs
+from ood_lightning.errors import ConfigError
+from ood_lightning.methods.vmdls import (
+    VMDLS,
+    ClassGaussians,
+    ConvAutoencoder,
+    class_kl,
+    reconstruction_weighted,
+    triplet_losses,
+)
+from ood_lightning.nn.backbones import SmallCNN
+from tests.conftest import TINY, compose_cfg
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------- losses
+def _brute_force(z, y, m_t, m_d):
+    lt, ld = [], []
+    for a, p, n in itertools.product(range(len(y)), repeat=3):
+        if a != p and y[a] == y[p] and y[n] != y[a]:
+            d_ap, d_an = (z[a] - z[p]).pow(2).sum(), (z[a] - z[n]).pow(2).sum()
+            lt.append(torch.relu(d_ap - d_an + m_t))
+            ld.append(torch.relu(m_d - d_an))
+    return torch.stack(lt).mean(), torch.stack(ld).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vectorised_triplet_and_distancing_equal_a_loop_over_triplets(seed):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(14, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (14,), generator=gen)
+    lt, ld = triplet_losses(z, y, 0.1, 4.0)
+    bt, bd = _brute_force(z, y, 0.1, 4.0)
+    torch.testing.assert_close(lt, bt)
+    torch.testing.assert_close(ld, bd)
+    g1 = torch.autograd.grad(lt + 0.5 * ld, z)[0]
+    g2 = torch.autograd.grad(bt + 0.5 * bd, z)[0]
+    torch.testing.assert_close(g1, g2)
+
+
+def test_no_valid_triplet_gives_zero_with_a_graph():
+    z = torch.randn(3, 2, requires_grad=True)
+    lt, ld = triplet_losses(z, torch.tensor([0, 1, 2]), 0.1, 2.0)  # no positives
+    assert float(lt.detach()) == 0 and float(ld.detach()) == 0 and lt.requires_grad
+
+
+def test_kl_equals_torch_distributions():
+    gen = torch.Generator().manual_seed(0)
+    mu, logvar, means = (torch.randn(6, 5, generator=gen, dtype=torch.float64) for _ in range(3))
+    q = Independent(Normal(mu, (0.5 * logvar).exp()), 1)
+    p = Independent(Normal(means, torch.full_like(means, 0.1).sqrt()), 1)
+    torch.testing.assert_close(class_kl(mu, logvar, means, 0.1), kl_divergence(q, p).mean())
+
+
+def test_kl_targets_are_running_means_in_epoch_0_then_the_previous_epochs():
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2)
+    z, y = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 0, 2])
+    model._z_sum[0] = torch.tensor([2.0, 2.0])  # one earlier z of class 0 this epoch
+    model._z_count[0] = 1
+    targets = model.kl_targets(z, y)
+    torch.testing.assert_close(targets[0], torch.tensor([2.0, 2.0 / 3]))
+    torch.testing.assert_close(targets[2], torch.tensor([0.0, 5.0]))
+    model.head.means[0], model.head.seen[0] = torch.tensor([9.0, 9.0]), True
+    torch.testing.assert_close(model.kl_targets(z, y)[0], torch.tensor([9.0, 9.0]))
+
+
+# ---------------------------------------------------------------------------------- sampler
+def _labels():
+    return torch.arange(5).repeat_interleave(30)[torch.randperm(150, generator=torch.Generator().manual_seed(0))]
+
+
+def test_sampler_yields_exactly_bc_classes_times_bn_examples():
+    labels = _labels()
+    sampler = ClassBatchSampler(labels, classes_per_batch=3, samples_per_class=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 150 // 12
+    for batch in batches:
+        assert len(batch) == 12 and len(set(batch)) == 12
+        counts = torch.bincount(labels[batch], minlength=5)
+        assert sorted(counts[counts > 0].tolist()) == [4, 4, 4]
+    sampler.set_epoch(0)
+    assert list(sampler) == batches  # seeded: epoch 0 again
+    assert list(ClassBatchSampler(labels, 3, 4, seed=1)) == batches
+    assert list(sampler) != batches  # the next epoch differs
+
+
+def test_sampler_shards_by_rank():
+    labels = _labels()
+    full = list(ClassBatchSampler(labels, 2, 3, num_batches=8, seed=0, num_replicas=1, rank=0))
+    shards = [list(ClassBatchSampler(labels, 2, 3, num_batches=4, seed=0, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert shards[0] == full[0::2] and shards[1] == full[1::2]
+    # Lightning under DDP re-creates the batch sampler with a DistributedSampler: its rank is used
+    ds = TensorDataset(torch.zeros(150), labels)
+    injected = ClassBatchSampler(labels, 2, 3, seed=0, sampler=DistributedSampler(ds, num_replicas=2, rank=1))
+    assert (injected.num_replicas, injected.rank, len(injected)) == (2, 1, 150 // 12)
+
+
+def test_lightning_can_inject_its_distributed_sampler():
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler
+
+    labels = _labels()
+    ds = TensorDataset(torch.arange(150), labels)
+    with _replace_dunder_methods(BatchSampler):
+        loader = DataLoader(ds, batch_sampler=ClassBatchSampler(labels, 2, 3, seed=0))
+    new = _update_dataloader(loader, DistributedSampler(ds, num_replicas=2, rank=1), mode=RunningStage.TRAINING)
+    assert isinstance(new.batch_sampler, ClassBatchSampler) and new.batch_sampler.rank == 1
+    assert [b[0].tolist() for b in new] == list(ClassBatchSampler(labels, 2, 3, seed=0, num_replicas=2, rank=1))
+
+
+def test_sampler_rejects_batches_without_triplets():
+    with pytest.raises(ConfigError, match="samples_per_class"):
+        ClassBatchSampler(_labels(), 2, 1)
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        ClassBatchSampler(torch.zeros(10, dtype=torch.long), 2, 2)
+
+
+# ---------------------------------------------------------------------------------- scoring pieces
+def test_class_gaussians_match_multivariate_normal_and_survive_dead_units():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=gen, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0])
+    labels = torch.arange(300) % 3
+    fitted = ClassGaussians(shrinkage=0.2).fit(x, labels)
+    xc = x[labels == 2]
+    cov = torch.cov(xc.T, correction=0)
+    cov = 0.8 * cov + 0.2 * torch.diag(cov.diagonal()) + 1e-6 * cov.diagonal().mean() * torch.eye(5, dtype=x.dtype)
+    torch.testing.assert_close(fitted.log_likelihood(x[:7])[:, 2], MultivariateNormal(xc.mean(0), cov).log_prob(x[:7]))
+    x[:, 1] = 0.0  # a dead unit: singular covariance
+    assert torch.isfinite(ClassGaussians(shrinkage=0.0).fit(x, labels).log_likelihood(x)).all()
+
+
+def test_reconstruction_weighting():
+    ll = torch.tensor([-50.0, -10.0, -2.0, 3.0])
+    assert torch.equal(reconstruction_weighted(ll, torch.ones(4), 1.0), ll)  # w = 1: VMDLS == VMDLS_b
+    heavier = reconstruction_weighted(ll, torch.full((4,), 3.0), 1.0)
+    assert (heavier[:3] < ll[:3]).all() and heavier[3] == ll[3]  # above the reference: unweighted
+    torch.testing.assert_close(heavier[:3], 1.0 + 3.0 * (ll[:3] - 1.0))
+
+
+@pytest.mark.parametrize("size", [9, 28, 32])
+def test_autoencoder_reconstructs_to_the_input_shape(size):
+    assert ConvAutoencoder(3)(torch.randn(2, 3, size, size)).shape == (2, 3, size, size)
+
+
+def _toy_outputs(model, n=60):
+    x = torch.randn(n, 1, 12, 12)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    layers = {k: v.flatten(2).mean(-1) if v.ndim > 2 else v for k, v in feats.items()}
+    return Outputs(model.classify(feats["penultimate"]), feats["penultimate"], layers, torch.arange(n) % 3,
+                   model.input_scores(x)), x
+
+
+def test_scores_without_autoencoder_are_equal_and_ablation_names():
+    torch.manual_seed(0)
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2, ensemble_ablation=True).eval()
+    train, _ = _toy_outputs(model)
+    model.fit_ood_scores(train)
+    scores = model.ood_scores(_toy_outputs(model, 20)[0])
+    assert set(scores) == {"vmdls", "vmdls_b", "vmdls_b_mu", "vmdls_b_mu_g", "vmdls_b_mu_g_t3", "vmdls_b_mu_g_t3_t2"}
+    assert torch.equal(scores["vmdls"], scores["vmdls_b"])
+    preds = model.ood_predictions(train)
+    assert set(preds) == set(scores) and preds["vmdls"].shape == (60,) and set(preds["vmdls"].tolist()) <= {0, 1, 2}
+    with pytest.raises(RuntimeError, match="before fit_ood_scores"):
+        VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None).ood_scores(train)
+
+
+def test_reconstruction_weight_is_computed_per_input():
+    torch.manual_seed(0)
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2, autoencoder=ConvAutoencoder(1, (4, 4), 2),
+                  autoencoder_optimizer=torch.optim.Adam).eval()
+    out, x = _toy_outputs(model)
+    assert out.extra["vmdls_w"].shape == (60,) and (out.extra["vmdls_w"] > 0).all()
+    with torch.no_grad():  # the evaluation pass's features are reused; a fresh pass agrees
+        torch.testing.assert_close(model.input_scores(x)["vmdls_w"], out.extra["vmdls_w"])
+    model.fit_ood_scores(out)
+    scores = model.ood_scores(out)
+    assert not torch.equal(scores["vmdls"], scores["vmdls_b"])
+
+
+def test_a_missing_ensemble_layer_names_the_available_ones():
+    model = VMDLS(SmallCNN(1, (4, 8), 8), 3, None, latent_dim=2)
+    with pytest.raises(ConfigError, match=r"'block3' is not an output.*block1"):
+        model.fit_ood_scores(_toy_outputs(model)[0])
+
+
+# ---------------------------------------------------------------------------------- end to end
+VMDLS_TINY = [*TINY, "method=vmdls", "backbone.widths=[8,8,16]", "method.latent_dim=4", "method.samples_per_class=16",
+              "method.autoencoder.widths=[4,8]", "method.autoencoder.bottleneck=2", "detectors=fast",
+              "trainer.max_epochs=2", "trainer.limit_train_batches=3"]
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_f1_and_auroc_for_vmdls_and_vmdls_b(tmp_path):
+    metrics = train_cfg(VMDLS_TINY, tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["method"] == "vmdls"
+    for det in ("vmdls", "vmdls_b", "msp"):
+        m = metrics["results"][det]["diagonal"]
+        assert 0 <= m["auroc"] <= 1 and 0 <= m["macro_f1"] <= 1, det
+    scores = np.load(tmp_path / "scores.npz")
+    assert len(scores["vmdls/id_test"]) == 256 and np.isfinite(scores["vmdls/diagonal"]).all()
+    rows = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "train/kl" in rows and "train/reconstruction" in rows
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert bool(state["head.seen"].all()) and any(k.startswith("autoencoder.") for k in state)
+
+
+@pytest.mark.slow
+def test_tiny_run_without_autoencoder_gives_identical_vmdls_and_vmdls_b(tmp_path):
+    train_cfg([*VMDLS_TINY, "method.autoencoder=null", "trainer.max_epochs=1", "detectors=none"], tmp_path)
+    scores = np.load(tmp_path / "scores.npz")
+    for split in ("id_val", "id_test", "diagonal"):
+        np.testing.assert_array_equal(scores[f"vmdls/{split}"], scores[f"vmdls_b/{split}"])
+
+
+def train_cfg(overrides, out):
+    from ood_lightning.training import train
+
+    return train(compose_cfg("train", overrides, out))
+
+
+def test_training_batches_are_class_structured(tmp_path):
+    """The method makes the data module's training loader use its batch sampler."""
+    import lightning as L
+
+    from ood_lightning.data.datamodule import OODDataModule
+    from ood_lightning.training import build_model
+
+    cfg = compose_cfg("train", VMDLS_TINY, tmp_path)
+    dm = OODDataModule(cfg.data, cfg.ood)
+    dm.setup("fit")
+    model = build_model(cfg, dm.num_classes)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    seen = []
+    model.on_train_batch_start = lambda batch, idx: seen.append(batch[1].clone())
+    trainer.fit(model, datamodule=dm)
+    assert len(seen) == 1 and sorted(torch.bincount(seen[0]).tolist()) == [16, 16]
+
+
+def test_mnist_preset_composes(tmp_path):
+    cfg = compose_cfg("train", ["experiment=vmdls_mnist"], tmp_path)
+    assert cfg.method._target_.endswith("VMDLS") and cfg.data.name == "mnist"
+    assert cfg.ood.mnist_noise.dataset == "additive_noise" and cfg.ood.noise.dataset == "uniform_noise"
+    cfg = compose_cfg("train", ["experiment=vmdls_cifar10"], tmp_path)
+    assert cfg.backbone._target_.endswith("resnet18") and set(cfg.ood) == {"tin_crop", "tin_resize"}
+
+
+def test_additive_noise_set(monkeypatch, tmp_path):
+    from ood_lightning.data import registry
+    from ood_lightning.data.noisy import additive_noise
+
+    base = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+    monkeypatch.setitem(registry.DATASETS, "fake", lambda **_: registry.ArrayData(base, torch.arange(5)))
+    data = additive_noise(tmp_path, base="fake", amplitude=0.5, seed=3)
+    delta = data.images - base.float() / 255
+    assert data.images.dtype == torch.float32 and (delta >= 0).all() and (delta < 0.5).all() and delta.std() > 0.05
+    torch.testing.assert_close(additive_noise(tmp_path, base="fake", seed=3).images, data.images)
