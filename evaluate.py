@@ -1,8 +1,12 @@
 """Aggregate runs into mean ± std tables, or re-score a checkpoint.
 
     python evaluate.py run_dir=outputs/train/multirun/<date>
+    python evaluate.py run_dir=<multirun> plot=lambda            # DHM Fig. 3 (plot=spectral_coeff: Fig. 4)
+    python evaluate.py run_dir=<multirun> compare=[dhm,msp]      # Table 1: detectors side by side
     python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt ood=[odin,noise] detectors=baselines
 """
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -21,12 +25,30 @@ def evaluate(cfg: DictConfig):
         md, csv_path, rows, failed = write_summary(cfg.run_dir)
         Console().print(Markdown(md.read_text()))
         print(f"wrote {md} and {csv_path}")
+        _sweep_outputs(cfg, rows)
         return rows
     if cfg.get("ckpt_path"):
         from ood_lightning.evaluation.rescoring import rescore
 
         return rescore(cfg)
     raise ConfigError("nothing to do: pass run_dir=<multirun dir> to aggregate, or ckpt_path=<.ckpt> to re-score")
+
+
+def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:
+    """``compare=[...]``: Table-1 view (detectors side by side) in compare.md; ``plot=lambda|spectral_coeff``:
+    the sweep figure (+ its numbers as .csv) next to summary.md."""
+    from ood_lightning.evaluation.sweep_plots import plot_sweep, side_by_side
+
+    if cfg.get("compare"):
+        text = side_by_side(rows, list(cfg.compare), list(cfg.get("compare_metrics") or ["auroc", "aupr_in", "autc"]),
+                            title=f"{' vs '.join(cfg.compare)} (mean ± std over seeds; AuTC: lower is better)")
+        path = Path(cfg.run_dir) / "compare.md"
+        path.write_text(text)
+        Console().print(Markdown(text))
+        print(f"wrote {path}")
+    if cfg.get("plot"):
+        path = plot_sweep(cfg.plot, cfg.run_dir, list(cfg.get("plot_detectors") or ["dhm"]))
+        print(f"wrote {path} and {path.with_suffix('.csv')}")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

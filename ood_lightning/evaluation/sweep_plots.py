@@ -1,0 +1,305 @@
+"""Figures and tables of one-parameter sweeps (DHM paper Fig. 3, Fig. 4 and Table 1).
+
+    python evaluate.py run_dir=<multirun> plot=lambda           # val acc, val loss, AUROC per OOD set vs λ
+    python evaluate.py run_dir=<multirun> plot=spectral_coeff   # AUROC, AUPR-in per OOD set vs c
+    python evaluate.py run_dir=<multirun> compare=[dhm,msp]     # Table 1: detectors side by side
+
+Only a run's own files are read, like :mod:`ood_lightning.evaluation.aggregate`:
+
+* the swept value x: the run's ``.hydra/overrides.yaml`` (``lambda=3.5e-3``,
+  ``backbone.spectral_coeff=3``), else the resolved ``.hydra/config.yaml`` (a value set by the
+  experiment preset), else ``metrics.json`` (which stores ``lambda``);
+* validation accuracy and loss (and the training log-det): the last epoch with a value in the
+  run's ``csv/metrics.csv`` (``val/acc``, ``val/loss``, ``train/logdet``; ``logger=csv``, the default);
+* AUROC / AUPR-in per detector and OOD set, and the seed: ``metrics.json``.
+
+Runs with the same x (different seeds) give one point: the mean, with the sample standard
+deviation as an error bar. Runs without metrics.json (failed or still running) are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from ood_lightning.errors import ConfigError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+#: sweep name -> config key of its x value
+SWEEP_KEYS = {"lambda": "lambda", "spectral_coeff": "backbone.spectral_coeff"}
+#: the paper's collapse threshold: λ = 3.59e-3 trained, 3.67e-3 collapsed (Fig. 3)
+COLLAPSE_THRESHOLD = (3.59e-3, 3.67e-3)
+#: per-run values read from the last epoch of csv/metrics.csv (the log-det shows a collapse)
+VAL_KEYS = {"val_acc": "val/acc", "val_loss": "val/loss", "train_logdet": "train/logdet"}
+
+
+# -- reading runs ---------------------------------------------------------------------------------
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def _lookup(cfg, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return None
+        cfg = cfg[part]
+    return cfg
+
+
+def _number(value) -> float | None:
+    """A config value as a float: "3.5e-3" and "1e-3" (a string to YAML 1.1) alike; None otherwise."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def run_value(run: str | Path, key: str) -> float | None:
+    """The value of config ``key`` (dotted) for one run: its overrides, else its resolved config,
+    else its ``metrics.json``; None when unset (e.g. ``backbone.spectral_coeff=null``)."""
+    run = Path(run)
+    for override in _yaml(run / ".hydra" / "overrides.yaml") or []:
+        name, _, value = str(override).lstrip("+~").partition("=")
+        if name == key:
+            return _number(value)
+    cfg = _yaml(run / ".hydra" / "config.yaml")
+    if cfg is not None:
+        value = _lookup(cfg, key)
+        if value is not None:
+            return _number(value)
+    metrics = run / "metrics.json"
+    if metrics.exists():
+        return _number(_lookup(json.loads(metrics.read_text()), key))
+    return None
+
+
+def last_epoch_values(csv_path: str | Path, keys: Sequence[str] = tuple(VAL_KEYS.values())) -> dict[str, float]:
+    """The last logged value of each key in a Lightning ``CSVLogger`` file (rows in logging order)."""
+    csv_path = Path(csv_path)
+    values: dict[str, float] = {}
+    if not csv_path.exists():
+        return values
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            for k in keys:
+                if row.get(k) not in (None, ""):
+                    values[k] = float(row[k])
+    return values
+
+
+def collect_sweep(run_dir: str | Path, key: str) -> list[dict]:
+    """One record per finished run under ``run_dir``: x, seed, val acc/loss, test accuracy, results."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} does not exist; pass the directory of a sweep (multirun)")
+    records = []
+    for path in sorted(run_dir.rglob("metrics.json")):
+        run = path.parent
+        metrics = json.loads(path.read_text())
+        if "results" not in metrics:
+            continue
+        val = last_epoch_values(run / "csv" / "metrics.csv")
+        records.append({"run": str(run), "x": run_value(run, key), "seed": metrics.get("seed"),
+                        "accuracy": metrics.get("accuracy"), "results": metrics["results"],
+                        **{name: val.get(k, float("nan")) for name, k in VAL_KEYS.items()}})
+    return records
+
+
+def ood_sets(records: list[dict], detector: str) -> list[str]:
+    """OOD sets of ``detector`` in first-seen order (group means ``mean_*`` last)."""
+    seen: dict[str, None] = {}
+    for r in records:
+        seen.update(dict.fromkeys(r["results"].get(detector, {})))
+    return sorted(seen, key=lambda s: s.startswith("mean_"))
+
+
+def summarise(records: list[dict], value) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """x values (sorted), mean, std (ddof=1; 0 for one run) and count of ``value(record)`` over seeds.
+
+    Records whose x is None or whose value is missing/NaN are left out.
+    """
+    groups: dict[float, list[float]] = defaultdict(list)
+    for r in records:
+        v = value(r)
+        if r["x"] is not None and v is not None and np.isfinite(v):
+            groups[r["x"]].append(float(v))
+    xs = np.array(sorted(groups))
+    mean = np.array([np.mean(groups[x]) for x in xs])
+    std = np.array([np.std(groups[x], ddof=1) if len(groups[x]) > 1 else 0.0 for x in xs])
+    return xs, mean, std, np.array([len(groups[x]) for x in xs])
+
+
+def _metric(detector: str, ood: str, metric: str):
+    return lambda r: r["results"].get(detector, {}).get(ood, {}).get(metric)
+
+
+# -- figures --------------------------------------------------------------------------------------
+def _errorbar(ax, xs, mean, std, **kw) -> None:
+    ax.errorbar(xs, mean, yerr=std, marker="o", ms=4, capsize=3, linewidth=1.3, **kw)
+
+
+def _ood_panel(ax, records, detectors, metric: str, ylabel: str) -> None:
+    styles = ["-", "--", ":", "-."]
+    for i, det in enumerate(detectors):
+        for ood in ood_sets(records, det):
+            xs, mean, std, _ = summarise(records, _metric(det, ood, metric))
+            if len(xs):
+                _errorbar(ax, xs, mean, std, linestyle=styles[i % len(styles)], label=f"{det}: {ood}")
+    ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
+def _finish(fig, records, out: Path, x_label: str) -> Path:
+    n_seeds = max((n for n in summarise(records, lambda r: r["accuracy"] or 0.0)[3]), default=0)
+    fig.suptitle(f"{len(records)} runs; mean ± std over up to {n_seeds} seeds per {x_label}", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_lambda(run_dir: str | Path, out: str | Path | None = None, detectors: Sequence[str] = ("dhm",),
+                threshold: tuple[float, float] | None = COLLAPSE_THRESHOLD) -> Path:
+    """Paper Fig. 3: validation accuracy, validation loss and AUROC per OOD set against λ (log x),
+    and the last epoch's training log-det (the collapse monitor's quantity: 0.12 -> 1113 in the paper).
+
+    The red line marks the paper's collapse threshold (λ between 3.59e-3 and 3.67e-3). Axes whose
+    values span more than two decades (the loss grows with λ·NLL) are drawn on a log scale.
+    """
+    records = [r for r in collect_sweep(run_dir, "lambda") if r["x"] is not None and r["x"] > 0]
+    if not records:
+        raise ConfigError(f"no finished runs with lambda > 0 under {run_dir} (log-scale x axis)")
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    panels = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"),
+              ("train_logdet", "training log-det (last epoch)"))
+    for ax, (name, label) in zip([axes[0], axes[1], axes[3]], panels):
+        xs, mean, std, _ = summarise(records, lambda r, n=name: r[n])
+        _errorbar(ax, xs, mean, std, color="black")
+        ax.set_ylabel(label)
+        if len(mean) and mean.min() > 0 and mean.max() > 100 * mean.min():
+            ax.set_yscale("log")
+    _ood_panel(axes[2], records, detectors, "auroc", "AUROC (ID = positive)")
+    axes[2].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("λ")
+        if threshold is not None:
+            ax.axvspan(*threshold, color="tab:red", alpha=0.4, linewidth=1, label="paper's collapse threshold"
+                       if ax is axes[2] else None)
+    axes[2].legend(fontsize=7)
+    out = Path(out) if out else Path(run_dir) / "sweep_lambda.png"
+    write_sweep_csv(records, "lambda", out.with_suffix(".csv"), detectors)
+    return _finish(fig, records, out, "λ")
+
+
+def plot_spectral_coeff(run_dir: str | Path, out: str | Path | None = None,
+                        detectors: Sequence[str] = ("dhm",)) -> Path:
+    """Paper Fig. 4: AUROC and AUPR-in per OOD set against the spectral coefficient c."""
+    records = collect_sweep(run_dir, SWEEP_KEYS["spectral_coeff"])
+    skipped = sum(r["x"] is None for r in records)
+    if skipped:
+        log.warning("%d runs without a spectral coefficient (spectral_coeff=null) are left out", skipped)
+    records = [r for r in records if r["x"] is not None]
+    if not records:
+        raise ConfigError(f"no finished runs with backbone.spectral_coeff set under {run_dir}")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    xs, mean, std, _ = summarise(records, lambda r: r["accuracy"])
+    _errorbar(axes[0], xs, mean, std, color="black")
+    axes[0].set_ylabel("test accuracy")
+    _ood_panel(axes[1], records, detectors, "auroc", "AUROC (ID = positive)")
+    _ood_panel(axes[2], records, detectors, "aupr_in", "AUPR-in")
+    for ax in axes:
+        ax.set_xlabel("spectral coefficient c")
+    out = Path(out) if out else Path(run_dir) / "sweep_spectral_coeff.png"
+    write_sweep_csv(records, "backbone.spectral_coeff", out.with_suffix(".csv"), detectors)
+    return _finish(fig, records, out, "c")
+
+
+PLOTS = {"lambda": plot_lambda, "spectral_coeff": plot_spectral_coeff}
+
+
+def plot_sweep(kind: str, run_dir: str | Path, detectors: Sequence[str] = ("dhm",)) -> Path:
+    """``evaluate.py plot=<kind>``: the figure of a λ or spectral-coefficient sweep."""
+    if kind not in PLOTS:
+        raise ConfigError(f"unknown plot={kind!r}; choose one of {sorted(PLOTS)} (or null)")
+    return PLOTS[kind](run_dir, detectors=detectors)
+
+
+def write_sweep_csv(records: list[dict], key: str, path: Path, detectors: Sequence[str] = ("dhm",)) -> Path:
+    """The numbers behind a sweep figure: one row per x value, mean/std/n of every plotted quantity."""
+    columns = {name: (lambda r, n=name: r[n]) for name in VAL_KEYS} | {"test_acc": lambda r: r["accuracy"]}
+    for det in detectors:
+        for ood in ood_sets(records, det):
+            for m in ("auroc", "aupr_in", "autc"):
+                columns[f"{det}/{ood}/{m}"] = _metric(det, ood, m)
+    table: dict[float, dict] = defaultdict(dict)
+    for name, fn in columns.items():
+        xs, mean, std, n = summarise(records, fn)
+        for x, mu, sd, k in zip(xs, mean, std, n):
+            table[x].update({f"{name}_mean": mu, f"{name}_std": sd, "n": max(k, table[x].get("n", 0))})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = [key, "n"] + [f"{c}_{s}" for c in columns for s in ("mean", "std")]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for x in sorted(table):
+            writer.writerow({key: x, **table[x]})
+    return path
+
+
+# -- Table 1 --------------------------------------------------------------------------------------
+def _fmt(row: dict, metric: str) -> str:
+    mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def side_by_side(rows: list[dict], detectors: Sequence[str], metrics: Sequence[str] = ("auroc", "aupr_in", "autc"),
+                 title: str = "") -> str:
+    """Paper Table 1 from :func:`~ood_lightning.evaluation.aggregate.aggregate` rows: per setting, one
+    line per detector (in the given order), for each OOD set its metrics as mean ± std over seeds.
+
+    AUROC and AUPR-in: higher is better; AuTC: lower is better.
+    """
+    wanted = [d for d in detectors if any(r["detector"] == d for r in rows)]
+    if not wanted:
+        raise ConfigError(f"none of the detectors {list(detectors)} is in the runs; found "
+                          f"{sorted({r['detector'] for r in rows})}")
+    out = [f"## {title}\n" if title else ""]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        sel = [r for r in rows if r["group"] == group]
+        sets = list(dict.fromkeys(r["ood_set"] for r in sel if r["detector"] in wanted))
+        n = max(r["n"] for r in sel)
+        acc = next((r for r in sel if not math.isnan(r.get("accuracy_mean", math.nan))), None)
+        acc_text = f", test accuracy {acc['accuracy_mean']:.4f} ± {acc['accuracy_std']:.4f}" if acc else ""
+        out.append(f"**{group}** ({n} seeds{acc_text})\n")
+        head = ["detector"] + [f"{s} {m}" for s in sets for m in metrics]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for det in wanted:
+            by_set = {r["ood_set"]: r for r in sel if r["detector"] == det}
+            cells = [_fmt(by_set[s], m) if s in by_set else "-" for s in sets for m in metrics]
+            out.append("| " + " | ".join([det, *cells]) + " |")
+        out.append("")
+    return "\n".join(line for line in out if line is not None) + "\n"

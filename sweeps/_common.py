@@ -1,0 +1,65 @@
+"""Shared by the study scripts in sweeps/: run the real entrypoint (``train(cfg)`` on a config
+composed from conf/ exactly as ``python train.py <overrides>`` would) and load what it wrote.
+
+Each run directory also gets ``.hydra/config.yaml`` (resolved) and ``.hydra/overrides.yaml``, like
+a Hydra run, so ``python evaluate.py run_dir=<study dir>`` aggregates the runs of a study too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python sweeps/<script>.py` from anywhere, without installing
+    sys.path.insert(0, str(ROOT))
+
+from ood_lightning.config import to_dict  # noqa: E402  (also registers the config resolvers)
+from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
+from ood_lightning.training import build_model, load_weights, train  # noqa: E402
+
+
+def compose_train(overrides: list[str], out_dir: str | Path) -> DictConfig:
+    """The config ``python train.py <overrides>`` would run, with its run directory at ``out_dir``."""
+    out_dir = Path(out_dir)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={out_dir}"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(out_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    (out_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(to_dict(cfg)), out_dir / ".hydra" / "config.yaml")  # resolved
+    (out_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    return cfg
+
+
+def train_run(overrides: list[str], out_dir: str | Path):
+    """Train with ``overrides`` into ``out_dir``; returns (metrics, trained model in eval mode, datamodule)."""
+    cfg = compose_train(overrides, out_dir)
+    metrics = train(cfg)
+    model, dm = load_run(cfg, Path(out_dir) / "checkpoints" / "last.ckpt")
+    return metrics, model, dm
+
+
+def load_run(cfg: DictConfig, ckpt: str | Path):
+    """The model of a finished run (weights from ``ckpt``) and its datamodule, set up for testing."""
+    dm = OODDataModule(cfg.data, cfg.ood)
+    dm.setup("test")
+    model = build_model(cfg, dm.num_classes, pretrained=False)
+    load_weights(model, ckpt)
+    return model.eval(), dm
+
+
+def tag(value: float | None) -> str:
+    """A file-name-safe short form of a number: 0.001 -> 1e-03, 3.0 -> 3."""
+    if value is None:
+        return "none"
+    return f"{value:g}" if 1e-2 <= abs(value) < 1e4 or value == 0 else f"{value:.0e}"

@@ -1,0 +1,247 @@
+"""The DHM studies (issue 4, sweeps/): grid volume, the Prewitt backbone, sensitivity slopes,
+the λ / spectral-coefficient sweep figures and the Table-1 view, and the 2-D / stripes /
+sensitivity scripts end to end at a micro scale."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.distributions import MultivariateNormal
+
+from ood_lightning.analysis.sensitivity import fit_line, sensitivity
+from ood_lightning.analysis.volume import evaluate_on_grid, grid_volume, trapezoid_log_volume
+from ood_lightning.data.synthetic import diagonal_stripes, stripes
+from ood_lightning.evaluation.aggregate import aggregate, collect
+from ood_lightning.evaluation.sweep_plots import (
+    collect_sweep,
+    last_epoch_values,
+    plot_lambda,
+    plot_spectral_coeff,
+    run_value,
+    side_by_side,
+    summarise,
+)
+from ood_lightning.nn.backbones.prewitt import PREWITT_HORIZONTAL, PrewittNet
+from tests.conftest import ROOT, compose_cfg
+
+torch.set_num_threads(1)
+
+
+# -- volume ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cov", [[[1.0, 0.0], [0.0, 1.0]], [[2.0, 1.2], [1.2, 1.0]]])
+def test_grid_volume_of_a_gaussian_is_one(cov):
+    dist = MultivariateNormal(torch.tensor([0.3, -0.2]), torch.tensor(cov))
+    assert grid_volume(dist.log_prob, (-9, 9), (-9, 9), 241) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_grid_volume_of_a_scaled_gaussian_and_of_a_quadrant_is_the_known_mass():
+    dist = MultivariateNormal(torch.zeros(2), torch.eye(2))
+    assert grid_volume(lambda x: dist.log_prob(x) + math.log(3.0), (-9, 9), (-9, 9), 241) == pytest.approx(3.0, rel=1e-4)
+    # one quadrant of a standard normal holds a quarter of the mass
+    assert grid_volume(dist.log_prob, (0, 9), (0, 9), 301) == pytest.approx(0.25, rel=1e-3)
+
+
+def test_volume_is_computed_in_log_space_without_overflow():
+    dist = MultivariateNormal(torch.zeros(2), torch.eye(2))
+    g = evaluate_on_grid(lambda x: dist.log_prob(x) + 1000.0, (-9, 9), (-9, 9), 121)
+    assert g.log_volume == pytest.approx(1000.0, abs=1e-4) and g.volume == math.inf
+    assert g.log_density.shape == (121, 121)
+    # the grid is row-major in y: log_density[i, j] is at (xs[j], ys[i])
+    xs, ys = np.linspace(0, 1, 5), np.linspace(0, 2, 3)
+    assert trapezoid_log_volume(np.zeros((3, 5)), xs, ys) == pytest.approx(math.log(2.0))
+
+
+# -- Prewitt backbone ----------------------------------------------------------------------------
+def test_prewitt_init_and_features_separate_stripe_directions():
+    net = PrewittNet(in_channels=1)
+    torch.testing.assert_close(net.conv.weight[0, 0], PREWITT_HORIZONTAL)
+    torch.testing.assert_close(net.conv.weight[1, 0], PREWITT_HORIZONTAL.t())
+    assert net.conv.weight.requires_grad and net.feature_dim == 2
+    x, y = stripes(400, seed=123)  # fresh data, not the training split
+    with torch.no_grad():
+        feats = net.forward_features(x)
+    assert set(feats) == {"conv", "penultimate"} and feats["penultimate"].shape == (400, 2)
+    h = feats["penultimate"]
+    assert (h[y == 0, 0] > h[y == 0, 1]).all() and (h[y == 1, 1] > h[y == 1, 0]).all()
+    # unpadded filters: an axis-aligned image gives 0 (up to rounding) in the other direction
+    assert h[y == 0, 1].max() < 1e-6 and h[y == 1, 0].max() < 1e-6
+    # diagonal stripes excite both filters
+    d, _ = diagonal_stripes(200, seed=5)
+    with torch.no_grad():
+        hd = net(d)
+    assert (hd.min(1).values > 0).float().mean() > 0.95
+
+
+def test_prewitt_backbone_from_config_with_spectral_bound(tmp_path):
+    cfg = compose_cfg("train", ["experiment=dhm_stripes", "flow.n_blocks=2"], tmp_path)
+    from ood_lightning.training import build_model
+
+    model = build_model(cfg, num_classes=2)
+    assert type(model.backbone).__name__ == "PrewittNet" and model.flow.dim == 2
+    assert model.feature_norm == "none" and len(model.flow.blocks) == 2
+    with torch.no_grad():
+        model.backbone.train()(torch.rand(4, 1, 9, 9))  # records the conv's input shape
+    from ood_lightning.nn.spectral import spectral_norms
+
+    assert max(spectral_norms(model.backbone).values()) <= 0.9 * 1.02
+    # the raw (unbounded) weight is still the Prewitt pair
+    raw = model.backbone.conv.parametrizations.weight.original
+    torch.testing.assert_close(raw[0, 0], PREWITT_HORIZONTAL)
+
+
+# -- sensitivity ---------------------------------------------------------------------------------
+def test_sensitivity_of_a_scaled_isometry_is_exact():
+    x = torch.randn(64, 3, 4, 4)
+    q, _ = torch.linalg.qr(torch.randn(48, 48))
+    for s in (0.5, 4.0):
+        rows = sensitivity(lambda t, s=s: s * t.flatten(1) @ q.T, x, max_norm=2.0, n_norms=9)
+        assert rows["none"].slope == pytest.approx(s, rel=1e-4)
+        assert rows["none"].intercept == pytest.approx(0.0, abs=1e-4)
+        assert rows["none"].pearson_r == pytest.approx(1.0, abs=1e-6)
+        assert rows["none"].n_pairs == 64 * 9
+    # normalised features do not see the scale s
+    a = sensitivity(lambda t: t.flatten(1), x, max_norm=2.0, n_norms=9)
+    b = sensitivity(lambda t: 7.0 * t.flatten(1), x, max_norm=2.0, n_norms=9)
+    for k in ("l1", "l2", "linf"):
+        assert a[k].slope == pytest.approx(b[k].slope, rel=1e-4)
+        assert a[k].pearson_r == pytest.approx(b[k].pearson_r, abs=1e-5)
+    assert a["l2"].mean_feature_norm == pytest.approx(1.0)
+
+
+def test_fit_line_is_least_squares():
+    eps = np.array([0.0, 1.0, 2.0, 3.0])
+    dev = np.array([1.0, 3.0, 5.0, 7.5])
+    slope, intercept, r = fit_line(eps, dev)
+    ref = np.linalg.lstsq(np.c_[eps, np.ones(4)], dev, rcond=None)[0]
+    assert (slope, intercept) == pytest.approx(tuple(ref))
+    assert r == pytest.approx(np.corrcoef(eps, dev)[0, 1])
+
+
+# -- sweep figures and Table 1 ------------------------------------------------------------------
+def _fake_run(path, overrides, seed, auroc, val_acc, val_loss, config=None, msp=0.8):
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config or {"lambda": 0.0, "seed": seed}))
+    (path / "csv").mkdir()
+    rows = [{"epoch": 0, "step": 9, "val/acc": 0.1, "val/loss": 9.0, "train/loss": ""},
+            {"epoch": 0, "step": 9, "val/acc": "", "val/loss": "", "train/loss": 2.0},
+            {"epoch": 1, "step": 19, "val/acc": val_acc, "val/loss": val_loss, "train/loss": ""},
+            {"epoch": 1, "step": 19, "val/acc": "", "val/loss": "", "train/loss": 1.0}]
+    with (path / "csv" / "metrics.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    res = {"dhm": {"svhn": {"auroc": auroc, "aupr_in": auroc - 0.05, "autc": 0.3}},
+           "msp": {"svhn": {"auroc": msp, "aupr_in": msp - 0.05, "autc": 0.35}}}
+    (path / "metrics.json").write_text(json.dumps({"seed": seed, "lambda": None, "accuracy": 0.9, "results": res}))
+
+
+def test_lambda_plot_reads_x_from_overrides_and_val_from_the_last_epoch(tmp_path):
+    _fake_run(tmp_path / "0", ["lambda=1e-3", "seed=0"], 0, 0.90, 0.95, 0.20)
+    _fake_run(tmp_path / "1", ["lambda=1e-3", "seed=1"], 1, 0.80, 0.93, 0.30)
+    _fake_run(tmp_path / "2", ["lambda=0.01", "seed=0"], 0, 0.50, 0.90, 1.50)
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)  # a run that failed: no metrics.json
+    (tmp_path / "3" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["lambda=5e-3"]))
+    assert run_value(tmp_path / "0", "lambda") == pytest.approx(1e-3)  # "1e-3": a string to YAML 1.1
+    assert last_epoch_values(tmp_path / "0" / "csv" / "metrics.csv") == {"val/acc": 0.95, "val/loss": 0.20}
+    records = collect_sweep(tmp_path, "lambda")
+    assert sorted(r["x"] for r in records) == [1e-3, 1e-3, 1e-2]
+    xs, mean, std, n = summarise(records, lambda r: r["results"]["dhm"]["svhn"]["auroc"])
+    np.testing.assert_allclose(xs, [1e-3, 1e-2])
+    np.testing.assert_allclose(mean, [0.85, 0.50])
+    np.testing.assert_allclose(std, [np.std([0.9, 0.8], ddof=1), 0.0])
+    assert list(n) == [2, 1]
+    out = plot_lambda(tmp_path)
+    assert out == tmp_path / "sweep_lambda.png" and out.stat().st_size > 10_000
+    table = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [float(r["lambda"]) for r in table] == [1e-3, 1e-2]
+    assert float(table[0]["val_loss_mean"]) == pytest.approx(0.25)
+    assert float(table[0]["dhm/svhn/auroc_mean"]) == pytest.approx(0.85)
+
+
+def test_spectral_plot_falls_back_to_the_resolved_config(tmp_path):
+    for i, c in enumerate([1.0, 6.0]):  # c set by a preset: not in the overrides
+        _fake_run(tmp_path / str(i), ["experiment=dhm_cifar10"], 0, 0.9 - 0.1 * i, 0.9, 0.3,
+                  config={"backbone": {"spectral_coeff": c}, "lambda": 3.5e-3})
+    assert run_value(tmp_path / "1", "backbone.spectral_coeff") == 6.0
+    assert run_value(tmp_path / "1", "lambda") == 3.5e-3
+    out = plot_spectral_coeff(tmp_path, detectors=["dhm", "msp"])
+    assert out.name == "sweep_spectral_coeff.png" and out.stat().st_size > 10_000
+
+
+def test_table_one_puts_detectors_side_by_side_and_evaluate_writes_it(tmp_path):
+    for seed, (a, m) in enumerate([(0.90, 0.85), (0.88, 0.87)]):
+        _fake_run(tmp_path / str(seed), [f"seed={seed}"], seed, a, 0.9, 0.3, msp=m)
+    runs, _ = collect(tmp_path)
+    text = side_by_side(aggregate(runs), ["dhm", "msp"])
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| detector | svhn auroc | svhn aupr_in | svhn autc |"
+    assert lines[1].startswith("| dhm | 0.890 ± 0.014 | 0.840 ± 0.014 | 0.300 ± 0.000")
+    assert lines[2].startswith("| msp | 0.860 ± 0.014")
+    from evaluate import evaluate
+
+    cfg = compose_cfg("evaluate", [f"run_dir={tmp_path}", "plot=lambda", "compare=[dhm,msp]"], tmp_path / "eval")
+    with pytest.raises(Exception, match="lambda > 0"):  # these runs have no λ: a clear error
+        evaluate(cfg)
+    cfg = compose_cfg("evaluate", [f"run_dir={tmp_path}", "compare=[dhm,msp]"], tmp_path / "eval")
+    evaluate(cfg)
+    assert "| dhm | 0.890 ± 0.014" in (tmp_path / "compare.md").read_text()
+    assert (tmp_path / "summary.md").exists()
+
+
+# -- the study scripts at a micro scale ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def sweeps_module():
+    sys.path.insert(0, str(ROOT / "sweeps"))
+    yield lambda name: importlib.import_module(name)
+    sys.path.remove(str(ROOT / "sweeps"))
+
+
+MICRO = ["debug=fast", "~callbacks.progress_bar", "trainer.limit_val_batches=1", "method.monitor_ood.limit=64"]
+
+
+def test_stripes_script_trains_plots_and_feeds_the_sensitivity_table(sweeps_module, tmp_path):
+    study = sweeps_module("dhm_stripes")
+    rec = study.run_one(1e-3, epochs=1, grid=25, out=tmp_path, extra=[*MICRO, "flow.n_blocks=2", "data.n_test=200",
+                                                                      "ood.diagonal.n=200"])
+    assert rec["lambda"] == 1e-3 and 0 <= rec["auroc_dhm"] <= 1 and np.isfinite(rec["train_logdet"])
+    run = tmp_path / "lambda1e-03"
+    assert rec["run"] == str(run)
+    g = np.load(run / "feature_density.npz")
+    assert g["log_density"].shape == (25, 25) and np.isfinite(g["log_density"]).all()
+    assert g["horizontal"].shape[1] == 2 and len(g["diagonal"]) == 200
+    assert study.plot_fig8([rec], tmp_path / "fig8.png").stat().st_size > 10_000
+    text, result = sweeps_module("dhm_sensitivity").run(run / "checkpoints" / "last.ckpt",
+                                                        n=32, max_norm=None, levels=5, seed=0, device="cpu")
+    assert set(result["rows"]) == {"none", "l1", "l2", "linf"} and "| linf |" in text
+    assert all(np.isfinite(r["slope"]) for r in result["rows"].values())
+
+
+def test_2d_script_measures_accuracy_and_volume(sweeps_module, tmp_path):
+    study = sweeps_module("dhm_2d")
+    rec = study.run_one("moons", 2.0, seed=0, epochs=1, grid=8, out=tmp_path,
+                        extra=[*MICRO, "flow.hidden=16", "backbone.hidden=16", "data.n_test=100"])
+    assert rec["c"] == 2.0 and 0.0 <= rec["accuracy"] <= 1.0 and np.isfinite(rec["log_volume"])
+    cfg = yaml.safe_load((tmp_path / "moons" / "c2" / "seed0" / ".hydra" / "config.yaml").read_text())
+    assert cfg["backbone"]["spectral_coeff"] == 2.0 and cfg["flow"]["n_blocks"] == 5
+    assert study.plot_fig10([rec], tmp_path / "fig10.png").stat().st_size > 10_000
+    assert study.plot_fig9([rec], tmp_path / "fig9.png").stat().st_size > 10_000
+
+
+def test_sweep_scripts_compose_their_experiments(tmp_path):
+    tiny = compose_cfg("train", ["experiment=dhm_tiny", "lambda=3.67e-3", "backbone.spectral_coeff=6"], tmp_path)
+    assert tiny.method.lambda_ == 3.67e-3 and tiny.backbone.spectral_coeff == 6 and tiny.data.name == "stripes"
+    d2 = compose_cfg("train", ["experiment=dhm_2d", "data=rings"], tmp_path)
+    assert d2.backbone.depth == 6 and d2.backbone.hidden == 128 and d2.flow.n_blocks == 5 and d2.flow.hidden == 128
+    assert d2.data.name == "rings" and dict(d2.ood) == {}
+    for script in ("dhm_lambda.sh", "dhm_spectral.sh", "dhm_seeds.sh"):
+        text = (ROOT / "sweeps" / script).read_text()
+        assert "train.py -m" in text and "evaluate.py" in text
