@@ -8,13 +8,17 @@ A true density over the inputs would have volume ≈ 1; the encoder is not a bij
 DHM's need not. Writes, under --out:
 
     <data>/c<c>/seed<s>/          each run's directory (metrics.json, checkpoints, csv, .hydra)
-    results.csv, results.json     data, c, seed, test accuracy, log-volume, volume
+    results.csv, results.json     data, c, seed, test accuracy, log-volume, volume (or the error of a
+                                  failed run); rerunning with the same --out skips finished runs
     fig10_accuracy_volume.png     test accuracy and volume (log scale) against c, mean ± std
     fig9_heatmaps.png             log p(x) on the grid with the test data on top, one panel per data x c
 
     python sweeps/dhm_2d.py                                   # paper scale: c = 0.5..6, 3 seeds, 50 epochs
     python sweeps/dhm_2d.py --cpu                             # minutes on a laptop CPU
     python sweeps/dhm_2d.py --coeffs 1 4 --epochs 5 -- lambda=1e-3   # extra Hydra overrides after --
+
+A run that fails (measured: moons, c = 6, 30 epochs, SGD lr 0.05 went NaN at epoch 7) is
+recorded with its error and the study goes on; `-- method.optimizer.lr=0.01` is the remedy.
 """
 
 from __future__ import annotations
@@ -136,7 +140,7 @@ def _test_points(rec: dict) -> tuple[np.ndarray, np.ndarray]:
 def write_results(records: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(records, indent=2))
     with (out / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
         writer.writeheader()
         writer.writerows(records)
 
@@ -158,16 +162,29 @@ def main() -> None:
     grid = args.grid or (40 if args.cpu else 300)
     extra = list(args.overrides) + (["~callbacks.progress_bar"] if args.cpu else [])
     args.out.mkdir(parents=True, exist_ok=True)
+    # a study directory is resumable: finished runs in its results.json are kept, failed ones retried
+    done = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else []
+    done = {(r["data"], r["c"], r["seed"]): r for r in done if "error" not in r}
     records = []
     for data in args.data:
         for c in coeffs:
             for seed in seeds:
-                records.append(run_one(data, c, seed, epochs, grid, args.out, extra))
+                if (data, c, seed) in done:
+                    records.append(done[(data, c, seed)])
+                    continue
+                try:
+                    records.append(run_one(data, c, seed, epochs, grid, args.out, extra))
+                except Exception as err:  # e.g. a diverging run: record it and go on with the study
+                    print(f"[dhm_2d] {data} c={c} seed={seed} FAILED: {type(err).__name__}: {err}", flush=True)
+                    records.append({"data": data, "c": c, "seed": seed, "error": f"{type(err).__name__}: {err}"})
                 write_results(records, args.out)
-    print("wrote", plot_fig10(records, args.out / "fig10_accuracy_volume.png"))
-    print("wrote", plot_fig9(records, args.out / "fig9_heatmaps.png"))
+    ok = [r for r in records if "error" not in r]
+    if ok:
+        print("wrote", plot_fig10(ok, args.out / "fig10_accuracy_volume.png"))
+        print("wrote", plot_fig9(ok, args.out / "fig9_heatmaps.png"))
     for r in records:
-        print(f"{r['data']:6s} c={r['c']:<4} seed={r['seed']} acc={r['accuracy']:.4f} volume={r['volume']:.4g}")
+        result = r.get("error") or f"acc={r['accuracy']:.4f} volume={r['volume']:.4g}"
+        print(f"{r['data']:6s} c={r['c']:<4} seed={r['seed']} {result}")
 
 
 if __name__ == "__main__":
