@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from ood_lightning.evaluation.plots import hist_panel  # noqa: E402
+
 
 def _grid(images: torch.Tensor, nrow: int) -> np.ndarray:
     """[N, C, H, W] in [0, 1] -> an HxWx3 (or HxW for grey) array."""
@@ -44,21 +46,6 @@ def save_image_panels(panels: Mapping[str, torch.Tensor], path: str | Path, nrow
     return path
 
 
-def _hist_panel(ax, by_split: Mapping[str, np.ndarray], title: str) -> None:
-    values = {k: np.asarray(v, dtype=np.float64) for k, v in by_split.items()}
-    finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] or [np.zeros(1)])
-    lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
-    bins = np.linspace(lo, hi if hi > lo else lo + 1, 60)
-    for split, v in values.items():
-        v = np.clip(v[np.isfinite(v)], bins[0], bins[-1])
-        if split == "id_test":
-            ax.hist(v, bins=bins, density=True, alpha=0.45, color="black", label="ID test")
-        else:
-            ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.4, label=split)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-
-
 #: the ELBO components shown, with their axis titles
 COMPONENT_TITLES = {
     "rec": "reconstruction term E_q log p(x|z) / D  (nats/dim)",
@@ -76,7 +63,7 @@ def elbo_component_histograms(components: Mapping[str, Mapping[str, np.ndarray]]
     names = [n for n in COMPONENT_TITLES if all(n in c for c in components.values())]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        _hist_panel(ax, {split: c[name] for split, c in components.items()}, COMPONENT_TITLES[name])
+        hist_panel(ax, {split: c[name] for split, c in components.items()}, COMPONENT_TITLES[name])
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -91,7 +78,7 @@ def probe_distance_histograms(probes: Mapping, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.2), squeeze=False)
     for ax, (ood, p) in zip(axes[0], probes.items()):
-        _hist_panel(ax, {"id_test": p.distances_id, ood: p.distances_ood},
+        hist_panel(ax, {"id_test": p.distances_id, ood: p.distances_ood},
                     f"{ood}: pos {p.positive_accuracy:.3f} / neg {p.negative_accuracy:.3f}")
         ax.axvline(0.0, color="red", linewidth=0.8)
         ax.set_xlabel("signed distance to the hyperplane (latent units)", fontsize=8)
