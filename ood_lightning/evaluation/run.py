@@ -203,7 +203,8 @@ def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None
     np.savez_compressed(run_dir / "scores.npz", **arrays)
     from ood_lightning.evaluation.plots import score_histograms
 
-    score_histograms(ev.scores, run_dir / "plots" / "scores.png")
+    if ev.scores:  # detectors=none: accuracy only, nothing to plot
+        score_histograms(ev.scores, run_dir / "plots" / "scores.png")
     return run_dir / "metrics.json"
 
 
@@ -225,4 +226,9 @@ def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×1
 def print_results(metrics: dict, console: Console | None = None) -> None:
     if console is None:  # logs and pipes get a full-width table rather than rich's 80 columns
         console = Console() if sys.stdout.isatty() else Console(width=120)
+    if not any(metrics.get("results", {}).values()):
+        acc = metrics.get("accuracy")
+        head = f"ID accuracy {100 * acc:.2f}%; " if acc is not None else ""
+        console.print(f"{head}no OOD scores: no OOD sets or no detectors configured (ood=none / detectors=none)")
+        return
     console.print(results_table(metrics))
