@@ -68,27 +68,33 @@ _SHORT = {"mu": "mu", "penultimate": "g", "block1": "t1", "block2": "t2", "block
 
 
 # ---------------------------------------------------------------------------------- losses
+#: elements of one [anchors, B, B] block of the triplet hinge (16M floats: 64 MiB)
+_TRIPLET_CHUNK = 1 << 24
+
+
 def triplet_losses(z: Tensor, y: Tensor, triplet_margin: float, distance_margin: float) -> tuple[Tensor, Tensor]:
     """(L_t, L_d) averaged over every valid triplet (a, p, n): y_a = y_p, a ≠ p, y_n ≠ y_a.
 
-    Squared Euclidean distances. Vectorised over (positive pair) × (candidate negative), an
-    [P, B] tensor with P = number of ordered positive pairs, never [B, B, B]. Zero (with a
-    graph) when the batch has no valid triplet.
+    Squared Euclidean distances. Masked sums over (anchor, positive, negative) in chunks of
+    anchors of at most ``_TRIPLET_CHUNK`` elements, so memory stays bounded and nothing depends
+    on the data's values on the host (no ``nonzero``, no ``if count == 0``: no GPU sync).
+    Zero (with a graph) when the batch has no valid triplet.
     """
     d = (z[:, None, :] - z[None, :, :]).pow(2).sum(-1)  # [B, B]
     same = y[:, None] == y[None, :]
-    neg = ~same
-    pos = same & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-    a, p = pos.nonzero(as_tuple=True)  # [P]
-    valid = neg[a]  # [P, B]: negatives of each pair's anchor
-    count = valid.sum()
-    if count == 0:
-        zero = z.sum() * 0.0
-        return zero, zero
-    d_an = d[a]  # [P, B]
-    l_t = torch.where(valid, F.relu(d[a, p][:, None] - d_an + triplet_margin), 0.0).sum() / count
-    l_d = torch.where(valid, F.relu(distance_margin - d_an), 0.0).sum() / count
-    return l_t, l_d
+    neg = (~same).to(d.dtype)
+    pos = (same & ~torch.eye(len(y), dtype=torch.bool, device=y.device)).to(d.dtype)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)  # per anchor
+    count = (n_pos * n_neg).sum().clamp(min=1.0)
+    # L_d: each (a, n) term appears once per positive of a
+    l_d = (n_pos[:, None] * neg * F.relu(distance_margin - d)).sum() / count
+    chunk = max(1, _TRIPLET_CHUNK // max(len(y) ** 2, 1))
+    l_t = d.new_zeros(())
+    for s in range(0, len(y), chunk):
+        d_c, pos_c, neg_c = d[s:s + chunk], pos[s:s + chunk], neg[s:s + chunk]
+        hinge = F.relu(d_c[:, :, None] - d_c[:, None, :] + triplet_margin)  # [a, p, n]
+        l_t = l_t + (pos_c[:, :, None] * neg_c[:, None, :] * hinge).sum()
+    return l_t / count, l_d
 
 
 def class_kl(mu: Tensor, logvar: Tensor, means: Tensor, prior_var: float) -> Tensor:
