@@ -53,6 +53,7 @@ import ood_lightning.config  # noqa: E402,F401  (resolvers)
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
 from ood_lightning.data.registry import ArrayData  # noqa: E402
 from ood_lightning.data.transforms import Preprocess  # noqa: E402
+from ood_lightning.host_sync import CountHostSyncs  # noqa: E402
 from ood_lightning.nn.backbones import SmallCNN, WideResNet  # noqa: E402
 from ood_lightning.training import apply_speedups, build_model  # noqa: E402
 
@@ -262,6 +263,28 @@ def run_lightning(args, images, labels, method: str, profile_dir: Path | None) -
             "precision": str(trainer.precision), "loader": type(trainer.train_dataloader).__name__}
 
 
+def count_host_syncs(args, images, labels, method: str, steps: int = 4) -> float:
+    """Host syncs per steady-state training step of this row (``ood_lightning/host_sync.py``).
+
+    A short separate eager run (compile off: it inserts no host reads, and dispatch-mode
+    interception would interfere with tracing), counted after 2 warm-up steps.
+    """
+    eager = argparse.Namespace(**{**vars(args), "compile": False})
+    cfg = compose_cfg(eager, method)
+    L.seed_everything(0, workers=True, verbose=False)
+    dm = OODDataModule(cfg.data, cfg.ood)
+    dm.train_set = ArrayData(images, labels)
+    dm.val_set = dm.test_set = ArrayData(images[: args.batch_size], labels[: args.batch_size])
+    model = build_model(cfg, NUM_CLASSES)
+    counter = CountHostSyncs(skip=2)
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[counter], enable_progress_bar=False,
+                                     enable_checkpointing=False, enable_model_summary=False, max_epochs=1,
+                                     limit_train_batches=2 + steps + 1, limit_val_batches=0, num_sanity_val_steps=0)
+    apply_speedups(model, cfg, trainer.strategy.root_device)
+    trainer.fit(model, datamodule=dm)
+    return counter.result.mean
+
+
 # -- profiling -------------------------------------------------------------------------------------
 def _profiler(device):
     from torch.profiler import ProfilerActivity, profile
@@ -328,6 +351,12 @@ def measure(args) -> dict:
                     res["eager_error"] = f"{type(err2).__name__}: {err2}"
         if device.type == "cuda":
             res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if row in ("b", "c"):
+            try:
+                res["host_syncs_per_step"] = count_host_syncs(args, images, labels,
+                                                              "classifier" if row == "b" else "dhm")
+            except Exception as err:  # a diagnostic: never costs the row its timing
+                res["host_syncs_error"] = f"{type(err).__name__}: {err}"
         results[row] = res
         print(f"{LABELS[row]}: {res.get('images_per_s', float('nan')):.1f} images/s", flush=True)
     return results
@@ -339,20 +368,22 @@ def report(args, results: dict) -> str:
         "WRN-28-10 (3x32x32; DHM: SN c=3 + 10-block residual flow, hidden 640)"
     lines = [f"device: {dev}; torch {torch.__version__}, lightning {L.__version__}",
              f"model: {model}; batch {args.batch_size}; {args.warmup} warm-up + {args.steps} timed steps",
-             "", "| row | images/s | ×a | 200-epoch projection | peak GPU GiB | precision | channels_last | compile | loader |",
-             "|---|---:|---:|---:|---:|---|---|---|---|"]
+             "", "| row | images/s | ×a | 200-epoch projection | peak GPU GiB | host syncs/step | precision | channels_last "
+             "| compile | loader |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
     base = results.get("a", {}).get("images_per_s")
     for row, res in results.items():
         rate = res.get("images_per_s")
         if rate is None:
-            lines.append(f"| {LABELS[row]} | failed: {res.get('error')} | | | | | | | |")
+            lines.append(f"| {LABELS[row]} | failed: {res.get('error')} | | | | | | | | |")
             continue
         ratio = f"{rate / base:.2f}" if base else "-"
         hours = args.epochs * args.dataset_size / rate / 3600
         proj = f"{hours * 60:.1f} min" if hours < 2 else f"{hours:.1f} h"
         mem = f"{res['peak_memory_gib']:.1f}" if "peak_memory_gib" in res else "-"
         note = f" ({res['note']})" if "note" in res else ""
-        lines.append(f"| {LABELS[row]}{note} | {rate:,.0f} | {ratio} | {proj} | {mem} | {res.get('precision')} | "
+        syncs = f"{res['host_syncs_per_step']:.2f}" if "host_syncs_per_step" in res else "-"
+        lines.append(f"| {LABELS[row]}{note} | {rate:,.0f} | {ratio} | {proj} | {mem} | {syncs} | {res.get('precision')} | "
                      f"{res.get('channels_last')} | {res.get('compile')} | {res.get('loader')} |")
     if base:
         for row, target in (("b", 0.9), ("c", 0.75)):
@@ -360,6 +391,9 @@ def report(args, results: dict) -> str:
             if rate:
                 verdict = "" if args.tiny else (" (meets the target)" if rate / base >= target else " (MISSES the target)")
                 lines.append(f"\n{row}/a = {rate / base:.3f}; target ≥ {target}{verdict}")
+    lines.append("host syncs/step: reads of device values on the host per steady-state training step of b and c "
+                 "(ood_lightning/host_sync.py; an eager run; the non-finite check reads the loss every "
+                 "nan_check_every steps: 50 on CUDA, 1 on the CPU)")
     lines.append(f"\nprojection: {args.epochs} epochs × {args.dataset_size} images at the measured rate, training "
                  "steps only (no validation, no OOD evaluation)")
     if args.tiny:

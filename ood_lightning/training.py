@@ -114,6 +114,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+#: training steps between host reads of the loss on CUDA (one sync each; ~1 ms of a WRN step)
+NAN_CHECK_EVERY_CUDA = 50
+
+
 def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
     """The top-level ``channels_last`` and ``compile`` keys, applied to ``model.backbone`` for ``device``.
 
@@ -127,9 +131,17 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
       breaks graphs on every step. Direct calls of ``forward_features`` (the evaluation's
       feature extraction) stay eager.
 
-    On CPU with the defaults both are no-ops. Returns what was applied (for logs and the benchmark).
+    - ``nan_check_every: auto|k``: how often the loss is read on the host for the non-finite
+      check (``methods/nonfinite.py``); ``auto`` = every step on the CPU (free there),
+      every ``NAN_CHECK_EVERY_CUDA`` steps on CUDA (each read makes the host wait for the GPU).
+
+    On CPU with the defaults all are no-ops. Returns what was applied (for logs and the benchmark).
     """
     backbone = model.backbone
+    every = cfg.get("nan_check_every", "auto")
+    if str(every).lower() == "auto":
+        every = NAN_CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    model.nan_check_every = int(every)
     applied = {"channels_last": False, "compile": False}
     choice = cfg.get("channels_last", "auto")
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in backbone.modules())
@@ -144,8 +156,9 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
         kwargs = {} if options is True else to_dict(options)
         backbone.compile(**kwargs)
         applied["compile"] = kwargs or True
-    if any(applied.values()):
-        log.info("backbone speedups on %s: %s", device, applied)
+    if any(applied.values()) or model.nan_check_every > 1:
+        log.info("speedups on %s: %s, loss read on the host every %d steps", device, applied,
+                 model.nan_check_every)
     return applied
 
 

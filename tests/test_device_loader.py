@@ -225,3 +225,15 @@ def test_throughput_benchmark_runs_on_cpu(tmp_path):
     assert results["b"]["loader"] == results["c"]["loader"] == "DeviceLoader"
     table = json.loads(out.read_text())["table"]
     assert "b/a = " in table and "c/a = " in table and "not the GPU targets" in table
+    # the CPU run reads the loss every step (nan_check_every=auto): exactly one host sync per step
+    assert results["b"]["host_syncs_per_step"] == results["c"]["host_syncs_per_step"] == 1.0
+
+
+def test_flow_gradient_benchmark_runs_and_neumann_dispatches_fewer_ops(capsys):
+    spec = importlib.util.spec_from_file_location("flow_gradient", ROOT / "benchmarks" / "flow_gradient.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--device", "cpu", "--dim", "16", "--blocks", "2", "--batch-size", "8", "--steps", "3"])
+    # same roulette draws: the Neumann series skips the double-backward of every VJP but the last
+    assert res["neumann"]["ops"] < res["backprop"]["ops"]
+    assert "backprop / neumann: ops" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -97,6 +98,31 @@ def test_nan_loss_stops_with_step_terms_and_checkpoint(tmp_path):
     with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 0, step \d+: ce=(nan|inf).*checkpoint saved to"):
         train(cfg)
     assert list((tmp_path / "checkpoints").glob("nonfinite-step*.ckpt"))
+
+
+def test_deferred_nan_check_names_the_same_step_as_the_immediate_one(tmp_path):
+    """nan_check_every=k (CUDA's default) reads the loss every k steps yet reports the first bad step."""
+    found = {}
+    for every in (1, 5):
+        cfg = compose_cfg("train", [*TINY, "method.optimizer.lr=1e30", "detectors=none", f"nan_check_every={every}"],
+                          tmp_path / str(every))
+        with pytest.raises(FloatingPointError) as err:
+            train(cfg)
+        found[every] = re.search(r"non-finite loss at epoch (\d+), step (\d+): (ce=\S+)", str(err.value)).groups()
+        assert list((tmp_path / str(every) / "checkpoints").glob(f"nonfinite-step{found[every][1]}.ckpt"))
+    assert found[5] == found[1]
+    # debug=fast: one epoch of 4 batches, so the window of steps 0-4 is read at the epoch's end (step 3)
+    late = 3 - int(found[1][1])
+    assert (f"found {late} steps later: nan_check_every=5" in str(err.value)) == (late > 0)
+
+
+def test_run_without_ood_sets_or_detectors_reports_accuracy_only(tmp_path, capsys):
+    tiny = [o for o in TINY if not o.startswith("ood")]
+    cfg = compose_cfg("train", [*tiny, "ood=none", "detectors=none"], tmp_path)
+    metrics = train(cfg)
+    assert metrics["results"] == {} and 0.0 <= metrics["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert "no OOD scores" in capsys.readouterr().out
 
 
 def test_empty_class_selection_is_a_clear_error(tmp_path):

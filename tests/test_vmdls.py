@@ -13,6 +13,7 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+import ood_lightning.methods.vmdls as vmdls_module
 from ood_lightning.data.class_batch_sampler import ClassBatchSampler
 from ood_lightning.detectors.base import Outputs
 from ood_lightning.errors import ConfigError
@@ -41,8 +42,9 @@ def _brute_force(z, y, m_t, m_d):
     return torch.stack(lt).mean(), torch.stack(ld).mean()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_vectorised_triplet_and_distancing_equal_a_loop_over_triplets(seed):
+@pytest.mark.parametrize("seed,chunk", [(0, 1 << 24), (1, 1 << 24), (0, 3 * 14 * 14)])
+def test_vectorised_triplet_and_distancing_equal_a_loop_over_triplets(seed, chunk, monkeypatch):
+    monkeypatch.setattr(vmdls_module, "_TRIPLET_CHUNK", chunk)  # 3 * 14 * 14: five blocks of anchors
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(14, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 3, (14,), generator=gen)

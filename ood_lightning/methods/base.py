@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ood_lightning.errors import NonFiniteLossError
+from ood_lightning.methods.nonfinite import NonFinite, NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class OODMethod(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
+        #: host reads of the loss: every step (1) or every k steps (train.yaml ``nan_check_every``)
+        self.nan_check_every = 1
+        self._nonfinite_guard: NonFiniteGuard | None = None
 
     # -- what detectors call ---------------------------------------------------------------
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
@@ -67,18 +71,38 @@ class OODMethod(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
 
     def check_finite(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
-        """Stop with the step, every loss term and a saved checkpoint when the loss is NaN/inf."""
-        if torch.isfinite(loss).all():
-            return
-        values = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
+        """Stop with the step, every loss term and a saved checkpoint when the loss is NaN/inf.
+
+        Reads the loss on the host every ``nan_check_every`` steps (``methods/nonfinite.py``).
+        """
+        if self._nonfinite_guard is None or self._nonfinite_guard.every != self.nan_check_every:
+            self._nonfinite_guard = NonFiniteGuard(self.nan_check_every)
+        found = self._nonfinite_guard.check(loss, terms, self.current_epoch, self.global_step)
+        if found is not None:
+            self._stop_nonfinite(found)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        last = self._trainer is not None and batch_idx + 1 >= self.trainer.num_training_batches
+        if last and self._nonfinite_guard is not None:
+            found = self._nonfinite_guard.flush()
+            if found is not None:
+                self._stop_nonfinite(found)
+
+    def _stop_nonfinite(self, found: NonFinite) -> None:
+        values = ", ".join(f"{k}={v:.4g}" for k, v in found.terms.items())
         path = "not saved (no trainer)"
         if self._trainer is not None:
             ckpt_dir = Path(self.trainer.default_root_dir) / "checkpoints"
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            path = str(ckpt_dir / f"nonfinite-step{self.global_step}.ckpt")
+            path = str(ckpt_dir / f"nonfinite-step{found.step}.ckpt")
             self.trainer.save_checkpoint(path)
-        raise NonFiniteLossError(f"non-finite loss at epoch {self.current_epoch}, step {self.global_step}: "
-                                 f"{values}; checkpoint saved to {path}. Lower the learning rate or check the data.")
+        late = ""
+        if found.steps_late:
+            late = (f" (found {found.steps_late} steps later: nan_check_every={self.nan_check_every} reads the loss "
+                    "on the host every that many steps; the checkpoint holds the weights after those steps, "
+                    "nan_check_every=1 saves them before the bad update)")
+        raise NonFiniteLossError(f"non-finite loss at epoch {found.epoch}, step {found.step}: {values}; "
+                                 f"checkpoint saved to {path}{late}. Lower the learning rate or check the data.")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
