@@ -44,26 +44,63 @@ def _labels(id_s: np.ndarray, ood_s: np.ndarray) -> tuple[np.ndarray, np.ndarray
 # ---------------------------------------------------------------- AUROC / AUPR
 
 
+def _pairwise_auroc(id_s: np.ndarray, ood_s: np.ndarray) -> float:
+    """Mann-Whitney: P(id > ood) + 0.5 P(id == ood), counted over all pairs."""
+    diff = id_s[:, None] - ood_s[None, :]
+    return float(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))
+
+
+def _brute_force_ap(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Average precision by its definition on untied scores: rank everything by score (highest
+    first) and average, over the positives, the precision among the top-k where k is the rank of
+    that positive."""
+    scores = np.r_[pos, neg]
+    is_pos = np.r_[np.ones(pos.size, bool), np.zeros(neg.size, bool)]
+    assert np.unique(scores).size == scores.size, "brute-force AP needs untied scores"
+    precisions = []
+    for p in pos:
+        top_k = scores >= p  # everything ranked at or above this positive
+        precisions.append(np.sum(is_pos & top_k) / np.sum(top_k))
+    return float(np.mean(precisions))
+
+
 @pytest.mark.parametrize("data", ["overlapping", "tied"])
-def test_auroc_matches_sklearn_and_pairwise_count(
+def test_auroc_matches_pairwise_count(
     data: str, request: pytest.FixtureRequest
 ) -> None:
     id_s, ood_s = request.getfixturevalue(data)
+    # The truth is the pairwise (Mann-Whitney) count, not sklearn (which auroc() calls).
+    assert auroc(id_s, ood_s) == pytest.approx(_pairwise_auroc(id_s, ood_s), abs=1e-12)
+    # Wiring check only (auroc() wraps roc_auc_score): ID must be the positive class, higher score
+    # meaning more in-distribution.
     y, s = _labels(id_s, ood_s)
-    # Mann-Whitney: P(id > ood) + 0.5 P(id == ood), counted over all pairs.
-    diff = id_s[:, None] - ood_s[None, :]
-    pairwise = np.mean(diff > 0) + 0.5 * np.mean(diff == 0)
     assert auroc(id_s, ood_s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
-    assert auroc(id_s, ood_s) == pytest.approx(pairwise, abs=1e-12)
+    assert auroc(ood_s, id_s) == pytest.approx(1.0 - auroc(id_s, ood_s), abs=1e-12)
     # Genuinely overlapping, not a trivial 0.5 or 1.0.
     assert 0.6 < auroc(id_s, ood_s) < 0.95
 
 
-@pytest.mark.parametrize("data", ["overlapping", "tied"])
-def test_aupr_in_and_out_match_sklearn(
-    data: str, request: pytest.FixtureRequest
+def test_aupr_in_and_out_match_brute_force_average_precision(
+    overlapping: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    id_s, ood_s = request.getfixturevalue(data)
+    # Untied continuous scores, so AP has a single unambiguous definition (no tie handling).
+    id_s, ood_s = overlapping
+    expected_in = _brute_force_ap(id_s, ood_s)  # ID positive, rank by score
+    expected_out = _brute_force_ap(-ood_s, -id_s)  # OOD positive, rank by -score
+    assert aupr_in(id_s, ood_s) == pytest.approx(expected_in, abs=1e-12)
+    assert aupr_out(id_s, ood_s) == pytest.approx(expected_out, abs=1e-12)
+    # Both well above their chance levels (the class prevalences) and clearly different.
+    assert expected_in > id_s.size / (id_s.size + ood_s.size) + 0.2
+    assert expected_out > ood_s.size / (id_s.size + ood_s.size) + 0.2
+    assert expected_in != pytest.approx(expected_out, abs=1e-2)
+
+
+def test_aupr_with_ties_wires_sklearn_in_both_directions(
+    tied: tuple[np.ndarray, np.ndarray],
+) -> None:
+    # Tied scores: AP is defined by sklearn's step-wise rule (all tied items enter together), so
+    # this is only a wiring check that ID/OOD and the score sign are passed the right way round.
+    id_s, ood_s = tied
     y, s = _labels(id_s, ood_s)
     assert aupr_in(id_s, ood_s) == pytest.approx(
         average_precision_score(y, s), abs=1e-12
@@ -314,14 +351,22 @@ def test_ood_metrics_keys_and_consistency(
         "autc",
     ]
     assert all(isinstance(v, float) for v in m.values())
-    y, s = _labels(id_s, ood_s)
-    assert m["auroc"] == pytest.approx(roc_auc_score(y, s))
-    assert m["aupr_in"] == pytest.approx(average_precision_score(y, s))
-    assert m["aupr_out"] == pytest.approx(average_precision_score(1 - y, -s))
-    assert m["fpr95"] == pytest.approx(np.mean(ood_s >= threshold_at_tpr(id_s, 0.95)))
-    assert m["tnr95"] == pytest.approx(1.0 - m["fpr95"])
-    assert m["autc"] == autc(id_s, ood_s)
-    assert m["detection_error"] == detection_error(id_s, ood_s)
+    # Every value against a brute-force truth that does not go through the library.
+    assert m["auroc"] == pytest.approx(_pairwise_auroc(id_s, ood_s), abs=1e-12)
+    assert m["aupr_in"] == pytest.approx(_brute_force_ap(id_s, ood_s), abs=1e-12)
+    assert m["aupr_out"] == pytest.approx(_brute_force_ap(-ood_s, -id_s), abs=1e-12)
+    # FPR@95 by direct counting: the largest candidate threshold keeping >= 95% of ID.
+    t95 = max(c for c in id_s if np.sum(id_s >= c) >= 0.95 * id_s.size)
+    assert np.sum(id_s >= t95) == 380  # 95% of 400, exactly
+    assert m["fpr95"] == pytest.approx(np.sum(ood_s >= t95) / ood_s.size, abs=1e-12)
+    assert m["tnr95"] == pytest.approx(np.sum(ood_s < t95) / ood_s.size, abs=1e-12)
+    candidates = np.r_[np.unique(np.r_[id_s, ood_s]), np.inf]
+    brute_de = min(
+        0.5 * (1 - np.mean(id_s >= t)) + 0.5 * np.mean(ood_s >= t) for t in candidates
+    )
+    assert m["detection_error"] == pytest.approx(brute_de, abs=1e-12)
+    assert m["autc"] == pytest.approx(_autc_by_integration(id_s, ood_s), abs=1e-4)
+    assert 0.0 < m["fpr95"] < 1.0 and 0.0 < m["detection_error"] < 0.5
 
 
 @pytest.mark.parametrize("which", ["ID", "OOD"])

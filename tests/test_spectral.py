@@ -148,11 +148,27 @@ def test_conv_state_survives_a_checkpoint_round_trip() -> None:
 
 def test_first_forward_under_inference_mode_then_training() -> None:
     """Lightning's sanity check runs the first forward under torch.inference_mode."""
-    net = apply_spectral_norm(_conv_net(), COEFF).eval()
+    torch.manual_seed(0)
+    net = _conv_net()
+    shapes = _input_shapes(net, torch.randn(1, 3, 7, 7))
+    with torch.no_grad():  # every layer well above the bound, so the bound must act
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(4)
+    net = apply_spectral_norm(net, COEFF).eval()
     with torch.inference_mode():
         net(torch.randn(2, 3, 7, 7))
     net.train()
     net(torch.randn(2, 3, 7, 7)).sum().backward()
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in layers:
+        grad = m.parametrizations.weight.original.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, m
+    net.eval()
+    converge_spectral_norms(net)
+    norms = [_true_norm(m, shapes.get(m)) for m in layers]
+    assert max(norms) <= COEFF * (1 + 1e-4), norms
+    assert min(norms) >= COEFF * 0.999, norms  # the bound is tight on layers that were too large
 
 
 def test_gradients_reach_the_raw_weights() -> None:

@@ -123,12 +123,14 @@ def test_empty_request_gives_empty_tensors(name: str) -> None:
 
 
 def test_bad_arguments_raise_config_error() -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"synthetic set size n must be >= 0, got -1"):
         gaussian_noise(-1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"image shape must be \(C, H, W\) with positive sizes, got \(32, 32\)"):
         uniform_noise(2, shape=(32, 32))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"rings got 3 radii for num_rings=2; pass one per ring"):
         rings(10, num_rings=2, radii=[1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match=r"rings needs num_rings >= 1, got 0"):
+        rings(10, num_rings=0)
 
 
 # --------------------------------------------------------------------------- noise images
