@@ -27,7 +27,7 @@ test-fast: install  ## unit tests only, no end-to-end runs
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 lint: install
-	$(BIN)/ruff check ood_lightning tests train.py evaluate.py
+	$(BIN)/ruff check ood_lightning tests benchmarks sweeps train.py evaluate.py
 
 bench: install  ## train images/s: plain PyTorch vs Lightning classifier vs DHM (tiny model on CPU); docs/performance.md
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

@@ -55,7 +55,7 @@ from ood_lightning.data.registry import ArrayData  # noqa: E402
 from ood_lightning.data.transforms import Preprocess  # noqa: E402
 from ood_lightning.host_sync import CountHostSyncs  # noqa: E402
 from ood_lightning.nn.backbones import SmallCNN, WideResNet  # noqa: E402
-from ood_lightning.training import apply_speedups, build_model  # noqa: E402
+from ood_lightning.training import apply_speedups, build_model, set_nan_check_every  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 NUM_CLASSES = 10
@@ -254,6 +254,7 @@ def run_lightning(args, images, labels, method: str, profile_dir: Path | None) -
                                      enable_checkpointing=False, enable_model_summary=False, max_epochs=1,
                                      limit_train_batches=total, limit_val_batches=0, num_sanity_val_steps=0)
     applied = apply_speedups(model, cfg, trainer.strategy.root_device)
+    set_nan_check_every(model, cfg, trainer.strategy.root_device)
     trainer.fit(model, datamodule=dm)
     if timer.start is None or timer.end is None:
         raise RuntimeError(f"training stopped before the timed window ({trainer.global_step} steps)")
@@ -281,6 +282,7 @@ def count_host_syncs(args, images, labels, method: str, steps: int = 4) -> float
                                      enable_checkpointing=False, enable_model_summary=False, max_epochs=1,
                                      limit_train_batches=2 + steps + 1, limit_val_batches=0, num_sanity_val_steps=0)
     apply_speedups(model, cfg, trainer.strategy.root_device)
+    set_nan_check_every(model, cfg, trainer.strategy.root_device)
     trainer.fit(model, datamodule=dm)
     return counter.result.mean
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -31,19 +32,26 @@ from ood_lightning.nn.spectral import apply_spectral_norm
 log = logging.getLogger(__name__)
 
 
+def build_backbone(cfg: DictConfig) -> torch.nn.Module:
+    """``cfg.backbone`` without its weights: ``backbone.spectral_coeff`` (not a constructor
+    argument) bounds every conv/linear to operator norm <= c (Gouk et al.)."""
+    spec = OmegaConf.to_container(cfg.backbone, resolve=True)
+    spec.pop("checkpoint", None)
+    spectral_coeff = spec.pop("spectral_coeff", None)
+    backbone = instantiate(spec)
+    if spectral_coeff is not None:
+        apply_spectral_norm(backbone, float(spectral_coeff))
+    return backbone
+
+
 def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True):
     """Backbone + method from the config (the method gets the backbone and class count).
 
     Methods with a density term read the top-level ``lambda`` through their own config
     (``lambda_: ${lambda}``), so the config stays the only place for hyperparameters.
     """
-    spec = OmegaConf.to_container(cfg.backbone, resolve=True)
-    checkpoint = spec.pop("checkpoint", None)
-    spectral_coeff = spec.pop("spectral_coeff", None)
-    backbone = instantiate(spec)
-    if spectral_coeff is not None:  # every conv/linear scaled to operator norm <= c (Gouk et al.)
-        apply_spectral_norm(backbone, float(spectral_coeff))
-    model = instantiate(cfg.method, backbone=backbone, num_classes=num_classes)
+    checkpoint = cfg.backbone.get("checkpoint")
+    model = instantiate(cfg.method, backbone=build_backbone(cfg), num_classes=num_classes)
     if checkpoint and pretrained:
         load_pretrained(model, checkpoint)
     elif pretrained and not model.trains_backbone:
@@ -131,17 +139,9 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
       breaks graphs on every step. Direct calls of ``forward_features`` (the evaluation's
       feature extraction) stay eager.
 
-    - ``nan_check_every: auto|k``: how often the loss is read on the host for the non-finite
-      check (``methods/nonfinite.py``); ``auto`` = every step on the CPU (free there),
-      every ``NAN_CHECK_EVERY_CUDA`` steps on CUDA (each read makes the host wait for the GPU).
-
-    On CPU with the defaults all are no-ops. Returns what was applied (for logs and the benchmark).
+    On CPU with the defaults both are no-ops. Returns what was applied (for logs and the benchmark).
     """
     backbone = model.backbone
-    every = cfg.get("nan_check_every", "auto")
-    if str(every).lower() == "auto":
-        every = NAN_CHECK_EVERY_CUDA if device.type == "cuda" else 1
-    model.nan_check_every = int(every)
     applied = {"channels_last": False, "compile": False}
     choice = cfg.get("channels_last", "auto")
     has_conv = any(isinstance(m, torch.nn.Conv2d) for m in backbone.modules())
@@ -156,10 +156,22 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
         kwargs = {} if options is True else to_dict(options)
         backbone.compile(**kwargs)
         applied["compile"] = kwargs or True
-    if any(applied.values()) or model.nan_check_every > 1:
-        log.info("speedups on %s: %s, loss read on the host every %d steps", device, applied,
-                 model.nan_check_every)
+    if any(applied.values()):
+        log.info("backbone speedups on %s: %s", device, applied)
     return applied
+
+
+def set_nan_check_every(model, cfg: DictConfig, device: torch.device) -> int:
+    """``nan_check_every: auto|k``: how often the loss is read on the host for the non-finite
+    check (``methods/nonfinite.py``); ``auto`` = every step on the CPU (free there), every
+    ``NAN_CHECK_EVERY_CUDA`` steps on CUDA (each read makes the host wait for the GPU)."""
+    every = cfg.get("nan_check_every", "auto")
+    if str(every).lower() == "auto":
+        every = NAN_CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    model.nan_check_every = int(every)
+    if model.nan_check_every > 1:
+        log.info("the loss is read on the host every %d training steps (nan_check_every)", model.nan_check_every)
+    return model.nan_check_every
 
 
 def _channels_last_input(module: torch.nn.Module, args: tuple):
@@ -228,6 +240,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.get("ckpt_path"):
         load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
     apply_speedups(model, cfg, trainer.strategy.root_device)
+    set_nan_check_every(model, cfg, trainer.strategy.root_device)
     if model.trains_backbone:
         trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     # DDP: every rank scores its block of each split and the outputs are gathered before
@@ -252,10 +265,12 @@ def train(cfg: DictConfig) -> dict:
     choices = _choices()
     meta = {"method": choices.get("method"), "backbone": choices.get("backbone"), "data": cfg.data.name,
             "seed": int(cfg.seed), "lambda": cfg.get("lambda"), "epochs": trainer.current_epoch}
+    metrics_path = write_results(out_dir, ev, extra=meta)  # first: a failing plot below loses nothing
     after = getattr(model, "after_scoring", None)
     if after is not None:  # e.g. a VAE: bits/dim, sample/reconstruction grids, ELBO components, latent probe
-        meta.update(after(out_dir, ev.outputs, dm, resolve_device(cfg.evaluation.device)) or {})
-    write_results(out_dir, ev, extra=meta)
+        extra = after(out_dir, ev.outputs, dm, resolve_device(cfg.evaluation.device)) or {}
+        if extra:  # the same precedence as one write: run metadata < method extras < metrics
+            metrics_path.write_text(json.dumps({**meta, **extra, **ev.metrics}, indent=2))
     log_results(loggers, metrics, out_dir / "plots" / "scores.png", trainer.global_step)
     print_results(metrics)
     log.info("results written to %s", out_dir)
@@ -274,7 +289,9 @@ def run_safely(fn, cfg: DictConfig):
     out_dir = Path(cfg.paths.output_dir)
     try:
         return fn(cfg)
-    except (OODLightningError, Exception) as err:  # noqa: B014 - the order documents intent
+    except Exception as err:
+        if isinstance(err, InstantiationException) and isinstance(err.__cause__, OODLightningError):
+            err = err.__cause__  # a constructor's clear error, not Hydra's wrapper around it
         _write_failure(out_dir, err)
         multirun = False
         try:

@@ -11,7 +11,6 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from ood_lightning.detectors import (
-    DETECTORS,
     MSP,
     ODIN,
     Detector,
@@ -406,24 +405,28 @@ def test_fit_logistic_weights_favours_the_informative_layer() -> None:
 # ----------------------------------------------------------------------------- config / sanity
 
 
-def test_registry_and_hydra_instantiation() -> None:
-    baselines = {"msp": MSP, "odin": ODIN, "energy": Energy, "react": ReAct, "mahalanobis": Mahalanobis}
-    assert baselines.items() <= DETECTORS.items()
-    assert all(issubclass(cls, Detector) for cls in DETECTORS.values())
-    hydra_utils = pytest.importorskip("hydra.utils")
-    from omegaconf import OmegaConf
+@pytest.mark.parametrize("preset", ["baselines", "fast", "godin", "lde", "lsgm", "none"])
+def test_every_detector_preset_builds_detectors(preset: str) -> None:
+    """What train.py builds from conf/detectors/<preset>.yaml: Detector instances, none missing."""
+    from ood_lightning.training import build_detectors
+    from tests.conftest import compose_cfg
 
-    odin = hydra_utils.instantiate({"_target_": "ood_lightning.detectors.ODIN", "temperature": 1000, "epsilon": 0.0014})
-    assert isinstance(odin, ODIN) and odin.temperature == 1000.0 and odin.epsilon == 0.0014
-    cfg = OmegaConf.create(
-        {
-            "_target_": "ood_lightning.detectors.Mahalanobis",
-            "layers": ["block1", "penultimate"],
-            "layer_weights": [1, 2],
-        }
-    )
-    maha = hydra_utils.instantiate(cfg)
-    assert maha.layers == ("block1", "penultimate") and not maha.needs_inputs
+    cfg = compose_cfg("train", [f"detectors={preset}"], "/tmp/unused")
+    built = build_detectors(cfg)
+    assert set(built) == {k for k, v in (cfg.detectors or {}).items() if v is not None}
+    assert all(isinstance(det, Detector) for det in built.values())
+    assert (preset == "none") == (not built)
+
+
+def test_baseline_preset_has_the_papers_settings() -> None:
+    from ood_lightning.training import build_detectors
+    from tests.conftest import compose_cfg
+
+    built = build_detectors(compose_cfg("train", ["detectors=baselines"], "/tmp/unused"))
+    assert {type(d) for d in built.values()} == {MSP, ODIN, Energy, ReAct, Mahalanobis}
+    assert built["odin"].temperature == 1000.0 and built["odin"].epsilon == 0.0014  # Liang et al.'s CIFAR setting
+    assert built["react"].percentile == 90.0  # Sun et al.
+    assert built["mahalanobis"].layers == ("penultimate",) and not built["mahalanobis"].needs_inputs
 
 
 @pytest.fixture(scope="module")

@@ -80,11 +80,6 @@ def trapezoid_log_volume(log_values: np.ndarray, xs: np.ndarray, ys: np.ndarray)
     return m + math.log(inner) if inner > 0 else float("-inf")
 
 
-def trapezoid_volume(values: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> float:
-    """∫∫ values dx dy by the trapezoid rule over both axes (``values`` is [ny, nx], non-negative)."""
-    return float(_trapezoid(_trapezoid(np.asarray(values, dtype=np.float64), xs, axis=1), ys))
-
-
 @torch.no_grad()
 def evaluate_on_grid(log_density: LogDensity, xlim: tuple[float, float], ylim: tuple[float, float],
                      n: int | tuple[int, int] = 200, batch_size: int = 4096,

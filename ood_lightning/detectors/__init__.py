@@ -1,4 +1,4 @@
-"""Post-hoc OOD detectors; ``DETECTORS`` maps config names to classes (higher = more ID)."""
+"""Post-hoc OOD detectors (higher score = more ID); configs in ``conf/detectors/`` name the classes."""
 
 from ood_lightning.detectors.base import Detector, FeatureModel, Outputs, pool
 from ood_lightning.detectors.energy import Energy, energy_score
@@ -10,19 +10,7 @@ from ood_lightning.detectors.msp import MSP
 from ood_lightning.detectors.odin import ODIN
 from ood_lightning.detectors.react import ReAct
 
-DETECTORS: dict[str, type[Detector]] = {
-    "msp": MSP,
-    "odin": ODIN,
-    "energy": Energy,
-    "react": ReAct,
-    "mahalanobis": Mahalanobis,
-    "lsgm": LSGM,
-    "latent_flow": LatentFlowDetector,
-    "godin_perturbation": GODINPerturbation,
-}
-
 __all__ = [
-    "DETECTORS",
     "MSP",
     "ODIN",
     "Detector",

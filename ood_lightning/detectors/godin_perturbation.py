@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ood_lightning.detectors.base import Detector, Outputs
+from ood_lightning.errors import ConfigError
 
 
 class DecomposedModel(Protocol):
@@ -42,9 +43,9 @@ class GODINPerturbation(Detector):
     def __init__(self, epsilons: Sequence[float] = (0.0, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08), score: str = "h",
                  epsilon: float = 0.0025, batch_size: int = 256) -> None:
         if score not in ("h", "g"):
-            raise ValueError(f"GODINPerturbation score must be 'h' (max_i h_i) or 'g', got {score!r}")
+            raise ConfigError(f"detectors.<name>.score: GODINPerturbation score must be 'h' (max_i h_i) or 'g', got {score!r}")
         if not epsilons or any(e < 0 for e in epsilons) or epsilon < 0:
-            raise ValueError(f"GODINPerturbation needs a non-empty grid of epsilons >= 0 and epsilon >= 0, "
+            raise ConfigError(f"detectors.<name>.epsilons / .epsilon: GODINPerturbation needs a non-empty grid of epsilons >= 0 and epsilon >= 0, "
                              f"got epsilons={tuple(epsilons)}, epsilon={epsilon}")
         self.epsilons = tuple(float(e) for e in epsilons)
         self.score_name = score

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from rich.progress import Progress, TextColumn
 from sklearn.decomposition import PCA
-from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
 from ood_lightning.errors import ConfigError, NonFiniteLossError
+from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.nn.flows.build import build_flow
 
 #: fits with at least this many optimisation steps show a progress bar
@@ -34,12 +34,6 @@ PROGRESS_MIN_STEPS = 200
 SCORE_BATCH = 4096
 
 FlowFactory = Callable[[int], nn.Module]
-
-
-def _auroc(id_scores: Tensor, ood_scores: Tensor) -> float:
-    """AUROC with ID as the positive class."""
-    labels = torch.cat([torch.ones(len(id_scores)), torch.zeros(len(ood_scores))])
-    return float(roc_auc_score(labels.numpy(), torch.cat([id_scores, ood_scores]).double().numpy()))
 
 
 class LatentFlowDetector(Detector):
@@ -254,5 +248,5 @@ class LatentFlowDetector(Detector):
         if scores:
             id_name, *ood_names = scores
             for set_name in ood_names:
-                row[f"auroc/{set_name}"] = _auroc(scores[id_name], scores[set_name])
+                row[f"auroc/{set_name}"] = auroc(scores[id_name].double().numpy(), scores[set_name].double().numpy())
         self.history.append(row)

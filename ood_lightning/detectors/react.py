@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
 from ood_lightning.detectors.energy import energy_score
+from ood_lightning.errors import ConfigError
 
 
 class ReAct(Detector):
@@ -22,9 +23,9 @@ class ReAct(Detector):
 
     def __init__(self, percentile: float = 90.0, temperature: float = 1.0, max_samples: int = 1_000_000) -> None:
         if not 0.0 <= percentile <= 100.0:
-            raise ValueError(f"ReAct percentile must be in [0, 100], got {percentile}")
+            raise ConfigError(f"detectors.react.percentile must be in [0, 100], got {percentile}")
         if temperature <= 0:
-            raise ValueError(f"ReAct temperature must be > 0, got {temperature}")
+            raise ConfigError(f"detectors.react.temperature must be > 0, got {temperature}")
         self.percentile = float(percentile)
         self.temperature = float(temperature)
         self.max_samples = int(max_samples)

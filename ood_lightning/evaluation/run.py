@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def _score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], 
                       fit_augmented) -> Evaluation:
     device = torch.device(device)
     model = model.to(device).eval()
+    if detectors and not getattr(model, "has_classifier", True):
+        log.warning("skipping detectors %s: they score a classifier's logits or features, and %s has no "
+                    "classifier (its own scores are reported); pass detectors=none to silence this",
+                    sorted(detectors), type(model).__name__)
+        detectors = {}
     dm.setup("test")
     preprocess = dm.preprocess.to(device)
     loaders = dm.eval_dataloaders()
@@ -81,7 +87,17 @@ def _score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], 
     fingerprint = model_fingerprint(model) if cache is not None else None
 
     def outputs_of(split: str, loader, progress, limit=None, augment: bool = False) -> Outputs:
+        # each split's pass draws from its own seeded stream, so stochastic scores (a VAE's
+        # posterior samples) are the same whenever a checkpoint is scored, whatever ran before
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(zlib.crc32(split.encode()))
+            return _outputs_of(split, loader, progress, limit, augment)
+
+    def _outputs_of(split: str, loader, progress, limit, augment) -> Outputs:
         prep = (lambda x: preprocess(x, train=True)) if augment else preprocess
+        prepare = getattr(model, "prepare_split", None)
+        if prepare is not None:  # e.g. a VAE re-estimating BatchNorm statistics on this split
+            prepare(split, loader, prep, device)
         if cache is None:
             return extract(model, loader, prep, device, progress, f"features: {split}")
         dataset, name, tag = dm.cache_key(split, limit)
@@ -102,9 +118,6 @@ def _score_everything(model, dm: OODDataModule, detectors: dict[str, Detector], 
             del fit_out
             _select_on_id_validation(detectors, model, dm, preprocess, device)
         for split, loader in loaders.items():
-            prepare = getattr(model, "prepare_split", None)
-            if prepare is not None:  # e.g. a VAE re-estimating BatchNorm statistics on this split
-                prepare(split, loader, preprocess, device)
             outs[split] = outputs_of(split, loader, progress)
             own = map_across_ranks(model.ood_scores, outs[split]) if hasattr(model, "ood_scores") else {}
             for name, value in own.items():

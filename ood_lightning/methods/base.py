@@ -56,10 +56,13 @@ class OODMethod(L.LightningModule):
     def ood_scores(self, outputs) -> dict[str, Tensor]:
         """The method's own OOD scores (higher = ID) from cached outputs; none by default.
 
-        Optional hooks the evaluation calls when a method defines them:
-        ``fit_ood_scores(train_outputs)`` once on ID training outputs before scoring, and
+        Optional hooks the evaluation calls when a method defines them (docs/architecture.md):
+        ``fit_ood_scores(train_outputs)`` once on ID training outputs before scoring;
         ``input_scores(x) -> dict[str, Tensor]`` per batch during the one forward pass
-        (results land in ``outputs.extra``).
+        (results land in ``outputs.extra``); ``prepare_split(split, loader, preprocess,
+        device)`` before each split's pass; ``ood_predictions(outputs)`` a method's own class
+        predictions; ``after_scoring(run_dir, outputs, dm, device)`` extras once results are
+        written.
         """
         return {}
 

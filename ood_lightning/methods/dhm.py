@@ -126,5 +126,8 @@ class DeepHybridModel(OODMethod):
         return torch.cat(out)
 
     def ood_scores(self, outputs) -> dict[str, Tensor]:
-        self.eval()
-        return {"dhm": self.log_density(outputs.features)}
+        was_training = self.training
+        self.eval()  # the exact log-det and the bounds' stored vectors
+        scores = {"dhm": self.log_density(outputs.features)}
+        self.train(was_training)
+        return scores

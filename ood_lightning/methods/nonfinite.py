@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ood_lightning.errors import ConfigError
+
 
 @dataclass
 class NonFinite:
@@ -38,7 +40,7 @@ class _Window:
 class NonFiniteGuard:
     def __init__(self, every: int = 1):
         if int(every) < 1:
-            raise ValueError(f"nan_check_every must be >= 1, got {every}")
+            raise ConfigError(f"nan_check_every must be >= 1 (or auto), got {every}")
         self.every = int(every)
         self._windows: dict[tuple[str, ...], _Window] = {}
 

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.errors import ConfigError
+
 
 def _padding(image_size: int, layers: int) -> tuple[int, int, int]:
     """(base size, pad before, pad after) for ``layers`` halvings of ``image_size``."""
@@ -39,7 +41,7 @@ class DCGANEncoder(nn.Module):
                  negative_slope: float = 0.2):
         super().__init__()
         if len(widths) == 0:
-            raise ValueError("DCGANEncoder needs at least one width")
+            raise ConfigError("backbone.widths: DCGANEncoder needs at least one width, e.g. backbone.widths=[64,128,256]")
         self.in_channels, self.image_size, self.widths = int(in_channels), int(image_size), tuple(int(w) for w in widths)
         self.base, self.pad_before, self.pad_after = _padding(self.image_size, len(self.widths))
         self.feature_dim = self.widths[-1] * self.base ** 2

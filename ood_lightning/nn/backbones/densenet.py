@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.init import kaiming_init
 
 
@@ -79,11 +80,11 @@ class DenseNetBC(nn.Module):
                  in_channels: int = 3) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"DenseNet-BC depth must be 6n+4 with n >= 1 (e.g. 40, 100, 190), got depth={depth}")
+            raise ConfigError(f"backbone.depth: DenseNet-BC depth must be 6n+4 with n >= 1 (e.g. 40, 100, 190), got depth={depth}")
         if growth_rate < 1:
-            raise ValueError(f"DenseNet-BC growth_rate must be >= 1, got growth_rate={growth_rate}")
+            raise ConfigError(f"backbone.growth_rate: DenseNet-BC growth_rate must be >= 1, got growth_rate={growth_rate}")
         if not 0 < reduction <= 1:
-            raise ValueError(f"DenseNet-BC reduction must be in (0, 1], got reduction={reduction}")
+            raise ConfigError(f"backbone.reduction: DenseNet-BC reduction must be in (0, 1], got reduction={reduction}")
         n = (depth - 4) // 6  # each bottleneck layer has two convs; + stem, 2 transitions, classifier
         self.depth, self.growth_rate = depth, growth_rate
 

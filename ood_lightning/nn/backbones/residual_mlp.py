@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.errors import ConfigError
+
 
 class _ResidualBlock(nn.Module):
     """x + Linear(ReLU(Linear(x))): the skip keeps a deep MLP trainable without normalisation."""
@@ -31,7 +33,7 @@ class ResidualMLP(nn.Module):
         if in_channels is not None:
             in_features = in_channels
         if depth < 1:
-            raise ValueError(f"ResidualMLP depth must be >= 1, got depth={depth}")
+            raise ConfigError(f"backbone.depth: ResidualMLP depth must be >= 1, got depth={depth}")
         self.feature_dim: int = int(hidden)
         self.stem = nn.Linear(in_features, hidden)
         self.blocks = nn.ModuleList(_ResidualBlock(hidden) for _ in range(depth))

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.init import kaiming_init
 
 
@@ -45,7 +46,7 @@ class ResNet(nn.Module):
     def __init__(self, block_counts: Sequence[int] = (2, 2, 2, 2), in_channels: int = 3) -> None:
         super().__init__()
         if len(block_counts) != 4 or any(int(c) < 1 for c in block_counts):
-            raise ValueError(f"ResNet needs four positive block counts, got {tuple(block_counts)}")
+            raise ConfigError(f"backbone.block_counts: ResNet needs four positive block counts, got {tuple(block_counts)}")
         self.block_counts = tuple(int(c) for c in block_counts)
         widths, strides = (64, 128, 256, 512), (1, 2, 2, 2)
         self.feature_dim: int = widths[-1]

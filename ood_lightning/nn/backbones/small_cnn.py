@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.errors import ConfigError
+
 
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU-MaxPool blocks, global average pool, then Linear+ReLU to ``feature_dim``.
@@ -20,7 +22,7 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, widths: Sequence[int] = (32, 64, 128), feature_dim: int = 128) -> None:
         super().__init__()
         if len(widths) == 0:
-            raise ValueError("SmallCNN needs at least one block width")
+            raise ConfigError("backbone.widths: SmallCNN needs at least one block width, e.g. backbone.widths=[32,64,128]")
         self.feature_dim: int = int(feature_dim)
         self._block_names: list[str] = []
         prev = in_channels

@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from ood_lightning.errors import DatasetNotFoundError
+from ood_lightning.errors import ConfigError, DatasetNotFoundError
 
 #: architecture -> (feature dim, names of the stages whose outputs forward_features returns)
 _ARCHS = {
@@ -27,9 +27,9 @@ class TorchvisionBackbone(nn.Module):
     def __init__(self, arch: str = "resnet50", weights_path: str | None = None, in_channels: int = 3):
         super().__init__()
         if arch not in _ARCHS:
-            raise ValueError(f"unknown torchvision arch {arch!r}; available: {', '.join(_ARCHS)}")
+            raise ConfigError(f"backbone.arch: unknown torchvision arch {arch!r}; available: {', '.join(_ARCHS)}")
         if in_channels != 3:
-            raise ValueError(f"{arch} takes RGB inputs (in_channels=3), got {in_channels}")
+            raise ConfigError(f"{arch} takes RGB inputs (use an RGB data set or ood.<set>.convert=true) (in_channels=3), got {in_channels}")
         self.arch = arch
         self.feature_dim, self._stages = _ARCHS[arch]
         model = getattr(torchvision.models, arch)(weights=None)

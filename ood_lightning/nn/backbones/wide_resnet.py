@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.init import kaiming_init
 
 
@@ -47,9 +48,9 @@ class WideResNet(nn.Module):
     def __init__(self, depth: int = 28, width: int = 10, dropout: float = 0.0, in_channels: int = 3) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 22, 28, 40), got depth={depth}")
+            raise ConfigError(f"backbone.depth: WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 22, 28, 40), got depth={depth}")
         if width < 1:
-            raise ValueError(f"WideResNet width must be >= 1, got width={width}")
+            raise ConfigError(f"backbone.width: WideResNet width must be >= 1, got width={width}")
         n = (depth - 4) // 6
         widths = (16 * width, 32 * width, 64 * width)
         self.depth, self.width = depth, width
