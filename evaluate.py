@@ -10,11 +10,11 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from rich.console import Console
 from rich.markdown import Markdown
 
 import ood_lightning.config  # noqa: F401  (registers the config resolvers)
 from ood_lightning.errors import ConfigError
+from ood_lightning.evaluation.run import wide_console
 from ood_lightning.training import run_safely
 
 
@@ -23,7 +23,7 @@ def evaluate(cfg: DictConfig):
         from ood_lightning.evaluation.aggregate import write_summary
 
         md, csv_path, rows, failed = write_summary(cfg.run_dir)
-        Console().print(Markdown(md.read_text()))
+        wide_console().print(Markdown(md.read_text()))
         print(f"wrote {md} and {csv_path}")
         _sweep_outputs(cfg, rows)
         return rows
@@ -44,7 +44,7 @@ def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:
                             title=f"{' vs '.join(cfg.compare)} (mean ± std over seeds; AuTC: lower is better)")
         path = Path(cfg.run_dir) / "compare.md"
         path.write_text(text)
-        Console().print(Markdown(text))
+        wide_console().print(Markdown(text))
         print(f"wrote {path}")
     if cfg.get("plot"):
         path = plot_sweep(cfg.plot, cfg.run_dir, list(cfg.get("plot_detectors") or ["dhm"]))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ood_lightning.data.registry import default_data_root
 
 
-def _epochs_at(max_epochs: int, fractions) -> list[int]:
-    """Milestones at fractions of the schedule: 200 epochs x [0.3, 0.6, 0.8] -> [60, 120, 160]."""
-    return sorted({max(1, int(round(float(f) * int(max_epochs)))) for f in fractions})
+def _epochs_at(max_epochs: int, fractions) -> ListConfig:
+    """Milestones at fractions of the schedule: 200 epochs x [0.3, 0.6, 0.8] -> [60, 120, 160].
+
+    A ListConfig, not a list: ``OmegaConf.resolve`` (``--cfg job --resolve``) stores it in place."""
+    return OmegaConf.create(sorted({max(1, int(round(float(f) * int(max_epochs)))) for f in fractions}))
 
 
 def register_resolvers() -> None:

@@ -225,8 +225,17 @@ def log_results(loggers, metrics: dict, plot: Path, step: int) -> None:
         logger.save()
 
 
+def check_accelerator(cfg: DictConfig) -> None:
+    """Fail before any data is read when the config asks for a GPU this machine lacks."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but no CUDA device is visible "
+                          "(GPU presets such as experiment=dhm_cifar10 select trainer=gpu): add trainer=cpu to run on CPU")
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit the configured method, score it, write results; returns the metrics dict."""
+    check_accelerator(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     dm = OODDataModule(cfg.data, cfg.ood)

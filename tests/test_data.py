@@ -16,7 +16,7 @@ from ood_lightning.data.datamodule import OODDataModule, TensorData
 from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
 from ood_lightning.data.transforms import Preprocess, match_shape, random_crop, random_hflip
 from ood_lightning.errors import ConfigError, DatasetNotFoundError
-from tests.conftest import SHARED_DATA, needs_shared
+from tests.conftest import SHARED_DATA, compose_cfg, needs_shared
 
 
 def _write_pack(path: Path, images: np.ndarray, labels: np.ndarray) -> list[bytes]:
@@ -105,6 +105,16 @@ def test_match_shape_converts_grey_to_rgb32_only_when_allowed():
     assert (match_shape(flat, (3, 32, 32), "m", True) == 77).all()
 
 
+def test_shape_error_names_an_override_hydra_accepts(tmp_path):
+    """Where the OOD set's config has no convert key, the suggested override needs Hydra's '+'."""
+    grey = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(ConfigError, match=r"pass \+ood\.tin_crop\.convert=true") as err:
+        match_shape(grey, (3, 32, 32), "tin_crop", convert=None)
+    override = str(err.value).split("pass ")[1].split(" ")[0]
+    cfg = compose_cfg("train", ["ood=odin", override], tmp_path)
+    assert cfg.ood.tin_crop.convert is True
+
+
 def test_preprocess_normalises_exactly_and_augments_only_when_training():
     x = torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8)
     pre = Preprocess(mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.5], crop_padding=2, hflip=True)
@@ -128,9 +138,17 @@ def test_random_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
     for i in range(2):
         windows = [padded[i, :, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
         assert any(torch.equal(out[i], w) for w in windows)
-    flipped = random_hflip(x)
-    for i in range(2):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+    # 64 images with no mirror symmetry: each comes back either unchanged or mirrored left-right,
+    # and with p = 1/2 per image both must occur (Binomial(64, 1/2) outside [16, 48]: p < 1e-4).
+    many = torch.arange(64 * 1 * 5 * 5, dtype=torch.float32).reshape(64, 1, 5, 5) + 1
+    flipped = random_hflip(many)
+    mirrored = torch.flip(many, dims=[-1])
+    was_flipped = []
+    for i in range(64):
+        same, mirror = torch.equal(flipped[i], many[i]), torch.equal(flipped[i], mirrored[i])
+        assert same != mirror, i
+        was_flipped.append(mirror)
+    assert 16 <= sum(was_flipped) <= 48, sum(was_flipped)
 
 
 def test_batched_dataset_fetch_equals_per_sample_indexing():
@@ -169,6 +187,22 @@ def test_datamodule_known_classes_and_heldout_ood():
     # every held-out point lies on the middle ring (radius 2), the class left out
     radii = held.images.norm(dim=1)
     assert len(held) == 100 and (radii - 2).abs().max() < 0.5
+
+
+def test_limit_ood_caps_every_ood_set_unless_the_set_has_its_own_limit():
+    base = {"name": "stripes", "root": ".", "n_train": 100, "n_test": 50, "val_size": 20, "batch_size": 16}
+    sets = {"a": {"dataset": "gaussian_noise", "n": 40, "shape": [1, 9, 9]},
+            "b": {"dataset": "uniform_noise", "n": 40, "shape": [1, 9, 9], "limit": 30}}
+    full = OODDataModule(base, sets)
+    full.setup()
+    capped = OODDataModule({**base, "limit_ood": 12}, sets)
+    capped.setup()
+    assert len(full.ood_sets["a"]) == 40 and len(capped.ood_sets["a"]) == 12
+    assert len(full.ood_sets["b"]) == len(capped.ood_sets["b"]) == 30
+    # the cap keeps a subset of the same samples, and the feature cache tells the two apart
+    rows = {tuple(r) for r in full.ood_sets["a"].images.flatten(1).tolist()}
+    assert {tuple(r) for r in capped.ood_sets["a"].images.flatten(1).tolist()} <= rows
+    assert full.cache_key("a") != capped.cache_key("a")
 
 
 def test_empty_class_split_is_a_clear_error():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import logging
 import math
 import sys
 
@@ -14,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from sklearn.metrics import roc_auc_score
 from torch.distributions import MultivariateNormal
 
 from ood_lightning.analysis.sensitivity import fit_line, sensitivity
 from ood_lightning.analysis.volume import evaluate_on_grid, grid_volume, trapezoid_log_volume
 from ood_lightning.data.synthetic import diagonal_stripes, stripes
+from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation.aggregate import aggregate, collect
 from ood_lightning.evaluation.sweep_plots import (
     collect_sweep,
@@ -177,7 +180,7 @@ def test_spectral_plot_falls_back_to_the_resolved_config(tmp_path):
     assert out.name == "sweep_spectral_coeff.png" and out.stat().st_size > 10_000
 
 
-def test_table_one_puts_detectors_side_by_side_and_evaluate_writes_it(tmp_path):
+def test_table_one_puts_detectors_side_by_side_and_evaluate_writes_it(tmp_path, caplog):
     for seed, (a, m) in enumerate([(0.90, 0.85), (0.88, 0.87)]):
         _fake_run(tmp_path / str(seed), [f"seed={seed}"], seed, a, 0.9, 0.3, msp=m)
     runs, _ = collect(tmp_path)
@@ -186,11 +189,14 @@ def test_table_one_puts_detectors_side_by_side_and_evaluate_writes_it(tmp_path):
     assert lines[0] == "| detector | svhn auroc | svhn aupr_in | svhn autc |"
     assert lines[1].startswith("| dhm | 0.890 ± 0.014 | 0.840 ± 0.014 | 0.300 ± 0.000")
     assert lines[2].startswith("| msp | 0.860 ± 0.014")
+    with caplog.at_level(logging.WARNING):  # a typo'd detector is left out, loudly
+        assert side_by_side(aggregate(runs), ["dhm", "mps"]).count("| dhm |") == 1
+    assert "['mps'] not in the runs" in caplog.text and "'msp'" in caplog.text
     from evaluate import evaluate
 
     cfg = compose_cfg("evaluate", [f"run_dir={tmp_path}", "plot=lambda", "compare=[dhm,msp]"], tmp_path / "eval")
-    with pytest.raises(Exception, match="lambda > 0"):  # these runs have no λ: a clear error
-        evaluate(cfg)
+    with pytest.raises(ConfigError, match=r"no finished runs with lambda > 0 under .* \(log-scale x axis\)"):
+        evaluate(cfg)  # these runs have no λ: a clear error
     cfg = compose_cfg("evaluate", [f"run_dir={tmp_path}", "compare=[dhm,msp]"], tmp_path / "eval")
     evaluate(cfg)
     assert "| dhm | 0.890 ± 0.014" in (tmp_path / "compare.md").read_text()
@@ -212,11 +218,22 @@ def test_stripes_script_trains_plots_and_feeds_the_sensitivity_table(sweeps_modu
     study = sweeps_module("dhm_stripes")
     rec = study.run_one(1e-3, epochs=1, grid=25, out=tmp_path, extra=[*MICRO, "flow.n_blocks=2", "data.n_test=200",
                                                                       "ood.diagonal.n=200"])
-    assert rec["lambda"] == 1e-3 and 0 <= rec["auroc_dhm"] <= 1 and np.isfinite(rec["train_logdet"])
+    assert rec["lambda"] == 1e-3 and np.isfinite(rec["train_logdet"])
     run = tmp_path / "lambda1e-03"
     assert rec["run"] == str(run)
+    # the record's numbers against scikit-learn on the run's saved scores (ID = the positive class)
+    scores = np.load(run / "scores.npz")
+    for det in ("dhm", "msp"):
+        id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/diagonal"]
+        assert len(ood_s) == 200
+        truth = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        assert rec[f"auroc_{det}"] == pytest.approx(truth, abs=1e-12), det
+    assert rec["accuracy"] == pytest.approx(float(np.mean(scores["preds/id_test"] == scores["labels/id_test"])))
     g = np.load(run / "feature_density.npz")
     assert g["log_density"].shape == (25, 25) and np.isfinite(g["log_density"]).all()
+    # the volume is the trapezoid integral of the saved grid (rows are y, columns x)
+    volume = np.trapezoid(np.trapezoid(np.exp(g["log_density"]), g["xs"], axis=1), g["ys"])
+    assert rec["feature_plane_volume"] == pytest.approx(volume, rel=1e-9)
     assert g["horizontal"].shape[1] == 2 and len(g["diagonal"]) == 200
     assert study.plot_fig8([rec], tmp_path / "fig8.png").stat().st_size > 10_000
     text, result = sweeps_module("dhm_sensitivity").run(run / "checkpoints" / "last.ckpt",
@@ -229,7 +246,15 @@ def test_2d_script_measures_accuracy_and_volume(sweeps_module, tmp_path):
     study = sweeps_module("dhm_2d")
     rec = study.run_one("moons", 2.0, seed=0, epochs=1, grid=8, out=tmp_path,
                         extra=[*MICRO, "flow.hidden=16", "backbone.hidden=16", "data.n_test=100"])
-    assert rec["c"] == 2.0 and 0.0 <= rec["accuracy"] <= 1.0 and np.isfinite(rec["log_volume"])
+    assert rec["c"] == 2.0 and np.isfinite(rec["log_volume"])
+    run = tmp_path / "moons" / "c2" / "seed0"
+    scores = np.load(run / "scores.npz")
+    assert len(scores["labels/id_test"]) == 100
+    assert rec["accuracy"] == pytest.approx(float(np.mean(scores["preds/id_test"] == scores["labels/id_test"])))
+    g = np.load(run / "grid_density.npz")  # rows are y, columns x
+    volume = np.trapezoid(np.trapezoid(np.exp(g["log_density"]), g["xs"], axis=1), g["ys"])
+    assert rec["log_volume"] == pytest.approx(math.log(volume), abs=1e-9)
+    assert rec["max_log_density"] == pytest.approx(float(g["log_density"].max()))
     cfg = yaml.safe_load((tmp_path / "moons" / "c2" / "seed0" / ".hydra" / "config.yaml").read_text())
     assert cfg["backbone"]["spectral_coeff"] == 2.0 and cfg["flow"]["n_blocks"] == 5
     assert study.plot_fig10([rec], tmp_path / "fig10.png").stat().st_size > 10_000

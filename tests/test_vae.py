@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from ood_lightning.analysis.bn_adaptation import batch_norms, batch_statistics, bn_state, reestimate_bn_stats
@@ -74,6 +75,10 @@ def test_iwae_approaches_closed_form_marginal_of_linear_gaussian_and_grows_with_
     torch.manual_seed(1)
     chunked = iwae_log_weights(x, mu, logvar, log_px_given_z, 7, max_batch=200)[0]
     assert chunked.shape == full.shape == (7, 200) and torch.isfinite(chunked).all()
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)  # same noise, same log-weights
+    torch.manual_seed(1)
+    uneven = iwae_log_weights(x, mu, logvar, log_px_given_z, 7, max_batch=600)[0]  # chunks of 3, 3, 1
+    torch.testing.assert_close(uneven, full, rtol=0, atol=1e-12)
 
 
 # -- the likelihoods -------------------------------------------------------------------------------------
@@ -159,11 +164,45 @@ def test_stream_statistics_through_prepare_split():
 
 
 # -- ELBO components ---------------------------------------------------------------------------------------
+def _monte_carlo_elbo(vae, x, n_mc=2000):
+    """Single-sample ELBOs log p(x|z) + log p(z) - log q(z|x), z ~ q(z|x), [n_mc, B] in float64,
+    with every density from torch.distributions: q and p(z) Normals, and the discretised
+    logistic's bin mass as a difference of a logistic CDF (a sigmoid-transformed uniform)."""
+    from torch.distributions import Normal, TransformedDistribution, Uniform
+    from torch.distributions.transforms import AffineTransform, SigmoidTransform
+
+    with torch.no_grad():
+        mu, logvar = vae.encode(x)
+        q = Normal(mu.double(), torch.exp(0.5 * logvar.double()))
+        z = q.sample((n_mc,))  # [S, B, d]
+        log_q, log_pz = q.log_prob(z).sum(-1), Normal(0.0, 1.0).log_prob(z).sum(-1)
+        params = torch.cat([vae.decode(zc.float()) for zc in z.reshape(-1, z.shape[-1]).split(8000)]).double()
+        params = params.view(n_mc, x.shape[0], *params.shape[1:])
+        c = x.shape[1]
+        loc, scale = torch.sigmoid(params[:, :, :c]), torch.exp(params[:, :, c:].clamp(-7.0, 7.0))
+        logistic = TransformedDistribution(Uniform(torch.zeros_like(loc), torch.ones_like(loc)),
+                                           [SigmoidTransform().inv, AffineTransform(loc, scale)])
+        k = torch.floor(x.double() * 256).clamp(0, 255).expand_as(loc)  # the 8-bit value of each pixel
+        upper = torch.where(k > 254.5, torch.ones_like(loc), logistic.cdf(((k + 1) / 256).clamp(max=1.0)))
+        lower = torch.where(k < 0.5, torch.zeros_like(loc), logistic.cdf(k / 256))
+        log_px = torch.log(upper - lower).flatten(2).sum(-1)  # [S, B]
+    return log_px, log_px + log_pz - log_q
+
+
 def test_components_sum_to_the_elbo_and_bounds_order():
     torch.manual_seed(0)
     vae = tiny_vae(likelihood="logistic").eval()
     x = toy_images(32)
     e = vae.input_scores(x)
+    # rec (a mean over the K = 20 IWAE samples) and the ELBO against an independent Monte-Carlo
+    # estimate from 2000 fresh draws, within 4 standard errors of the difference of the two means.
+    nb, n_mc, k_max = 8, 2000, vae.iwae_samples[-1]
+    log_px, elbo1 = _monte_carlo_elbo(vae, x[:nb], n_mc)
+    se_rec = torch.sqrt(log_px.var(0) / k_max + log_px.var(0) / n_mc)
+    se_elbo = torch.sqrt(log_px.var(0) / k_max + elbo1.var(0) / n_mc)
+    assert (se_rec < 0.2).all() and (se_elbo < 0.2).all()  # nats: a tight check, not a vacuous one
+    assert ((e["rec"][:nb].double() - log_px.mean(0)).abs() < 4 * se_rec).all(), (e["rec"][:nb], log_px.mean(0))
+    assert ((e["elbo"][:nb].double() - elbo1.mean(0)).abs() < 4 * se_elbo).all(), (e["elbo"][:nb], elbo1.mean(0))
     kl = 0.5 * (e["mu_sq"] + e["var_m1_sum"] - e["logvar_sum"])
     assert torch.allclose(e["elbo"], e["rec"] - kl, atol=1e-4)
     mu, logvar = vae.encode(x)
@@ -212,10 +251,16 @@ def test_tiny_vae_trains_a_few_steps_with_finite_bpd(likelihood):
 
 def test_ganvae_trains_a_few_steps_with_finite_bpd():
     torch.manual_seed(0)
-    model, x = _fit(tiny_vae(GANVAE, beta_neg=16.0), steps=12)
+    model = tiny_vae(GANVAE, beta_neg=16.0)
+    x = toy_images(256)[:32]  # the first 32 training images
     with torch.no_grad():
-        bpd = model.bits_per_dim(model.input_scores(x[:32])["iwae_k5"])
-    assert torch.isfinite(bpd).all()
+        before = model.eval().input_scores(x)["elbo"].mean()
+    model, _ = _fit(model.train(), steps=12)
+    with torch.no_grad():
+        scores = model.input_scores(x)
+    bpd = model.bits_per_dim(scores["iwae_k5"])
+    assert torch.isfinite(bpd).all() and (bpd > 0).all()
+    assert scores["elbo"].mean() > before  # training improved the ELBO
 
 
 # -- pictures and the latent probe ----------------------------------------------------------------------
@@ -246,17 +291,27 @@ def test_after_scoring_writes_pictures_probe_and_bits_per_dim(tmp_path):
     written = json.loads((tmp_path / "generative.json").read_text())
     assert written == summary
     assert set(summary["bits_per_dim"]) == {"id_val", "id_test", "diagonal"}
-    assert summary["bits_per_dim"]["id_test"]["iwae_k20"] > 0
-    assert 0 <= summary["latent_probe"]["diagonal"]["positive_accuracy"] <= 1
+    # bits/dim of each split and bound: -mean(log-likelihood in nats) / (D ln 2), D = 1 * 9 * 9
+    for split, by in summary["bits_per_dim"].items():
+        for key in ("iwae_k1", "iwae_k20", "elbo"):
+            nats = outs[split].extra[key].double().numpy()
+            assert by[key] == pytest.approx(-nats.mean() / (81 * math.log(2)), rel=1e-9), (split, key)
+        assert 0 < by["iwae_k20"] <= by["elbo"] + 1e-3  # the K = 20 bound is the tighter one
+    # the probe separates id_test from the OOD set (not id_val), on balanced held-out halves
+    probe = summary["latent_probe"]["diagonal"]
+    assert probe["n_test"] == 200 and probe["n_train"] == 200
+    assert probe["accuracy"] == pytest.approx((probe["positive_accuracy"] + probe["negative_accuracy"]) / 2)
+    expected = fit_latent_probe(outs["id_test"].features.numpy(), outs["diagonal"].features.numpy()).summary()
+    assert probe == pytest.approx(expected)  # wiring: the right splits and the configured probe settings
 
 
 # -- end to end -------------------------------------------------------------------------------------------
-VAE_TINY = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone.widths=[8,16]", "backbone.image_size=9",
+VAE_TINY = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone.widths=[8,16]",
             "method.latent_dim=4", "method.iwae_samples=[2,8]", "trainer=cpu", "debug=fast", "logger=csv",
             "data.n_train=600", "data.n_test=200", "data.val_size=100", "ood.diagonal.n=200"]
 
 
-@pytest.mark.parametrize("overrides", [["method=vae"],
+@pytest.mark.parametrize("overrides", [["method=vae"], ["method=vae", "data=stripes"],
                                        ["experiment=vae_cifar10", "method=ganvae", "method.likelihood=categorical"],
                                        ["experiment=vae_mnist", "method.likelihood=logistic"]])
 def test_configs_build_the_model_on_unnormalised_dequantised_data(overrides, tmp_path):
@@ -276,11 +331,14 @@ def test_train_vae_end_to_end_writes_iwae_scores(tmp_path):
     metrics = train(compose_cfg("train", [*VAE_TINY, "trainer.max_epochs=2"], tmp_path))
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["method"] == "vae" and written["accuracy"] is None
+    scores = np.load(tmp_path / "scores.npz")
     for det in ("iwae_k2", "iwae_k8", "elbo", "iwae_k8_bn_encoder", "elbo_rec", "elbo_mu", "elbo_logvar", "elbo_var"):
-        assert 0 <= written["results"][det]["diagonal"]["auroc"] <= 1, det
+        # metrics.json agrees with scikit-learn on the saved scores (ID = the positive class)
+        id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/diagonal"]
+        truth = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        assert written["results"][det]["diagonal"]["auroc"] == pytest.approx(truth, abs=1e-12), det
         assert "macro_f1" not in written["results"][det]["diagonal"]
     assert metrics["results"] == written["results"]
-    scores = np.load(tmp_path / "scores.npz")
     assert len(scores["iwae_k8/id_test"]) == 200 and np.isfinite(scores["iwae_k8/diagonal"]).all()
     parts = sum(scores[f"elbo_{c}/diagonal"] for c in ("rec", "mu", "logvar", "var"))
     assert np.allclose(parts, scores["elbo/diagonal"], atol=1e-4)
@@ -288,3 +346,13 @@ def test_train_vae_end_to_end_writes_iwae_scores(tmp_path):
     assert written["generative"]["bits_per_dim"]["id_test"]["iwae_k8"] > 0 and "diagonal" in written["generative"]["latent_probe"]
     for name in ("samples", "reconstructions", "elbo_components", "latent_probe", "latent_walk_diagonal"):
         assert (tmp_path / "plots" / f"{name}.png").exists(), name
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["method=vae"], [5, 50]), (["method=vae", "debug=fast"], [2, 8]), (["method=ganvae", "debug=fast"], [2, 8]),
+    (["method=vae", "debug=fast", "method.iwae_samples=[3]"], [3])])
+def test_debug_fast_takes_fewer_iwae_samples_unless_given(overrides, expected, tmp_path):
+    from ood_lightning.training import build_model
+
+    cfg = compose_cfg("train", overrides, tmp_path)
+    assert build_model(cfg, num_classes=10).iwae_samples == expected

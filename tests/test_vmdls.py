@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score, roc_auc_score
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -205,6 +206,19 @@ def test_a_missing_ensemble_layer_names_the_available_ones():
         model.fit_ood_scores(_toy_outputs(model)[0])
 
 
+def test_check_layers_accepts_backbone_outputs_and_names_the_bad_key():
+    model = VMDLS(SmallCNN(1, (4, 8), 8), 3, None, latent_dim=2, layers=["block2", "penultimate", "mu"],
+                  autoencoder=ConvAutoencoder(1, (4, 4), 2), autoencoder_optimizer=torch.optim.Adam).train()
+    model.check_layers((1, 12, 12))
+    assert model.backbone.training  # the probe pass leaves the mode as it was
+    model.layers = ["block1", "block3"]
+    with pytest.raises(ConfigError, match=r"method.layers names 'block3'.*'block1', 'block2', 'penultimate', 'mu'"):
+        model.check_layers((1, 12, 12))
+    model.layers, model.reconstruction_layer = ["mu"], "mu"  # the input-space autoencoder needs a backbone layer
+    with pytest.raises(ConfigError, match=r"method.reconstruction_layer names 'mu'"):
+        model.check_layers((1, 12, 12))
+
+
 # ---------------------------------------------------------------------------------- end to end
 VMDLS_TINY = [*TINY, "method=vmdls", "backbone.widths=[8,8,16]", "method.latent_dim=4", "method.samples_per_class=16",
               "method.autoencoder.widths=[4,8]", "method.autoencoder.bottleneck=2", "detectors=fast",
@@ -216,10 +230,9 @@ def test_tiny_run_writes_f1_and_auroc_for_vmdls_and_vmdls_b(tmp_path):
     metrics = train_cfg(VMDLS_TINY, tmp_path)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["method"] == "vmdls"
-    for det in ("vmdls", "vmdls_b", "msp"):
-        m = metrics["results"][det]["diagonal"]
-        assert 0 <= m["auroc"] <= 1 and 0 <= m["macro_f1"] <= 1, det
     scores = np.load(tmp_path / "scores.npz")
+    assert metrics["results"] == written["results"]
+    _check_reported_metrics(written, scores, "diagonal", ("vmdls", "vmdls_b", "msp"), num_classes=2)
     assert len(scores["vmdls/id_test"]) == 256 and np.isfinite(scores["vmdls/diagonal"]).all()
     rows = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/kl" in rows and "train/reconstruction" in rows
@@ -228,11 +241,40 @@ def test_tiny_run_writes_f1_and_auroc_for_vmdls_and_vmdls_b(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_layer_the_backbone_lacks_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"method.layers names 'block3'"):
+        train_cfg([*VMDLS_TINY, "backbone.widths=[8,16]"], tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
 def test_tiny_run_without_autoencoder_gives_identical_vmdls_and_vmdls_b(tmp_path):
     train_cfg([*VMDLS_TINY, "method.autoencoder=null", "trainer.max_epochs=1", "detectors=none"], tmp_path)
     scores = np.load(tmp_path / "scores.npz")
     for split in ("id_val", "id_test", "diagonal"):
         np.testing.assert_array_equal(scores[f"vmdls/{split}"], scores[f"vmdls_b/{split}"])
+
+
+def _check_reported_metrics(written: dict, scores, ood: str, detectors, num_classes: int, tpr: float = 0.95) -> None:
+    """metrics.json against scikit-learn on the run's saved scores.npz: AUROC with ID as the positive
+    class, and the open-set macro-F1 over the C classes plus "unknown" (label C) at the threshold that
+    keeps ``tpr`` of the ID *validation* scores, found here by direct counting."""
+    labels = scores["labels/id_test"]
+    for det in detectors:
+        id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/{ood}"]
+        m = written["results"][det][ood]
+        auroc = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        assert m["auroc"] == pytest.approx(auroc, abs=1e-12), det
+        val = scores[f"{det}/id_val"]
+        # the largest ID-validation score that still keeps >= tpr of them (integer counts, no rounding)
+        t = max(c for c in np.unique(val) if np.sum(val >= c) * 100 >= round(tpr * 100) * len(val))
+        id_p = scores[f"preds/id_test|{det}"] if f"preds/id_test|{det}" in scores else scores["preds/id_test"]
+        ood_p = scores[f"preds/{ood}|{det}"] if f"preds/{ood}|{det}" in scores else scores[f"preds/{ood}"]
+        y_true = np.r_[labels, np.full(len(ood_s), num_classes)]
+        y_pred = np.r_[np.where(id_s >= t, id_p, num_classes), np.where(ood_s >= t, ood_p, num_classes)]
+        assert 0 < np.mean(y_pred == num_classes) < 1  # the threshold rejects some inputs and accepts others
+        f1 = f1_score(y_true, y_pred, average="macro")  # over the labels present in truth or predictions
+        assert m["macro_f1"] == pytest.approx(f1, abs=1e-12), det
 
 
 def train_cfg(overrides, out):

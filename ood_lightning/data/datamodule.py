@@ -150,14 +150,17 @@ class OODDataModule(L.LightningDataModule):
             known = self.cfg.get("known_classes")
             if known is None:
                 raise ConfigError(f"OOD set {name!r} takes the held-out classes, but data.known_classes is null; "
-                                  "choose a class split (e.g. data=mnist6 or data=cifar6)")
+                                  "choose a class split (e.g. data=mnist6 or data=cifar6) or other OOD sets "
+                                  "(e.g. ood=[odin,mnist,noise] for CIFAR, ood=noise)")
             classes = sorted(set(data.labels.unique().tolist()) - set(known))
         if classes is not None:
             data = select_classes(data, classes, relabel=False)
         if len(data) == 0:
             raise ConfigError(f"OOD set {name!r} is empty (dataset {spec['dataset']!r}, classes {classes})")
-        data = _fixed_subset(data, spec.get("limit"), int(self.cfg.get("split_seed", 0)) + 4)
-        images = match_shape(data.images, shape, name, bool(spec.get("convert", False)))
+        limit = spec.get("limit")
+        limit = self.cfg.get("limit_ood") if limit is None else limit  # the set's own limit wins
+        data = _fixed_subset(data, limit, int(self.cfg.get("split_seed", 0)) + 4)
+        images = match_shape(data.images, shape, name, spec.get("convert"))
         return ArrayData(images, torch.full((len(data),), -1, dtype=torch.int64))
 
     # -- facts the model needs -----------------------------------------------------------
@@ -175,7 +178,7 @@ class OODDataModule(L.LightningDataModule):
     def cache_key(self, split: str, limit: int | None = None) -> tuple[str, str, str]:
         """(dataset, split, tag) naming a split's inputs for the feature cache; the tag hashes
         everything that changes them (class split, subset sizes, seeds, normalisation)."""
-        keys = ("known_classes", "val_size", "limit_train", "limit_val", "limit_test", "split_seed", "mean", "std",
+        keys = ("known_classes", "val_size", "limit_train", "limit_val", "limit_test", "limit_ood", "split_seed", "mean", "std",
                 "kwargs", "n_train", "n_test")
         spec = {k: self.cfg.get(k) for k in keys}
         if split in self.ood_cfg:

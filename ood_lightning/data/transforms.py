@@ -73,15 +73,19 @@ class Preprocess(torch.nn.Module):
         return x
 
 
-def match_shape(images: Tensor, shape: Sequence[int], name: str, convert: bool) -> Tensor:
-    """Bring an OOD set to the ID sample shape (grey<->RGB, bilinear resize) when allowed."""
+def match_shape(images: Tensor, shape: Sequence[int], name: str, convert: bool | None) -> Tensor:
+    """Bring an OOD set to the ID sample shape (grey<->RGB, bilinear resize) when allowed.
+
+    ``convert`` is None when the OOD set's config has no ``convert`` key (the override then
+    needs Hydra's ``+``)."""
     shape = tuple(shape)
     if tuple(images.shape[1:]) == shape:
         return images
     if not convert:
+        override = f"{'+' if convert is None else ''}ood.{name}.convert=true"
         raise ConfigError(
             f"OOD set {name!r} has samples of shape {tuple(images.shape[1:])} but the ID set has {shape}; "
-            f"pass ood.{name}.convert=true to convert it (channel repeat/grey + bilinear resize)")
+            f"pass {override} to convert it (channel repeat/grey + bilinear resize)")
     if images.ndim != 4 or len(shape) != 3:
         raise ConfigError(f"OOD set {name!r}: cannot convert shape {tuple(images.shape[1:])} to {shape}")
     c, h, w = shape

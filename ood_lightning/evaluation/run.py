@@ -236,9 +236,13 @@ def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×1
     return table
 
 
+def wide_console() -> Console:
+    """The terminal's width on a terminal; 120 columns in logs and pipes rather than rich's 80."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def print_results(metrics: dict, console: Console | None = None) -> None:
-    if console is None:  # logs and pipes get a full-width table rather than rich's 80 columns
-        console = Console() if sys.stdout.isatty() else Console(width=120)
+    console = console or wide_console()
     if not any(metrics.get("results", {}).values()):
         acc = metrics.get("accuracy")
         head = f"ID accuracy {100 * acc:.2f}%; " if acc is not None else ""

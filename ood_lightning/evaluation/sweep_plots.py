@@ -283,10 +283,12 @@ def side_by_side(rows: list[dict], detectors: Sequence[str], metrics: Sequence[s
 
     AUROC and AUPR-in: higher is better; AuTC: lower is better.
     """
-    wanted = [d for d in detectors if any(r["detector"] == d for r in rows)]
+    found = sorted({r["detector"] for r in rows})
+    wanted = [d for d in detectors if d in found]
     if not wanted:
-        raise ConfigError(f"none of the detectors {list(detectors)} is in the runs; found "
-                          f"{sorted({r['detector'] for r in rows})}")
+        raise ConfigError(f"none of the detectors {list(detectors)} is in the runs; found {found}")
+    if missing := [d for d in detectors if d not in found]:
+        log.warning("compare: %s not in the runs (left out of the table); found %s", missing, found)
     out = [f"## {title}\n" if title else ""]
     for group in dict.fromkeys(r["group"] for r in rows):
         sel = [r for r in rows if r["group"] == group]

@@ -130,7 +130,7 @@ class VAE(OODMethod):
         super().__init__(backbone, num_classes, optimizer, scheduler)
         for attr in ("image_size", "widths", "in_channels"):
             if not hasattr(backbone, attr):
-                raise ConfigError(f"method=vae builds its decoder as the mirror of a DCGAN encoder; {type(backbone).__name__} "
+                raise ConfigError(f"{type(self).__name__} builds its decoder as the mirror of a DCGAN encoder; {type(backbone).__name__} "
                                   "is not one: use backbone=dcgan")
         self.head = None  # no classifier
         self.latent_dim = int(latent_dim)

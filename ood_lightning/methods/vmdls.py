@@ -207,7 +207,9 @@ class ClassGaussians:
                     break
                 floor *= 10
             else:
-                raise RuntimeError(f"VMDLS: the covariance of class {int(self.classes[c])} is not positive definite")
+                raise ConfigError(f"VMDLS: the covariance of class {int(self.classes[c])} is not positive definite even with a "
+                                  f"diagonal floor; raise method.shrinkage (now {self.shrinkage}) towards 1 or give the class "
+                                  "more training samples (evaluation.fit_limit)")
             means.append(mean)
             trils.append(tril)
         self.means = torch.stack(means)
@@ -295,6 +297,30 @@ class VMDLS(OODMethod):
         """B_C classes × B_N examples per batch; what the data module's training loader should use."""
         return ClassBatchSampler(labels, self.classes_per_batch, self.samples_per_class,
                                  num_batches=self.batches_per_epoch, seed=self.sampler_seed)
+
+    def on_fit_start(self) -> None:
+        """Fail before training, not after it, when a configured feature is not a backbone output."""
+        shape = getattr(self.trainer.datamodule, "sample_shape", None)
+        if shape is not None:
+            self.check_layers(tuple(shape))
+
+    def check_layers(self, sample_shape: tuple[int, ...]) -> None:
+        """Every name in ``layers`` (and the reconstruction layer) is an output of the backbone."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad():
+                probe = torch.zeros(1, *sample_shape, device=self.device)
+                available = [*self.backbone.forward_features(probe), "mu"]
+        finally:
+            self.backbone.train(was_training)
+        wanted = [("method.layers", n) for n in self.layers]
+        if self.autoencoder is not None:
+            wanted.append(("method.reconstruction_layer", self.reconstruction_layer))
+        for key, name in wanted:
+            if name not in available or (key == "method.reconstruction_layer" and name == "mu"):
+                raise ConfigError(f"{key} names {name!r}, which is not an output of this backbone; "
+                                  f"available: {available}")
 
     # -- model ----------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
