@@ -1,5 +1,6 @@
-"""Shared test helpers: the offline data root (skip where absent) and Hydra configs composed
-in-process, as the entrypoints would compose them."""
+"""Shared test helpers: the offline data root (skip where absent), Hydra configs composed
+in-process as the entrypoints would compose them, and a run's metrics.json checked against
+scikit-learn on its saved scores."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from sklearn.metrics import f1_score, roc_auc_score
 
 import ood_lightning.config  # noqa: F401  (resolvers)
 from ood_lightning.data.registry import default_data_root
@@ -51,3 +54,25 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600) ->
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def check_reported_metrics(written: dict, scores, ood: str, detectors, num_classes: int, tpr: float = 0.95) -> None:
+    """metrics.json against scikit-learn on the run's saved scores.npz: AUROC with ID as the positive
+    class, and the open-set macro-F1 over the C classes plus "unknown" (label C) at the threshold that
+    keeps ``tpr`` of the ID *validation* scores, found here by direct counting."""
+    labels = scores["labels/id_test"]
+    for det in detectors:
+        id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/{ood}"]
+        m = written["results"][det][ood]
+        auroc = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        assert m["auroc"] == pytest.approx(auroc, abs=1e-12), det
+        val = scores[f"{det}/id_val"]
+        # the largest ID-validation score that still keeps >= tpr of them (integer counts, no rounding)
+        t = max(c for c in np.unique(val) if np.sum(val >= c) * 100 >= round(tpr * 100) * len(val))
+        id_p = scores[f"preds/id_test|{det}"] if f"preds/id_test|{det}" in scores else scores["preds/id_test"]
+        ood_p = scores[f"preds/{ood}|{det}"] if f"preds/{ood}|{det}" in scores else scores[f"preds/{ood}"]
+        y_true = np.r_[labels, np.full(len(ood_s), num_classes)]
+        y_pred = np.r_[np.where(id_s >= t, id_p, num_classes), np.where(ood_s >= t, ood_p, num_classes)]
+        assert 0 < np.mean(y_pred == num_classes) < 1  # the threshold rejects some inputs and accepts others
+        f1 = f1_score(y_true, y_pred, average="macro")  # over the labels present in truth or predictions
+        assert m["macro_f1"] == pytest.approx(f1, abs=1e-12), det

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from ood_lightning.detectors.base import Outputs
 from ood_lightning.detectors.godin_perturbation import GODINPerturbation
 from ood_lightning.methods.classifier import Classifier
 from ood_lightning.methods.godin import GeneralizedODIN
 from ood_lightning.nn.backbones import ResidualMLP
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import TINY, check_reported_metrics, compose_cfg
 
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
 CENTERS = 4.0 * torch.eye(8)[:3]  # three Gaussian blobs in 8-D, unit variance
@@ -203,27 +203,7 @@ def test_train_entrypoint_reports_godin_scores(tmp_path) -> None:
     assert set(metrics["results"]) == {"godin_h", "godin_g"} and returned["results"] == metrics["results"]
     scores = np.load(tmp_path / "scores.npz")
     assert len(scores["godin_h/diagonal"]) == 256  # debug=fast: data.limit_ood
-    _check_reported_metrics(metrics, scores, "diagonal", ("godin_h", "godin_g"), num_classes=2)
+    check_reported_metrics(metrics, scores, "diagonal", ("godin_h", "godin_g"), num_classes=2)
     assert metrics["accuracy"] == pytest.approx(float(np.mean(scores["preds/id_test"] == scores["labels/id_test"])))
 
 
-def _check_reported_metrics(written: dict, scores, ood: str, detectors, num_classes: int, tpr: float = 0.95) -> None:
-    """metrics.json against scikit-learn on the run's saved scores.npz: AUROC with ID as the positive
-    class, and the open-set macro-F1 over the C classes plus "unknown" (label C) at the threshold that
-    keeps ``tpr`` of the ID *validation* scores, found here by direct counting."""
-    labels = scores["labels/id_test"]
-    for det in detectors:
-        id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/{ood}"]
-        m = written["results"][det][ood]
-        auroc = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
-        assert m["auroc"] == pytest.approx(auroc, abs=1e-12), det
-        val = scores[f"{det}/id_val"]
-        # the largest ID-validation score that still keeps >= tpr of them (integer counts, no rounding)
-        t = max(c for c in np.unique(val) if np.sum(val >= c) * 100 >= round(tpr * 100) * len(val))
-        id_p = scores[f"preds/id_test|{det}"] if f"preds/id_test|{det}" in scores else scores["preds/id_test"]
-        ood_p = scores[f"preds/{ood}|{det}"] if f"preds/{ood}|{det}" in scores else scores[f"preds/{ood}"]
-        y_true = np.r_[labels, np.full(len(ood_s), num_classes)]
-        y_pred = np.r_[np.where(id_s >= t, id_p, num_classes), np.where(ood_s >= t, ood_p, num_classes)]
-        assert 0 < np.mean(y_pred == num_classes) < 1  # the threshold rejects some inputs and accepts others
-        f1 = f1_score(y_true, y_pred, average="macro")  # over the labels present in truth or predictions
-        assert m["macro_f1"] == pytest.approx(f1, abs=1e-12), det

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import f1_score, roc_auc_score
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -27,7 +26,7 @@ from ood_lightning.methods.vmdls import (
     triplet_losses,
 )
 from ood_lightning.nn.backbones import SmallCNN
-from tests.conftest import TINY, compose_cfg
+from tests.conftest import TINY, check_reported_metrics, compose_cfg
 
 torch.set_num_threads(1)
 
@@ -232,7 +231,7 @@ def test_tiny_run_writes_f1_and_auroc_for_vmdls_and_vmdls_b(tmp_path):
     assert written["method"] == "vmdls"
     scores = np.load(tmp_path / "scores.npz")
     assert metrics["results"] == written["results"]
-    _check_reported_metrics(written, scores, "diagonal", ("vmdls", "vmdls_b", "msp"), num_classes=2)
+    check_reported_metrics(written, scores, "diagonal", ("vmdls", "vmdls_b", "msp"), num_classes=2)
     assert len(scores["vmdls/id_test"]) == 256 and np.isfinite(scores["vmdls/diagonal"]).all()
     rows = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/kl" in rows and "train/reconstruction" in rows
@@ -253,28 +252,6 @@ def test_tiny_run_without_autoencoder_gives_identical_vmdls_and_vmdls_b(tmp_path
     scores = np.load(tmp_path / "scores.npz")
     for split in ("id_val", "id_test", "diagonal"):
         np.testing.assert_array_equal(scores[f"vmdls/{split}"], scores[f"vmdls_b/{split}"])
-
-
-def _check_reported_metrics(written: dict, scores, ood: str, detectors, num_classes: int, tpr: float = 0.95) -> None:
-    """metrics.json against scikit-learn on the run's saved scores.npz: AUROC with ID as the positive
-    class, and the open-set macro-F1 over the C classes plus "unknown" (label C) at the threshold that
-    keeps ``tpr`` of the ID *validation* scores, found here by direct counting."""
-    labels = scores["labels/id_test"]
-    for det in detectors:
-        id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/{ood}"]
-        m = written["results"][det][ood]
-        auroc = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
-        assert m["auroc"] == pytest.approx(auroc, abs=1e-12), det
-        val = scores[f"{det}/id_val"]
-        # the largest ID-validation score that still keeps >= tpr of them (integer counts, no rounding)
-        t = max(c for c in np.unique(val) if np.sum(val >= c) * 100 >= round(tpr * 100) * len(val))
-        id_p = scores[f"preds/id_test|{det}"] if f"preds/id_test|{det}" in scores else scores["preds/id_test"]
-        ood_p = scores[f"preds/{ood}|{det}"] if f"preds/{ood}|{det}" in scores else scores[f"preds/{ood}"]
-        y_true = np.r_[labels, np.full(len(ood_s), num_classes)]
-        y_pred = np.r_[np.where(id_s >= t, id_p, num_classes), np.where(ood_s >= t, ood_p, num_classes)]
-        assert 0 < np.mean(y_pred == num_classes) < 1  # the threshold rejects some inputs and accepts others
-        f1 = f1_score(y_true, y_pred, average="macro")  # over the labels present in truth or predictions
-        assert m["macro_f1"] == pytest.approx(f1, abs=1e-12), det
 
 
 def train_cfg(overrides, out):
