@@ -27,6 +27,7 @@ from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
 from ood_lightning.errors import ConfigError, NonFiniteLossError
 from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.nn.flows.build import build_flow
+from ood_lightning.nn.modes import eval_mode
 
 #: fits with at least this many optimisation steps show a progress bar
 PROGRESS_MIN_STEPS = 200
@@ -138,10 +139,8 @@ class LatentFlowDetector(Detector):
         """Bits per dimension [N] (CPU, float32) of raw features, without dequantisation noise."""
         if self.flow is None:
             raise RuntimeError("LatentFlowDetector is not fitted; call fit() first")
-        was_training = self.flow.training
-        self.flow.eval()
-        out = [self._bpd_of_prepared(self.prepare(chunk)).float().cpu() for chunk in features.split(SCORE_BATCH)]
-        self.flow.train(was_training)
+        with eval_mode(self.flow):
+            out = [self._bpd_of_prepared(self.prepare(chunk)).float().cpu() for chunk in features.split(SCORE_BATCH)]
         return torch.cat(out) if out else torch.empty(0)
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:

@@ -28,6 +28,7 @@ from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.feature_norm import normalize_features
 from ood_lightning.nn.flows.build import build_flow
+from ood_lightning.nn.modes import eval_mode
 
 
 class DeepHybridModel(OODMethod):
@@ -112,11 +113,8 @@ class DeepHybridModel(OODMethod):
     # -- scores ------------------------------------------------------------------------------
     @torch.no_grad()
     def density_scores(self, x: Tensor) -> Tensor:
-        was_training = self.training
-        self.eval()
-        scores = torch.cat([self.log_density(self.backbone(chunk)) for chunk in x.split(self.score_batch_size)])
-        self.train(was_training)
-        return scores
+        with eval_mode(self):
+            return torch.cat([self.log_density(self.backbone(chunk)) for chunk in x.split(self.score_batch_size)])
 
     def log_density(self, features: Tensor) -> Tensor:
         """log p(ĥ) of (un-normalised) features, in eval mode, batched on the model's device."""
@@ -126,8 +124,5 @@ class DeepHybridModel(OODMethod):
         return torch.cat(out)
 
     def ood_scores(self, outputs) -> dict[str, Tensor]:
-        was_training = self.training
-        self.eval()  # the exact log-det and the bounds' stored vectors
-        scores = {"dhm": self.log_density(outputs.features)}
-        self.train(was_training)
-        return scores
+        with eval_mode(self):  # the exact log-det and the bounds' stored vectors
+            return {"dhm": self.log_density(outputs.features)}

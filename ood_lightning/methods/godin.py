@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ood_lightning.detectors.base import Outputs
 from ood_lightning.methods.classifier import Classifier
+from ood_lightning.nn.modes import eval_mode
 
 
 class CosineSimilarity(nn.Module):
@@ -77,12 +78,8 @@ class GeneralizedODIN(Classifier):
         so scoring cached features never changes the model.
         """
         ref = self.head.h.weight
-        was_training = self.head.training
-        self.head.eval()
-        try:
+        with eval_mode(self.head):
             h, g = self.decomposed(outputs.features.to(ref.device, ref.dtype))
-        finally:
-            self.head.train(was_training)
         return {"godin_h": h.amax(1), "godin_g": g}
 
     def param_groups(self) -> list[dict[str, Any]]:

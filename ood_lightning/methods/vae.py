@@ -54,6 +54,7 @@ from ood_lightning.errors import ConfigError
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.dcgan import DCGANDecoder
 from ood_lightning.nn.likelihoods import build_likelihood
+from ood_lightning.nn.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,10 @@ class VAE(OODMethod):
         """Bits/dim per split, the ELBO-component plot, sample and reconstruction grids and the
         latent SVM probe per OOD set; writes ``generative.json`` and ``plots/*.png`` into
         ``out_dir`` and returns the summary (for ``metrics.json``)."""
+        with eval_mode(self):
+            return {"generative": self._generative_report(Path(out_dir), outputs, dm)}
+
+    def _generative_report(self, out_dir: Path, outputs: dict, dm) -> dict[str, Any]:
         from ood_lightning.analysis.latent_probe import fit_latent_probe, walk_along_normal
         from ood_lightning.evaluation.plots_generative import (
             elbo_component_histograms,
@@ -353,10 +358,8 @@ class VAE(OODMethod):
             save_image_panels,
         )
 
-        out_dir, r = Path(out_dir), self.report
+        r = self.report
         plots = out_dir / "plots"
-        was_training = self.training
-        self.eval()
         nats_to_bpd = 1.0 / (self.num_dims * math.log(2))
         summary: dict[str, Any] = {"likelihood": self.likelihood_name, "bits_per_dim": {}}
         for split, o in outputs.items():
@@ -406,8 +409,7 @@ class VAE(OODMethod):
                                   title=f"decoded latents at signed distances {targets[0]:.2f} .. {targets[-1]:.2f}")
         (out_dir / "generative.json").write_text(json.dumps(summary, indent=2))
         self._log_summary(summary)
-        self.train(was_training)
-        return {"generative": summary}
+        return summary
 
     @staticmethod
     def _log_summary(summary: dict) -> None:

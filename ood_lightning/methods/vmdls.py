@@ -62,6 +62,7 @@ from ood_lightning.data.class_batch_sampler import ClassBatchSampler
 from ood_lightning.detectors.base import Outputs, pool
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.base import OODMethod
+from ood_lightning.nn.modes import eval_mode
 
 #: short names of ensemble members, for the feature-ablation scores
 _SHORT = {"mu": "mu", "penultimate": "g", "block1": "t1", "block2": "t2", "block3": "t3", "block4": "t4"}
@@ -306,14 +307,9 @@ class VMDLS(OODMethod):
 
     def check_layers(self, sample_shape: tuple[int, ...]) -> None:
         """Every name in ``layers`` (and the reconstruction layer) is an output of the backbone."""
-        was_training = self.backbone.training
-        self.backbone.eval()
-        try:
-            with torch.no_grad():
-                probe = torch.zeros(1, *sample_shape, device=self.device)
-                available = [*self.backbone.forward_features(probe), "mu"]
-        finally:
-            self.backbone.train(was_training)
+        with eval_mode(self.backbone), torch.no_grad():
+            probe = torch.zeros(1, *sample_shape, device=self.device)
+            available = [*self.backbone.forward_features(probe), "mu"]
         wanted = [("method.layers", n) for n in self.layers]
         if self.autoencoder is not None:
             wanted.append(("method.reconstruction_layer", self.reconstruction_layer))
