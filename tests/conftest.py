@@ -56,6 +56,11 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600) ->
                           text=True, timeout=timeout)
 
 
+def sklearn_auroc(id_scores, ood_scores) -> float:
+    """The independent AUROC: scikit-learn's, with ID as the positive class (higher = more ID)."""
+    return roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))], np.r_[id_scores, ood_scores])
+
+
 def check_reported_metrics(written: dict, scores, ood: str, detectors, num_classes: int, tpr: float = 0.95) -> None:
     """metrics.json against scikit-learn on the run's saved scores.npz: AUROC with ID as the positive
     class, and the open-set macro-F1 over the C classes plus "unknown" (label C) at the threshold that
@@ -64,7 +69,7 @@ def check_reported_metrics(written: dict, scores, ood: str, detectors, num_class
     for det in detectors:
         id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/{ood}"]
         m = written["results"][det][ood]
-        auroc = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        auroc = sklearn_auroc(id_s, ood_s)
         assert m["auroc"] == pytest.approx(auroc, abs=1e-12), det
         val = scores[f"{det}/id_val"]
         # the largest ID-validation score that still keeps >= tpr of them (integer counts, no rounding)

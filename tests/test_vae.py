@@ -11,7 +11,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from ood_lightning.analysis.bn_adaptation import batch_norms, batch_statistics, bn_state, reestimate_bn_stats
@@ -23,7 +22,7 @@ from ood_lightning.methods.vae import VAE, gaussian_kl_terms, iwae_bound, iwae_l
 from ood_lightning.nn.dcgan import DCGANDecoder, DCGANEncoder
 from ood_lightning.nn.likelihoods import Categorical256, DiscretizedLogistic, GaussianFixedVariance, to_bins
 from ood_lightning.training import train
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, sklearn_auroc
 
 torch.set_num_threads(1)
 
@@ -335,7 +334,7 @@ def test_train_vae_end_to_end_writes_iwae_scores(tmp_path):
     for det in ("iwae_k2", "iwae_k8", "elbo", "iwae_k8_bn_encoder", "elbo_rec", "elbo_mu", "elbo_logvar", "elbo_var"):
         # metrics.json agrees with scikit-learn on the saved scores (ID = the positive class)
         id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/diagonal"]
-        truth = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        truth = sklearn_auroc(id_s, ood_s)
         assert written["results"][det]["diagonal"]["auroc"] == pytest.approx(truth, abs=1e-12), det
         assert "macro_f1" not in written["results"][det]["diagonal"]
     assert metrics["results"] == written["results"]
