@@ -26,7 +26,7 @@ from ood_lightning.config import to_dict
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError, ConfigError, OODLightningError
 from ood_lightning.evaluation.feature_cache import FeatureCache
-from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results
+from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results_and_report
 from ood_lightning.nn.spectral import apply_spectral_norm
 
 log = logging.getLogger(__name__)
@@ -274,12 +274,7 @@ def train(cfg: DictConfig) -> dict:
     choices = _choices()
     meta = {"method": choices.get("method"), "backbone": choices.get("backbone"), "data": cfg.data.name,
             "seed": int(cfg.seed), "lambda": cfg.get("lambda"), "epochs": trainer.current_epoch}
-    metrics_path = write_results(out_dir, ev, extra=meta)  # first: a failing plot below loses nothing
-    after = getattr(model, "after_scoring", None)
-    if after is not None:  # e.g. a VAE: bits/dim, sample/reconstruction grids, ELBO components, latent probe
-        extra = after(out_dir, ev.outputs, dm, resolve_device(cfg.evaluation.device)) or {}
-        if extra:  # the same precedence as one write: run metadata < method extras < metrics
-            metrics_path.write_text(json.dumps({**meta, **extra, **ev.metrics}, indent=2))
+    write_results_and_report(out_dir, ev, meta, model, dm, resolve_device(cfg.evaluation.device))
     log_results(loggers, metrics, out_dir / "plots" / "scores.png", trainer.global_step)
     print_results(metrics)
     log.info("results written to %s", out_dir)

@@ -11,11 +11,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 from ood_lightning.errors import CheckpointMismatchError, ConfigError
 from ood_lightning.training import train
-from tests.conftest import TINY, compose_cfg, needs_shared, run_script
+from tests.conftest import TINY, compose_cfg, needs_shared, run_script, sklearn_auroc
 
 pytestmark = pytest.mark.slow
 DETECTORS = {"msp", "odin", "energy", "react", "mahalanobis", "mahalanobis_ensemble"}
@@ -45,7 +44,7 @@ def test_train_writes_metrics_scores_plot_checkpoint_and_logs(tiny_run):
     for det in DETECTORS:
         id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/diagonal"]
         assert len(id_s) == len(ood_s) == 256  # debug=fast limits ID test and OOD sets to 256
-        truth = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
+        truth = sklearn_auroc(id_s, ood_s)
         assert written["results"][det]["diagonal"]["auroc"] == pytest.approx(truth)
     acc = (scores["preds/id_test"] == scores["labels/id_test"]).mean()
     assert written["accuracy"] == pytest.approx(acc)
@@ -147,20 +146,25 @@ def test_vae_with_whole_split_bn_adaptation_rescores_with_the_default_detectors(
         assert again["results"][name]["diagonal"]["auroc"] == pytest.approx(per_set["diagonal"]["auroc"], abs=1e-9)
 
 
-def test_results_are_written_before_a_method_s_extra_outputs_can_fail(tmp_path, monkeypatch):
+def test_results_are_written_before_a_method_s_extra_outputs_can_fail(tiny_run, tmp_path, monkeypatch):
+    from ood_lightning.evaluation.rescoring import rescore
     from ood_lightning.methods.classifier import Classifier
 
     def broken_pictures(self, out_dir, outputs, dm, device):
         raise RuntimeError("plotting failed")
 
     monkeypatch.setattr(Classifier, "after_scoring", broken_pictures, raising=False)
-    with pytest.raises(RuntimeError, match="plotting failed"):
-        train(compose_cfg("train", [*TINY, "detectors=fast"], tmp_path))
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    scores = np.load(tmp_path / "scores.npz")
-    id_s, ood_s = scores["msp/id_test"], scores["msp/diagonal"]
-    expected = roc_auc_score(np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s])
-    assert written["results"]["msp"]["diagonal"]["auroc"] == pytest.approx(expected)
+    ckpt = tiny_run[0] / "checkpoints" / "last.ckpt"
+    runs = {"train": lambda out: train(compose_cfg("train", [*TINY, "detectors=fast"], out)),
+            "rescore": lambda out: rescore(compose_cfg("evaluate", [f"ckpt_path={ckpt}", "detectors=fast"], out))}
+    for name, run in runs.items():
+        with pytest.raises(RuntimeError, match="plotting failed"):
+            run(tmp_path / name)
+        written = json.loads((tmp_path / name / "metrics.json").read_text())
+        scores = np.load(tmp_path / name / "scores.npz")
+        id_s, ood_s = scores["msp/id_test"], scores["msp/diagonal"]
+        expected = sklearn_auroc(id_s, ood_s)
+        assert written["results"]["msp"]["diagonal"]["auroc"] == pytest.approx(expected), name
 
 
 def test_empty_class_selection_is_a_clear_error(tmp_path):
@@ -264,7 +268,7 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
     tuned = "mahalanobis_lr_uses_ood_data"
     rest = 256 - int(0.1 * 256)  # debug=fast caps the OOD set at 256; 10% of it tunes the weights
     assert len(scores[f"{tuned}/diagonal"]) == rest and len(scores[f"{tuned}/id_test|diagonal"]) == 256
-    truth = roc_auc_score(np.r_[np.ones(256), np.zeros(rest)], np.r_[scores[f"{tuned}/id_test|diagonal"], scores[f"{tuned}/diagonal"]])
+    truth = sklearn_auroc(scores[f"{tuned}/id_test|diagonal"], scores[f"{tuned}/diagonal"])
     assert lsgm["results"][tuned]["diagonal"]["auroc"] == pytest.approx(truth)
     lde = train(compose_cfg("train", [*TINY, "method=lde", "detectors.lde.epochs=1", "~detectors.odin",
                                       f"backbone.checkpoint={ckpt}", "evaluation.feature_cache=false"], tmp_path / "lde"))

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError
-from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results
+from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results_and_report
 from ood_lightning.training import build_detectors, build_model, load_weights, resolve_device
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,7 @@ def rescore(cfg: DictConfig) -> dict:
     metrics = compute_metrics(ev, cfg.evaluation.tpr, groups)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name}
-    after = getattr(model, "after_scoring", None)
-    if after is not None:  # methods' own reports (e.g. a VAE's pictures and bits/dim)
-        meta.update(after(out_dir, ev.outputs, dm, resolve_device(cfg.evaluation.device)) or {})
-    write_results(out_dir, ev, extra=meta)
+    write_results_and_report(out_dir, ev, meta, model, dm, resolve_device(cfg.evaluation.device))
     print_results(metrics)
     log.info("results written to %s", out_dir)
     return metrics

@@ -204,12 +204,18 @@ def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | 
     return result
 
 
+def write_metrics(run_dir: str | Path, ev: Evaluation, extra: dict | None = None) -> Path:
+    """``metrics.json``: ``extra`` (run metadata, a method's report), then the metrics, which win a clash."""
+    path = Path(run_dir) / "metrics.json"
+    path.write_text(json.dumps({**(extra or {}), **ev.metrics}, indent=2))
+    return path
+
+
 def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None) -> Path:
     """``metrics.json`` + ``scores.npz`` + ``plots/scores.png`` in ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {**(extra or {}), **ev.metrics}
-    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    write_metrics(run_dir, ev, extra)
     arrays = {f"{det}/{split}": s.numpy() for det, by in ev.scores.items() for split, s in by.items()}
     arrays.update({f"preds/{split}": p.numpy() for split, p in ev.preds.items()})
     arrays["labels/id_test"] = ev.id_test_labels.numpy()
@@ -219,6 +225,17 @@ def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None
     if ev.scores:  # detectors=none: accuracy only, nothing to plot
         score_histograms(ev.scores, run_dir / "plots" / "scores.png")
     return run_dir / "metrics.json"
+
+
+def write_results_and_report(run_dir: str | Path, ev: Evaluation, meta: dict, model, dm, device) -> None:
+    """The results first, so a method's failing ``after_scoring`` report (pictures, probes)
+    loses nothing; then the report's summary merged into ``metrics.json``."""
+    write_results(run_dir, ev, extra=meta)
+    after = getattr(model, "after_scoring", None)
+    if after is not None:  # e.g. a VAE: bits/dim, sample/reconstruction grids, ELBO components, latent probe
+        report = after(run_dir, ev.outputs, dm, device) or {}
+        if report:
+            write_metrics(run_dir, ev, {**meta, **report})
 
 
 def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×100)") -> Table:
