@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from ood_lightning.errors import DatasetNotFoundError
+from ood_lightning.errors import ConfigError, DatasetNotFoundError
 from ood_lightning.nn.backbones.torchvision_models import TorchvisionBackbone
 
 
@@ -29,3 +29,10 @@ def test_local_weights_reproduce_torchvision_logits(tmp_path, arch, dim):
 def test_missing_weights_file_says_how_to_provide_it(tmp_path):
     with pytest.raises(DatasetNotFoundError, match=r"resnet50 weights not found at .*backbone.weights_path="):
         TorchvisionBackbone("resnet50", weights_path=str(tmp_path / "nope.pt"))
+
+
+def test_bad_arch_or_grey_inputs_name_the_key():
+    with pytest.raises(ConfigError, match=r"backbone.arch: unknown torchvision arch 'vgg'; available: resnet50, swin_s"):
+        TorchvisionBackbone("vgg")
+    with pytest.raises(ConfigError, match=r"backbone.in_channels: resnet50 takes RGB inputs \(in_channels=3\), got 1"):
+        TorchvisionBackbone("resnet50", in_channels=1)

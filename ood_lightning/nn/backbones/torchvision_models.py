@@ -29,7 +29,8 @@ class TorchvisionBackbone(nn.Module):
         if arch not in _ARCHS:
             raise ConfigError(f"backbone.arch: unknown torchvision arch {arch!r}; available: {', '.join(_ARCHS)}")
         if in_channels != 3:
-            raise ConfigError(f"{arch} takes RGB inputs (use an RGB data set or ood.<set>.convert=true) (in_channels=3), got {in_channels}")
+            raise ConfigError(f"backbone.in_channels: {arch} takes RGB inputs (in_channels=3), got {in_channels}; "
+                              "use an RGB ID data set (its data.channels sets in_channels)")
         self.arch = arch
         self.feature_dim, self._stages = _ARCHS[arch]
         model = getattr(torchvision.models, arch)(weights=None)
