@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 from rich.markdown import Markdown
 
 import ood_lightning.config  # noqa: F401  (registers the config resolvers)
+from ood_lightning.assembly.cli import run_safely
 from ood_lightning.errors import ConfigError
-from ood_lightning.evaluation.run import wide_console
-from ood_lightning.training import run_safely
+from ood_lightning.evaluation.results import wide_console
 
 
 def evaluate(cfg: DictConfig):
@@ -28,7 +28,7 @@ def evaluate(cfg: DictConfig):
         _sweep_outputs(cfg, rows)
         return rows
     if cfg.get("ckpt_path"):
-        from ood_lightning.evaluation.rescoring import rescore
+        from ood_lightning.assembly.runs import rescore
 
         return rescore(cfg)
     raise ConfigError("nothing to do: pass run_dir=<multirun dir> to aggregate, or ckpt_path=<.ckpt> to re-score")

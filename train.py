@@ -9,7 +9,8 @@ import hydra
 from omegaconf import DictConfig
 
 import ood_lightning.config  # noqa: F401  (registers the config resolvers)
-from ood_lightning.training import run_safely, train
+from ood_lightning.assembly.cli import run_safely
+from ood_lightning.assembly.runs import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

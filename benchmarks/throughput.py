@@ -50,12 +50,13 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 import ood_lightning.config  # noqa: E402,F401  (resolvers)
+from ood_lightning.assembly.build import build_model  # noqa: E402
+from ood_lightning.assembly.runtime import apply_speedups, set_nan_check_every  # noqa: E402
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
 from ood_lightning.data.registry import ArrayData  # noqa: E402
 from ood_lightning.data.transforms import Preprocess  # noqa: E402
 from ood_lightning.host_sync import CountHostSyncs  # noqa: E402
 from ood_lightning.nn.backbones import SmallCNN, WideResNet  # noqa: E402
-from ood_lightning.training import apply_speedups, build_model, set_nan_check_every  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 NUM_CLASSES = 10

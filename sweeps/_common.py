@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python sweeps/<script>.py` from anywhere, without installing
     sys.path.insert(0, str(ROOT))
 
+from ood_lightning.assembly.build import build_model, load_weights  # noqa: E402
+from ood_lightning.assembly.runs import train  # noqa: E402
 from ood_lightning.config import to_dict  # noqa: E402  (also registers the config resolvers)
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
-from ood_lightning.training import build_model, load_weights, train  # noqa: E402
 
 
 def compose_train(overrides: list[str], out_dir: str | Path) -> DictConfig:

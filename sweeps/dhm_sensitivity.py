@@ -22,9 +22,9 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
 from ood_lightning.analysis.sensitivity import sensitivity, to_markdown
+from ood_lightning.assembly.build import build_model, load_weights, stored_config
+from ood_lightning.assembly.runtime import resolve_device
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.evaluation.rescoring import stored_config
-from ood_lightning.training import build_model, load_weights, resolve_device
 
 
 def run(ckpt: Path, n: int, max_norm: float | None, levels: int, seed: int, device: str) -> tuple[str, dict]:

@@ -21,11 +21,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import ood_lightning.config  # noqa: E402,F401
+from ood_lightning.assembly.build import (
+    build_model,
+    load_weights,
+    stored_config,  # noqa: E402
+)
+from ood_lightning.assembly.runtime import resolve_device  # noqa: E402
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
 from ood_lightning.detectors.latent_flow import LatentFlowDetector  # noqa: E402
-from ood_lightning.evaluation.outputs import extract  # noqa: E402
-from ood_lightning.evaluation.rescoring import stored_config  # noqa: E402
-from ood_lightning.training import build_model, load_weights, resolve_device  # noqa: E402
+from ood_lightning.scoring.passes import extract  # noqa: E402
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ood_lightning.detectors.base import Outputs  # noqa: E402
 from ood_lightning.detectors.lsgm import scoring_time  # noqa: E402
+from ood_lightning.scoring.api import Outputs  # noqa: E402
 
 
 def synthetic_outputs(n: int, n_layers: int, dim: int, n_classes: int = 10, seed: int = 0) -> Outputs:

@@ -54,9 +54,8 @@ def latent(run_dirs: list[Path], out: Path, limit: int = 3000) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
+    from ood_lightning.assembly.build import build_model, load_weights, stored_config
     from ood_lightning.data.datamodule import OODDataModule
-    from ood_lightning.evaluation.rescoring import stored_config
-    from ood_lightning.training import build_model, load_weights
 
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 4), squeeze=False)
     for ax, run in zip(axes[0], run_dirs):

@@ -74,8 +74,7 @@ def check_reported_metrics(written: dict, scores, ood: str, detectors, num_class
         val = scores[f"{det}/id_val"]
         # the largest ID-validation score that still keeps >= tpr of them (integer counts, no rounding)
         t = max(c for c in np.unique(val) if np.sum(val >= c) * 100 >= round(tpr * 100) * len(val))
-        id_p = scores[f"preds/id_test|{det}"] if f"preds/id_test|{det}" in scores else scores["preds/id_test"]
-        ood_p = scores[f"preds/{ood}|{det}"] if f"preds/{ood}|{det}" in scores else scores[f"preds/{ood}"]
+        id_p, ood_p = scores[f"preds/{det}/id_test"], scores[f"preds/{det}/{ood}"]
         y_true = np.r_[labels, np.full(len(ood_s), num_classes)]
         y_pred = np.r_[np.where(id_s >= t, id_p, num_classes), np.where(ood_s >= t, ood_p, num_classes)]
         assert 0 < np.mean(y_pred == num_classes) < 1  # the threshold rejects some inputs and accepts others

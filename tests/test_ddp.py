@@ -19,9 +19,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from ood_lightning.assembly.runs import train
 from ood_lightning.data.device_loader import DeviceLoader
-from ood_lightning.evaluation.outputs import _extract, cat_outputs, map_across_ranks, shard_loader
-from ood_lightning.training import train
+from ood_lightning.scoring.api import Outputs
+from ood_lightning.scoring.passes import _extract
+from ood_lightning.scoring.ranks import SINGLE, Ranks
 from tests.conftest import TINY, compose_cfg, run_script
 
 torch.set_num_threads(1)
@@ -43,20 +45,21 @@ def test_rank_blocks_concatenate_to_the_single_pass():
     prep = lambda x: x.float() / 255  # noqa: E731
 
     def pass_over(ld):
-        return _extract(model, ld, prep, torch.device("cpu"), None, "")
+        return _extract(model, ld, prep, torch.device("cpu"), None, "", None)
 
     with torch.no_grad():
         full = pass_over(loader)
         for world in (2, 3, 40):  # 40 ranks: some blocks are empty
-            shards = [shard_loader(loader, r, world) for r in range(world)]
-            parts = cat_outputs([None if s is None else pass_over(s) for s in shards])
+            shards = [Ranks(r, world).shard(loader) for r in range(world)]
+            parts = Outputs.cat([pass_over(s) for s in shards if s is not None])
             assert torch.equal(parts.labels, full.labels)
             assert torch.allclose(parts.logits, full.logits, atol=1e-6)
             assert all(torch.allclose(parts.layers[k], full.layers[k], atol=1e-6) for k in full.layers)
-        device_shards = [shard_loader(DeviceLoader(data.images, data.labels, 8), r, 2) for r in range(2)]
-        assert torch.equal(cat_outputs([pass_over(s) for s in device_shards]).labels, full.labels)
+        device_shards = [Ranks(r, 2).shard(DeviceLoader(data.images, data.labels, 8)) for r in range(2)]
+        assert torch.equal(Outputs.cat([pass_over(s) for s in device_shards]).labels, full.labels)
     # outside a process group the mapping is the plain call
-    assert torch.equal(map_across_ranks(lambda o: {"n": o.labels}, full)["n"], full.labels)
+    assert torch.equal(SINGLE.map_outputs(lambda o: o.labels, full), full.labels)
+    assert Ranks.of_process_group() is SINGLE
 
 
 @pytest.mark.slow

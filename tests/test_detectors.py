@@ -13,14 +13,12 @@ from torch import Tensor, nn
 from ood_lightning.detectors import (
     MSP,
     ODIN,
-    Detector,
     Energy,
     Mahalanobis,
-    Outputs,
     ReAct,
     fit_logistic_weights,
-    pool,
 )
+from ood_lightning.scoring.api import FitData, Outputs, Scorer, pool
 
 
 class TinyMLP(nn.Module):
@@ -141,9 +139,9 @@ def test_odin_epsilon_zero_is_temperature_scaled_msp(mlp64: TinyMLP) -> None:
     e = np.exp(logits / 7.0)
     expected = (e / e.sum(1, keepdims=True)).max(1)
     det = ODIN(temperature=7.0, epsilon=0.0)
-    np.testing.assert_allclose(det.score_inputs(mlp64, x).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(det.score_batch(mlp64, x).numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(det.score(mlp64, outputs_of(mlp64, x)).numpy(), expected, rtol=1e-5)
-    assert not det.needs_inputs and ODIN().needs_inputs
+    assert not det.per_batch and ODIN().per_batch
 
 
 def test_odin_epsilon_zero_computes_no_gradient() -> None:
@@ -156,10 +154,10 @@ def test_odin_epsilon_zero_computes_no_gradient() -> None:
 
     model = Spy(torch.tensor([[1.0, -2.0], [0.5, 1.0]]), torch.zeros(2))
     x = torch.randn(4, 2, dtype=torch.float64)
-    ODIN(epsilon=0.0).score_inputs(model, x)
+    ODIN(epsilon=0.0).score_batch(model, x)
     assert calls and not any(grad or req for grad, req in calls)
     calls.clear()
-    ODIN(epsilon=0.1).score_inputs(model, x)
+    ODIN(epsilon=0.1).score_batch(model, x)
     assert calls[0] == (True, True)  # the spy does see the gradient pass when ε > 0
 
 
@@ -189,7 +187,7 @@ def test_odin_perturbation_follows_finite_difference_sign(model_kind: str, mlp64
     # And the score is the temperature-scaled max softmax at the hand-perturbed input.
     with torch.no_grad():
         expected = (model(x + eps * fd_sign) / temperature).softmax(-1).amax(-1)
-    torch.testing.assert_close(det.score_inputs(model, x), expected)
+    torch.testing.assert_close(det.score_batch(model, x), expected)
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
@@ -197,17 +195,17 @@ def test_odin_under_no_grad_leaves_params_and_mode_alone(train_mode: bool, mlp64
     x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     mlp64.train(train_mode)
     det = ODIN(temperature=1000.0, epsilon=0.01)
-    free = det.score_inputs(mlp64, x)
+    free = det.score_batch(mlp64, x)
     with torch.no_grad():
-        inside = det.score_inputs(mlp64, x)
+        inside = det.score_batch(mlp64, x)
     torch.testing.assert_close(inside, free)
     assert not inside.requires_grad
     assert all(p.grad is None for p in mlp64.parameters())
     assert mlp64.training is train_mode
     mlp64.eval()
     # The perturbation is real: it changes the score compared with ε = 0.
-    assert not torch.allclose(free, ODIN(1000.0, 0.0).score_inputs(mlp64, x), rtol=0, atol=1e-9)
-    with pytest.raises(RuntimeError, match="score_inputs"):
+    assert not torch.allclose(free, ODIN(1000.0, 0.0).score_batch(mlp64, x), rtol=0, atol=1e-9)
+    with pytest.raises(RuntimeError, match="score_batch"):
         det.score(mlp64, outputs_of(mlp64, x))
 
 
@@ -218,24 +216,24 @@ def test_react_threshold_is_numpy_percentile(mlp64: TinyMLP) -> None:
     x = torch.randn(200, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     train = outputs_of(mlp64, x)
     for q in (50.0, 90.0, 99.0):
-        det = ReAct(percentile=q).fit(mlp64, train)
+        det = ReAct(percentile=q).fit(mlp64, FitData(train))
         assert det.threshold == pytest.approx(np.percentile(train.features.numpy(), q), rel=1e-9)
 
 
 def test_react_percentile_100_equals_energy_on_train(mlp64: TinyMLP) -> None:
     x = torch.randn(100, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     train = outputs_of(mlp64, x)
-    det = ReAct(percentile=100.0, temperature=2.0).fit(mlp64, train)
+    det = ReAct(percentile=100.0, temperature=2.0).fit(mlp64, FitData(train))
     torch.testing.assert_close(det.score(mlp64, train), Energy(2.0).score(mlp64, train))
     # A lower percentile really clips, and lowers the energy of clipped samples here.
-    clipped = ReAct(percentile=50.0).fit(mlp64, train).score(mlp64, train)
+    clipped = ReAct(percentile=50.0).fit(mlp64, FitData(train)).score(mlp64, train)
     assert not torch.allclose(clipped, Energy().score(mlp64, train))
 
 
 def test_react_scores_clipped_features_by_hand() -> None:
     head = Logistic(torch.tensor([[1.0, 2.0], [-1.0, 0.5]]), torch.tensor([0.0, 1.0]))
     train = Outputs(logits=torch.zeros(4, 2), features=torch.tensor([[0.0, 1.0], [2.0, 3.0], [1.0, 2.0], [3.0, 0.0]]))
-    det = ReAct(percentile=100.0).fit(head, train)
+    det = ReAct(percentile=100.0).fit(head, FitData(train))
     assert det.threshold == 3.0
     test = Outputs(logits=torch.zeros(1, 2), features=torch.tensor([[1.0, 10.0]], dtype=torch.float64))
     logits = np.array([1 * 1 + 2 * 3 + 0.0, -1 * 1 + 0.5 * 3 + 1.0])  # features clipped to [1, 3]
@@ -246,8 +244,8 @@ def test_react_subsamples_large_training_sets_deterministically() -> None:
     gen = torch.Generator().manual_seed(8)
     feats = torch.rand(2000, 50, generator=gen)  # 100k values, uniform on [0, 1)
     train = Outputs(logits=torch.zeros(2000, 2), features=feats)
-    a = ReAct(percentile=90.0, max_samples=20_000).fit(None, train)  # type: ignore[arg-type]
-    b = ReAct(percentile=90.0, max_samples=20_000).fit(None, train)  # type: ignore[arg-type]
+    a = ReAct(percentile=90.0, max_samples=20_000).fit(None, FitData(train))
+    b = ReAct(percentile=90.0, max_samples=20_000).fit(None, FitData(train))
     assert a.threshold == b.threshold
     assert a.threshold == pytest.approx(np.percentile(feats.numpy(), 90.0), abs=0.01)
     assert a.threshold != pytest.approx(np.percentile(feats.numpy(), 90.0), abs=1e-7)  # it did subsample
@@ -285,7 +283,7 @@ def as_outputs(x: np.ndarray, labels: np.ndarray | None = None, **layers: np.nda
 
 def test_mahalanobis_statistics_match_numpy() -> None:
     x, labels, mus, sigma = gaussian_classes(seed=0)
-    det = Mahalanobis().fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    det = Mahalanobis().fit_outputs(as_outputs(x, labels))
     means = np.stack([x[labels == c].mean(0) for c in range(3)])
     centred = x - means[labels]
     cov = np.cov(centred.T, bias=True)  # tied MLE covariance, divided by N
@@ -299,7 +297,7 @@ def test_mahalanobis_statistics_match_numpy() -> None:
 
 def test_mahalanobis_score_is_minus_min_scipy_distance() -> None:
     x, labels, _, _ = gaussian_classes(seed=1)
-    det = Mahalanobis().fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    det = Mahalanobis().fit_outputs(as_outputs(x, labels))
     means = det.means["penultimate"].numpy()
     precision = det.precisions["penultimate"].numpy()
     test = np.random.default_rng(2).normal(scale=5.0, size=(20, 4))
@@ -315,13 +313,13 @@ def test_mahalanobis_multi_layer_is_weighted_sum_of_layers() -> None:
     test_x, _, _, _ = gaussian_classes(seed=5, counts=(5, 5, 5))
     test = as_outputs(test_x, None, early=np.tanh(test_x[:, :3]) * 2, penultimate=test_x)
     per_layer = {
-        name: Mahalanobis(layers=(name,)).fit(None, train).score(None, test)  # type: ignore[arg-type]
+        name: Mahalanobis(layers=(name,)).fit_outputs(train).score(None, test)
         for name in ("early", "penultimate")
     }
-    both = Mahalanobis(layers="all").fit(None, train)  # type: ignore[arg-type]
+    both = Mahalanobis(layers="all").fit_outputs(train)
     assert both.layer_names == ["early", "penultimate"]
     torch.testing.assert_close(both.score(None, test), per_layer["early"] + per_layer["penultimate"])  # type: ignore[arg-type]
-    weighted = Mahalanobis(layers=["early", "penultimate"], layer_weights=[2.0, -0.5]).fit(None, train)  # type: ignore[arg-type]
+    weighted = Mahalanobis(layers=["early", "penultimate"], layer_weights=[2.0, -0.5]).fit_outputs(train)
     torch.testing.assert_close(
         weighted.score(None, test),
         2.0 * per_layer["early"] - 0.5 * per_layer["penultimate"],  # type: ignore[arg-type]
@@ -330,20 +328,20 @@ def test_mahalanobis_multi_layer_is_weighted_sum_of_layers() -> None:
 
 def test_mahalanobis_penultimate_falls_back_to_features() -> None:
     x, labels, _, _ = gaussian_classes(seed=6)
-    det = Mahalanobis(layers="all").fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    det = Mahalanobis(layers="all").fit_outputs(as_outputs(x, labels))
     assert det.layer_names == ["penultimate"]
     with pytest.raises(KeyError, match="block9"):
-        Mahalanobis(layers=("block9",)).fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+        Mahalanobis(layers=("block9",)).fit_outputs(as_outputs(x, labels))
 
 
 def test_mahalanobis_full_shrinkage_gives_scaled_identity_precision() -> None:
     x, labels, _, _ = gaussian_classes(seed=7)
-    raw = Mahalanobis().fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
-    shrunk = Mahalanobis(shrinkage=1.0).fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    raw = Mahalanobis().fit_outputs(as_outputs(x, labels))
+    shrunk = Mahalanobis(shrinkage=1.0).fit_outputs(as_outputs(x, labels))
     cov = raw.covariances["penultimate"].numpy()
     expected = 4 / np.trace(cov) * np.eye(4)
     np.testing.assert_allclose(shrunk.precisions["penultimate"].numpy(), expected, rtol=1e-10, atol=1e-14)
-    half = Mahalanobis(shrinkage=0.5).fit(None, as_outputs(x, labels))  # type: ignore[arg-type]
+    half = Mahalanobis(shrinkage=0.5).fit_outputs(as_outputs(x, labels))
     np.testing.assert_allclose(
         half.covariances["penultimate"].numpy(), 0.5 * cov + 0.5 * np.trace(cov) / 4 * np.eye(4), rtol=1e-10
     )
@@ -355,14 +353,14 @@ def test_mahalanobis_input_preprocessing_matches_finite_differences(mlp64: TinyM
     labels = (x_train[:, 0] > 0).long() + (x_train[:, 1] > 0.5).long()
     train = outputs_of(mlp64, x_train, labels)
     eps = 0.02
-    det = Mahalanobis(layers="all", epsilon=eps, shrinkage=0.1).fit(mlp64, train)
-    clean = Mahalanobis(layers="all", shrinkage=0.1).fit(mlp64, train)
-    assert det.needs_inputs and not clean.needs_inputs
+    det = Mahalanobis(layers="all", epsilon=eps, shrinkage=0.1).fit_outputs(train)
+    clean = Mahalanobis(layers="all", shrinkage=0.1).fit_outputs(train)
+    assert det.per_batch and not clean.per_batch
     x = torch.randn(10, 3, dtype=torch.float64, generator=gen)
 
     expected = torch.zeros(10, dtype=torch.float64)
     for name in ("block1", "penultimate"):
-        single = Mahalanobis(layers=(name,), shrinkage=0.1).fit(mlp64, train)
+        single = Mahalanobis(layers=(name,), shrinkage=0.1).fit_outputs(train)
 
         def layer_score(z: Tensor, single: Mahalanobis = single) -> Tensor:
             return single.score(mlp64, outputs_of(mlp64, z))
@@ -373,12 +371,12 @@ def test_mahalanobis_input_preprocessing_matches_finite_differences(mlp64: TinyM
 
     mlp64.train()
     with torch.no_grad():
-        got = det.score_inputs(mlp64, x)
+        got = det.score_batch(mlp64, x)
     assert mlp64.training
     mlp64.eval()
     torch.testing.assert_close(got, expected)
     assert all(p.grad is None for p in mlp64.parameters())
-    torch.testing.assert_close(clean.score_inputs(mlp64, x), clean.score(mlp64, outputs_of(mlp64, x)))
+    torch.testing.assert_close(clean.score_batch(mlp64, x), clean.score(mlp64, outputs_of(mlp64, x)))
 
 
 def test_fit_logistic_weights_favours_the_informative_layer() -> None:
@@ -407,26 +405,26 @@ def test_fit_logistic_weights_favours_the_informative_layer() -> None:
 
 @pytest.mark.parametrize("preset", ["baselines", "fast", "godin", "lde", "lsgm", "none"])
 def test_every_detector_preset_builds_detectors(preset: str) -> None:
-    """What train.py builds from conf/detectors/<preset>.yaml: Detector instances, none missing."""
-    from ood_lightning.training import build_detectors
+    """What train.py builds from conf/detectors/<preset>.yaml: Scorer instances, none missing."""
+    from ood_lightning.assembly.build import build_detectors
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg("train", [f"detectors={preset}"], "/tmp/unused")
     built = build_detectors(cfg)
     assert set(built) == {k for k, v in (cfg.detectors or {}).items() if v is not None}
-    assert all(isinstance(det, Detector) for det in built.values())
+    assert all(isinstance(det, Scorer) for det in built.values())
     assert (preset == "none") == (not built)
 
 
 def test_baseline_preset_has_the_papers_settings() -> None:
-    from ood_lightning.training import build_detectors
+    from ood_lightning.assembly.build import build_detectors
     from tests.conftest import compose_cfg
 
     built = build_detectors(compose_cfg("train", ["detectors=baselines"], "/tmp/unused"))
     assert {type(d) for d in built.values()} == {MSP, ODIN, Energy, ReAct, Mahalanobis}
     assert built["odin"].temperature == 1000.0 and built["odin"].epsilon == 0.0014  # Liang et al.'s CIFAR setting
     assert built["react"].percentile == 90.0  # Sun et al.
-    assert built["mahalanobis"].layers == ("penultimate",) and not built["mahalanobis"].needs_inputs
+    assert built["mahalanobis"].layers == ("penultimate",) and not built["mahalanobis"].per_batch
 
 
 @pytest.fixture(scope="module")
@@ -469,11 +467,11 @@ def toy_problem():
     ],
     ids=["msp", "energy", "odin", "react", "mahalanobis", "mahalanobis_all_eps"],
 )
-def test_detectors_separate_far_ood(detector: Detector, toy_problem) -> None:
+def test_detectors_separate_far_ood(detector: Scorer, toy_problem) -> None:
     model, train, x_test, x_ood = toy_problem
-    detector.fit(model, train)
-    if detector.needs_inputs:
-        s_id, s_ood = detector.score_inputs(model, x_test), detector.score_inputs(model, x_ood)
+    detector.fit(model, FitData(train))
+    if detector.per_batch:
+        s_id, s_ood = detector.score_batch(model, x_test), detector.score_batch(model, x_ood)
     else:
         s_id, s_ood = detector.score(model, outputs_of(model, x_test)), detector.score(model, outputs_of(model, x_ood))
     assert s_id.shape == (len(x_test),) and s_ood.shape == (len(x_ood),)
@@ -488,7 +486,8 @@ def test_mahalanobis_tuned_weights_beat_equal_weights_when_a_layer_is_uninformat
     regression (which uses OOD data) recovers it on fresh data."""
     from sklearn.metrics import roc_auc_score
 
-    from ood_lightning.detectors import Mahalanobis, MahalanobisTuned, Outputs
+    from ood_lightning.detectors import Mahalanobis, MahalanobisTuned
+    from ood_lightning.scoring.api import Outputs
 
     g = torch.Generator().manual_seed(0)
 
@@ -499,10 +498,10 @@ def test_mahalanobis_tuned_weights_beat_equal_weights_when_a_layer_is_uninformat
         return Outputs(logits=torch.zeros(m, 2), features=good, layers={"noise": noise, "penultimate": good}, labels=lab)
 
     train = outputs(0.0, 2000)
-    tuned = MahalanobisTuned(layers="all").fit(None, train)
-    plain = Mahalanobis(layers="all").fit(None, train)
-    assert tuned.uses_ood_data and not getattr(plain, "uses_ood_data", False)
-    tuned.fit_ood(None, outputs(0.0, 300), outputs(2.5, 300))
+    tuned = MahalanobisTuned(layers="all").fit_outputs(train)
+    plain = Mahalanobis(layers="all").fit_outputs(train)
+    assert tuned.tunes_on_ood and not plain.tunes_on_ood
+    tuned.fit(None, FitData(val=outputs(0.0, 300), ood_tune=outputs(2.5, 300)))
     id_test, ood_test = outputs(0.0, 1000), outputs(2.5, 1000)
 
     def auroc(det):

@@ -84,7 +84,7 @@ def test_prewitt_init_and_features_separate_stripe_directions():
 
 def test_prewitt_backbone_from_config_with_spectral_bound(tmp_path):
     cfg = compose_cfg("train", ["experiment=dhm_stripes", "flow.n_blocks=2"], tmp_path)
-    from ood_lightning.training import build_model
+    from ood_lightning.assembly.build import build_model
 
     model = build_model(cfg, num_classes=2)
     assert type(model.backbone).__name__ == "PrewittNet" and model.flow.dim == 2

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from ood_lightning.assembly.runs import train
 from ood_lightning.errors import CheckpointMismatchError, ConfigError
-from ood_lightning.training import train
 from tests.conftest import TINY, compose_cfg, needs_shared, run_script, sklearn_auroc
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_detectors_separate_an_easy_ood_set_after_training(tmp_path):
 
 def test_rescore_checkpoint_with_other_detectors(tiny_run, tmp_path):
     out, first = tiny_run
-    from ood_lightning.evaluation.rescoring import rescore
+    from ood_lightning.assembly.runs import rescore
 
     cfg = compose_cfg("evaluate", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "detectors=fast"], tmp_path)
     metrics = rescore(cfg)
@@ -135,7 +135,7 @@ def test_vae_with_whole_split_bn_adaptation_rescores_with_the_default_detectors(
            "data.n_train=600", "data.n_test=200", "data.val_size=100", "ood.diagonal.n=200",
            "method.adapt_bn=encoder", "method.bn_stats=stream"]
     first = train(compose_cfg("train", vae, tmp_path / "train"))
-    from ood_lightning.evaluation.rescoring import rescore
+    from ood_lightning.assembly.runs import rescore
 
     caplog.set_level(logging.WARNING)
     cfg = compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'train' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "ev")
@@ -147,13 +147,13 @@ def test_vae_with_whole_split_bn_adaptation_rescores_with_the_default_detectors(
 
 
 def test_results_are_written_before_a_method_s_extra_outputs_can_fail(tiny_run, tmp_path, monkeypatch):
-    from ood_lightning.evaluation.rescoring import rescore
+    from ood_lightning.assembly.runs import rescore
     from ood_lightning.methods.classifier import Classifier
 
-    def broken_pictures(self, out_dir, outputs, dm, device):
+    def broken_pictures(self, out_dir, results, dm, device):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(Classifier, "after_scoring", broken_pictures, raising=False)
+    monkeypatch.setattr(Classifier, "report", broken_pictures)
     ckpt = tiny_run[0] / "checkpoints" / "last.ckpt"
     runs = {"train": lambda out: train(compose_cfg("train", [*TINY, "detectors=fast"], out)),
             "rescore": lambda out: rescore(compose_cfg("evaluate", [f"ckpt_path={ckpt}", "detectors=fast"], out))}
@@ -267,8 +267,8 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
     scores = np.load(tmp_path / "lsgm" / "scores.npz")
     tuned = "mahalanobis_lr_uses_ood_data"
     rest = 256 - int(0.1 * 256)  # debug=fast caps the OOD set at 256; 10% of it tunes the weights
-    assert len(scores[f"{tuned}/diagonal"]) == rest and len(scores[f"{tuned}/id_test|diagonal"]) == 256
-    truth = sklearn_auroc(scores[f"{tuned}/id_test|diagonal"], scores[f"{tuned}/diagonal"])
+    assert len(scores[f"{tuned}/diagonal@diagonal"]) == rest and len(scores[f"{tuned}/id_test@diagonal"]) == 256
+    truth = sklearn_auroc(scores[f"{tuned}/id_test@diagonal"], scores[f"{tuned}/diagonal@diagonal"])
     assert lsgm["results"][tuned]["diagonal"]["auroc"] == pytest.approx(truth)
     lde = train(compose_cfg("train", [*TINY, "method=lde", "detectors.lde.epochs=1", "~detectors.odin",
                                       f"backbone.checkpoint={ckpt}", "evaluation.feature_cache=false"], tmp_path / "lde"))
@@ -283,7 +283,7 @@ def test_posthoc_method_without_checkpoint_names_the_fix(tmp_path):
 
 def test_second_posthoc_run_reuses_cached_features(tiny_run, tmp_path, monkeypatch):
     """A second post-hoc run on the same checkpoint and data makes no backbone forward pass."""
-    import ood_lightning.evaluation.run as run_module
+    import ood_lightning.scoring.loop as run_module
 
     out, _ = tiny_run
     calls = []

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ood_lightning.errors import CheckpointMismatchError
 from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
-from ood_lightning.evaluation.outputs import extract
+from ood_lightning.scoring.passes import extract
 
 
 class TinyNet(nn.Module):

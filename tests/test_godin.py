@@ -13,15 +13,21 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from ood_lightning.detectors.base import Outputs
 from ood_lightning.detectors.godin_perturbation import GODINPerturbation
+from ood_lightning.errors import ConfigError
 from ood_lightning.methods.classifier import Classifier
 from ood_lightning.methods.godin import GeneralizedODIN
 from ood_lightning.nn.backbones import ResidualMLP
+from ood_lightning.scoring.api import FitData, Outputs
 from tests.conftest import TINY, check_reported_metrics, compose_cfg
 
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
 CENTERS = 4.0 * torch.eye(8)[:3]  # three Gaussian blobs in 8-D, unit variance
+
+
+def own_scores(model, outputs) -> dict:
+    """Every own score of a method on ``outputs``, as the evaluation loop computes them."""
+    return {name: scorer.score(model, outputs) for name, scorer in model.scorers().items()}
 
 
 def _model(seed: int = 0) -> GeneralizedODIN:
@@ -109,7 +115,7 @@ def test_h_weights_get_no_weight_decay() -> None:
 
 
 def test_config_builds_method_with_exemption(tmp_path) -> None:
-    from ood_lightning.training import build_model
+    from ood_lightning.assembly.build import build_model
 
     cfg = compose_cfg("train", [*TINY, "method=godin", "method.h_weight_decay=1e-5"], tmp_path)
     model = build_model(cfg, num_classes=2)
@@ -123,7 +129,7 @@ def test_ood_scores_read_cached_features_without_changing_bn() -> None:
     model = _model().train()  # even in training mode g's BN must use, not update, its running stats
     f = torch.randn(7, 16).relu()
     before = model.head.g[1].running_mean.clone()
-    scores = model.ood_scores(Outputs(logits=torch.zeros(7, 3), features=f))
+    scores = own_scores(model, Outputs(logits=torch.zeros(7, 3), features=f))
     assert model.training and model.head.training
     torch.testing.assert_close(model.head.g[1].running_mean, before)
     model.eval()
@@ -140,7 +146,7 @@ def test_tiny_training_classifies_and_detects_far_points(trained: GeneralizedODI
     far = _far_points(600, gen)
     id_out, ood_out = _outputs(trained, x), _outputs(trained, far)
     assert (id_out.logits.argmax(1) == y).float().mean() > 0.9
-    id_s, ood_s = trained.ood_scores(id_out), trained.ood_scores(ood_out)
+    id_s, ood_s = own_scores(trained, id_out), own_scores(trained, ood_out)
     labels = [1] * len(x) + [0] * len(far)  # ID = positive
     assert roc_auc_score(labels, torch.cat([id_s["godin_h"], ood_s["godin_h"]]).numpy()) > 0.8
 
@@ -149,9 +155,9 @@ def test_tiny_training_classifies_and_detects_far_points(trained: GeneralizedODI
 def test_perturbation_increases_max_h_on_id_inputs(trained: GeneralizedODIN, epsilon: float) -> None:
     x, _ = _blobs(200, torch.Generator().manual_seed(2))
     det = GODINPerturbation(epsilon=epsilon)
-    assert det.needs_inputs
-    clean = trained.ood_scores(_outputs(trained, x))["godin_h"]
-    perturbed = det.score_inputs(trained, x)
+    assert det.per_batch
+    clean = own_scores(trained, _outputs(trained, x))["godin_h"]
+    perturbed = det.score_batch(trained, x)
     assert (perturbed - clean).mean() > 0
     assert (perturbed >= clean).float().mean() > 0.95
     assert all(p.grad is None for p in trained.parameters())  # gradient w.r.t. the input only
@@ -160,11 +166,12 @@ def test_perturbation_increases_max_h_on_id_inputs(trained: GeneralizedODIN, eps
 def test_select_epsilon_maximises_mean_id_validation_score(trained: GeneralizedODIN) -> None:
     x, _ = _blobs(300, torch.Generator().manual_seed(3))
     det = GODINPerturbation(epsilon=0.0, batch_size=128)  # batches of 128/128/44
-    chosen = det.select_epsilon(trained, x)
+    det.fit(trained, FitData(val_inputs=x))  # the evaluation's fit: ID validation inputs only
+    chosen = det.epsilon
     assert set(det.search) == set(det.epsilons) and det.epsilon == chosen
     assert chosen == max(det.search, key=det.search.get)
-    for eps in (0.0, chosen):  # the recorded means are those score_inputs gives
-        expected = GODINPerturbation(epsilon=eps).score_inputs(trained, x).mean()
+    for eps in (0.0, chosen):  # the recorded means are those score_batch gives
+        expected = GODINPerturbation(epsilon=eps).score_batch(trained, x).mean()
         assert det.search[eps] == pytest.approx(float(expected), rel=1e-5)
     assert chosen > 0  # sign-gradient ascent raises the mean ID score on this model
 
@@ -172,13 +179,13 @@ def test_select_epsilon_maximises_mean_id_validation_score(trained: GeneralizedO
 def test_epsilon_zero_and_g_score_from_cached_outputs(trained: GeneralizedODIN) -> None:
     x, _ = _blobs(50, torch.Generator().manual_seed(4))
     out = _outputs(trained, x)
-    own = trained.ood_scores(out)
+    own = own_scores(trained, out)
     for name in ("h", "g"):
         det = GODINPerturbation(epsilon=0.0, score=name)
-        assert not det.needs_inputs
+        assert not det.per_batch
         torch.testing.assert_close(det.score(trained, out), own[f"godin_{name}"])
-        torch.testing.assert_close(det.score_inputs(trained, x), own[f"godin_{name}"])
-    with pytest.raises(RuntimeError, match="score_inputs"):
+        torch.testing.assert_close(det.score_batch(trained, x), own[f"godin_{name}"])
+    with pytest.raises(RuntimeError, match="score_batch"):
         GODINPerturbation(epsilon=0.01).score(trained, out)
 
 
@@ -188,13 +195,13 @@ def test_perturbation_detector_rejects_bad_arguments_and_models() -> None:
     with pytest.raises(ValueError, match="epsilon"):
         GODINPerturbation(epsilons=(-0.1,))
     classifier = Classifier(ResidualMLP(in_features=8, hidden=16, depth=2), num_classes=3, optimizer=SGD)
-    with pytest.raises(TypeError, match="method=godin"):
-        GODINPerturbation().score_inputs(classifier, torch.randn(2, 8))
+    with pytest.raises(ConfigError, match="method=godin"):
+        GODINPerturbation().score_batch(classifier, torch.randn(2, 8))
 
 
 @pytest.mark.slow
 def test_train_entrypoint_reports_godin_scores(tmp_path) -> None:
-    from ood_lightning.training import train
+    from ood_lightning.assembly.runs import train
 
     torch.set_num_threads(1)
     cfg = compose_cfg("train", [*TINY, "method=godin", "detectors=none"], tmp_path)

@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
+from ood_lightning.assembly.runs import train
 from ood_lightning.host_sync import HostSyncCounter
-from ood_lightning.training import train
 from tests.conftest import TINY, compose_cfg
 
 

@@ -16,11 +16,11 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from torch.func import jacrev
 
-from ood_lightning.detectors.base import Detector, Outputs
 from ood_lightning.detectors.latent_flow import LatentFlowDetector, build_flow
 from ood_lightning.errors import ConfigError
 from ood_lightning.nn.flows.coupling import NflowsFlow, glow, maf, realnvp
 from ood_lightning.nn.flows.residual import ResidualFlow
+from ood_lightning.scoring.api import FitData, Outputs, Scorer
 
 EPS = 1 / 1024
 
@@ -52,12 +52,12 @@ def identity_flow(dim: int) -> NflowsFlow:
 @pytest.mark.parametrize("normalize", ["none", "l2"])
 def test_identity_flow_bpd_matches_closed_form(normalize):
     x = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2
-    det = LatentFlowDetector(flow=identity_flow, normalize=normalize, epsilon=EPS, device="cpu").fit(None, as_outputs(x))
+    det = LatentFlowDetector(flow=identity_flow, normalize=normalize, epsilon=EPS, device="cpu").fit(None, FitData(as_outputs(x)))
     z = x.numpy() / (np.linalg.norm(x.numpy(), axis=1, keepdims=True) if normalize == "l2" else 1.0)
     expected = -norm.logpdf(z).sum(1) / math.log(2) / 6 - math.log2(EPS)
     np.testing.assert_allclose(det.bpd(x).numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(det.score(None, as_outputs(x)).numpy(), -expected, rtol=1e-5)
-    assert isinstance(det, Detector) and det.dim == 6
+    assert isinstance(det, Scorer) and det.dim == 6
 
 
 @pytest.mark.parametrize("builder", [glow, realnvp, maf])
@@ -90,7 +90,7 @@ def test_ranks_shifted_mixture_as_ood():
 
     def auroc(epochs: int) -> float:
         det = LatentFlowDetector(flow="glow", n_blocks=4, hidden=32, epochs=epochs, device="cpu")
-        det.fit(None, as_outputs(train))
+        det.fit(None, FitData(as_outputs(train)))
         s_id, s_ood = det.score(None, as_outputs(test)), det.score(None, as_outputs(ood))
         assert s_id.shape == (300,) and torch.isfinite(s_id).all()
         return roc_auc_score(y, torch.cat([s_id, s_ood]).numpy())
@@ -116,14 +116,14 @@ def test_flow_sees_pca_reduced_unit_norm_features():
     x = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3, 16) + 1
     spies = []
     factory = lambda d: spies.append(Spy(glow(d, n_blocks=2, hidden=16))) or spies[-1]  # noqa: E731
-    det = LatentFlowDetector(flow=factory, pca_dim=5, epsilon=EPS, batch_size=64, device="cpu").fit(None, as_outputs(x))
+    det = LatentFlowDetector(flow=factory, pca_dim=5, epsilon=EPS, batch_size=64, device="cpu").fit(None, FitData(as_outputs(x)))
     seen = torch.cat(spies[0].seen)
     assert seen.shape[1] == 5 and det.dim == 5
     # training batches carry U(-ε/2, ε/2) noise per coordinate on top of unit-norm points
     assert (seen.norm(dim=1) - 1).abs().max() <= EPS / 2 * math.sqrt(5) + 1e-6
     assert (seen.norm(dim=1) - 1).abs().max() > 0
     assert torch.allclose(det.prepare(x).norm(dim=1), torch.ones(300), atol=1e-6)
-    raw = LatentFlowDetector(flow=factory, pca_dim=5, normalize="none", epochs=0, device="cpu").fit(None, as_outputs(x))
+    raw = LatentFlowDetector(flow=factory, pca_dim=5, normalize="none", epochs=0, device="cpu").fit(None, FitData(as_outputs(x)))
     np.testing.assert_allclose(raw.prepare(x).numpy(), PCA(5).fit(x.double().numpy()).transform(x.numpy()), atol=1e-4)
 
 
@@ -145,7 +145,7 @@ def test_history_records_auroc_and_bpd_per_set():
 def test_seeded_fits_are_reproducible():
     x = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
     fit = lambda: LatentFlowDetector(flow="realnvp", n_blocks=2, hidden=8, batch_size=32, device="cpu").fit(  # noqa: E731
-        None, as_outputs(x))
+        None, FitData(as_outputs(x)))
     assert torch.equal(fit().bpd(x), fit().bpd(x))
 
 
@@ -159,7 +159,7 @@ def test_residual_flow_plugs_in():
     full autograd Jacobian of the fitted flow on the L2-normalised features."""
     x = torch.randn(128, 4, generator=torch.Generator().manual_seed(0)) * 2 + 1
     det = LatentFlowDetector(flow="residual", n_blocks=2, hidden=16, batch_size=64, lr=1e-2, epochs=5, epsilon=EPS,
-                             device="cpu").fit(None, as_outputs(x))
+                             device="cpu").fit(None, FitData(as_outputs(x)))
     assert isinstance(det.flow, ResidualFlow) and det.dim == 4
     flow = copy.deepcopy(det.flow).double().eval()
     h = x.double() / x.double().norm(dim=1, keepdim=True)

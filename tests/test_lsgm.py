@@ -13,8 +13,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 from torch import Tensor
 
-from ood_lightning.detectors.base import Outputs
 from ood_lightning.detectors.lsgm import LSGM, forward_algorithm, scoring_time
+from ood_lightning.scoring.api import Outputs
 
 
 def make_outputs(layers: dict[str, np.ndarray], labels: np.ndarray | None = None) -> Outputs:
@@ -75,7 +75,7 @@ def test_one_layer_equals_sklearn_gmm(covariance_type: str, pca_dim: int | None)
     x_test = rng.normal(1, 2, (50, 4))
     x, x_test = (a.astype(np.float32).astype(np.float64) for a in (x, x_test))  # what Outputs stores
     det = LSGM(layers="all", n_components=3, mixture="gmm", covariance_type=covariance_type, reg_covar=1e-4,
-               pca_dim=pca_dim, max_iter=100).fit(None, make_outputs({"penultimate": x}))
+               pca_dim=pca_dim, max_iter=100).fit_outputs(make_outputs({"penultimate": x}))
     mean, std = x.mean(0), x.std(0)
     z, z_test = (x - mean) / std, (x_test - mean) / std
     if pca_dim is not None:
@@ -92,7 +92,7 @@ def test_transitions_separate_what_per_layer_gmms_cannot(transitions: str) -> No
     k = 4
     train, id_test, ood = (transition_traces(n, k, shift, seed) for n, shift, seed in
                            [(400, 0, 0), (400, 0, 1), (400, 1, 2)])
-    det = LSGM(n_components=2 * k, mixture="dirichlet", transitions=transitions, max_iter=300).fit(None, train)
+    det = LSGM(n_components=2 * k, mixture="dirichlet", transitions=transitions, max_iter=300).fit_outputs(train)
     y = np.r_[np.ones(len(id_test)), np.zeros(len(ood))]
     joint = torch.cat([det.score(None, id_test), det.score(None, ood)]).numpy()
     per_layer = [sum(det.layer_log_likelihoods(o).values()) for o in (id_test, ood)]
@@ -105,25 +105,25 @@ def test_transitions_separate_what_per_layer_gmms_cannot(transitions: str) -> No
 def test_transition_rows_normalised_and_smoothed() -> None:
     train = transition_traces(200, 3, 0, 0)
     for initial in ("weights", "counted"):
-        det = LSGM(n_components=3, mixture="gmm", transition_smoothing=1.0, initial=initial).fit(None, train)
+        det = LSGM(n_components=3, mixture="gmm", transition_smoothing=1.0, initial=initial).fit_outputs(train)
         (a,) = det.transition_matrices
         torch.testing.assert_close(a.sum(1), torch.ones(3, dtype=torch.float64))
         assert (a > 0).all()
         torch.testing.assert_close(det.log_init.exp().sum(), torch.tensor(1.0, dtype=torch.float64))
-    (a,) = LSGM(n_components=3, mixture="gmm", transition_smoothing=0.0).fit(None, train).transition_matrices
+    (a,) = LSGM(n_components=3, mixture="gmm", transition_smoothing=0.0).fit_outputs(train).transition_matrices
     assert (a == 0).sum() == 6  # a clean diagonal: unseen moves are impossible without smoothing
     torch.testing.assert_close(a.sum(1), torch.ones(3, dtype=torch.float64))
 
 
 def test_auto_components_min_weight_and_layer_selection() -> None:
     train = transition_traces(200, 2, 0, 0)  # 2 classes -> auto = 10 components
-    det = LSGM(layers=["penultimate"], n_components="auto", mixture="gmm", max_iter=20).fit(None, train)
+    det = LSGM(layers=["penultimate"], n_components="auto", mixture="gmm", max_iter=20).fit_outputs(train)
     assert det.layer_names == ["penultimate"] and det.models["penultimate"].n_components == 10
-    dp = LSGM(n_components=10, min_weight=0.05, max_iter=300).fit(None, train)
+    dp = LSGM(n_components=10, min_weight=0.05, max_iter=300).fit_outputs(train)
     assert all(m.n_components < 10 for m in dp.models.values())  # the truncation's empty sticks are dropped
     assert torch.isfinite(dp.score(None, train)).all()
     with pytest.raises(ValueError, match="labels"):
-        LSGM(n_components="auto").fit(None, make_outputs({"penultimate": np.zeros((4, 2))}))
+        LSGM(n_components="auto").fit_outputs(make_outputs({"penultimate": np.zeros((4, 2))}))
 
 
 def test_clear_errors() -> None:
@@ -131,8 +131,8 @@ def test_clear_errors() -> None:
     with pytest.raises(RuntimeError, match="before fit"):
         LSGM().score(None, train)
     with pytest.raises(KeyError, match=r"block9.*available.*block1.*penultimate"):
-        LSGM(layers=["block9"], n_components=2, mixture="gmm").fit(None, train)
-    det = LSGM(n_components=2, mixture="gmm").fit(None, train)
+        LSGM(layers=["block9"], n_components=2, mixture="gmm").fit_outputs(train)
+    det = LSGM(n_components=2, mixture="gmm").fit_outputs(train)
     missing = make_outputs({"penultimate": train.layers["penultimate"].numpy()})
     with pytest.raises(KeyError, match=r"block1.*available.*penultimate"):
         det.score(None, missing)

@@ -20,7 +20,7 @@ def test_local_weights_reproduce_torchvision_logits(tmp_path, arch, dim):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         feats = backbone.forward_features(x)
-        logits = backbone.imagenet_head(feats["penultimate"])
+        logits = backbone.pretrained_head(feats["penultimate"])
         expected = reference(x)
     assert list(feats)[-1] == "penultimate" and feats["penultimate"].shape == (2, dim) and len(feats) == 5
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

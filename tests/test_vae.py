@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ood_lightning.analysis.bn_adaptation import batch_norms, batch_statistics, bn_state, reestimate_bn_stats
 from ood_lightning.analysis.latent_probe import fit_latent_probe, walk_along_normal
+from ood_lightning.assembly.runs import train
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.evaluation.outputs import extract
 from ood_lightning.methods.ganvae import GANVAE
 from ood_lightning.methods.vae import VAE, gaussian_kl_terms, iwae_bound, iwae_log_weights
 from ood_lightning.nn.dcgan import DCGANDecoder, DCGANEncoder
 from ood_lightning.nn.likelihoods import Categorical256, DiscretizedLogistic, GaussianFixedVariance, to_bins
-from ood_lightning.training import train
+from ood_lightning.scoring.api import Results
+from ood_lightning.scoring.passes import extract
 from tests.conftest import compose_cfg, sklearn_auroc
 
 torch.set_num_threads(1)
@@ -140,7 +141,7 @@ def test_batch_statistics_changes_scores_and_restores_the_model():
     assert not torch.allclose(mu_plain, mu_adapted)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, bn_state(bns)) for k in a)
     assert all(not bn.training for bn in bns)
-    scores = vae.input_scores(x)
+    scores = vae.pass_values(x)
     assert {"iwae_k20", "iwae_k20_bn_encoder", "elbo_bn_encoder"} <= set(scores)
     assert not torch.allclose(scores["elbo"], scores["elbo_bn_encoder"])
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, bn_state(bns)) for k in a)
@@ -153,10 +154,10 @@ def test_stream_statistics_through_prepare_split():
     bns = batch_norms(vae.backbone, vae.decoder)
     before = bn_state(bns)
     with pytest.raises(Exception, match="prepare_split"):
-        vae.input_scores(x)
+        vae.pass_values(x)
     loader = DataLoader(TensorDataset(x, torch.zeros(128)), batch_size=32)
     vae.prepare_split("shifted", loader, lambda t: t, "cpu")
-    scores = vae.input_scores(x[:16])
+    scores = vae.pass_values(x[:16])
     assert torch.isfinite(scores["iwae_k5_bn_both"]).all()
     assert not torch.allclose(scores["elbo"], scores["elbo_bn_both"])
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, bn_state(bns)) for k in a)
@@ -192,7 +193,7 @@ def test_components_sum_to_the_elbo_and_bounds_order():
     torch.manual_seed(0)
     vae = tiny_vae(likelihood="logistic").eval()
     x = toy_images(32)
-    e = vae.input_scores(x)
+    e = vae.pass_values(x)
     # rec (a mean over the K = 20 IWAE samples) and the ELBO against an independent Monte-Carlo
     # estimate from 2000 fresh draws, within 4 standard errors of the difference of the two means.
     nb, n_mc, k_max = 8, 2000, vae.iwae_samples[-1]
@@ -212,7 +213,7 @@ def test_components_sum_to_the_elbo_and_bounds_order():
     class Out:
         extra = e
 
-    s = vae.ood_scores(Out())
+    s = vae.own_scores(Out())
     parts = s["elbo_rec"] + s["elbo_mu"] + s["elbo_logvar"] + s["elbo_var"]
     assert torch.allclose(parts, s["elbo"], atol=1e-5)
     assert torch.allclose(s["elbo"], -vae.bits_per_dim(e["elbo"]))
@@ -239,10 +240,10 @@ def test_tiny_vae_trains_a_few_steps_with_finite_bpd(likelihood):
     model = tiny_vae(likelihood=likelihood)
     x = toy_images(64)
     with torch.no_grad():
-        before = model.eval().input_scores(x)["elbo"].mean()
+        before = model.eval().pass_values(x)["elbo"].mean()
     model, _ = _fit(model.train())
     with torch.no_grad():
-        scores = model.input_scores(x)
+        scores = model.pass_values(x)
     bpd = model.bits_per_dim(scores["iwae_k20"])
     assert torch.isfinite(bpd).all() and (bpd > 0).all()
     assert scores["elbo"].mean() > before  # training improved the ELBO
@@ -253,10 +254,10 @@ def test_ganvae_trains_a_few_steps_with_finite_bpd():
     model = tiny_vae(GANVAE, beta_neg=16.0)
     x = toy_images(256)[:32]  # the first 32 training images
     with torch.no_grad():
-        before = model.eval().input_scores(x)["elbo"].mean()
+        before = model.eval().pass_values(x)["elbo"].mean()
     model, _ = _fit(model.train(), steps=12)
     with torch.no_grad():
-        scores = model.input_scores(x)
+        scores = model.pass_values(x)
     bpd = model.bits_per_dim(scores["iwae_k5"])
     assert torch.isfinite(bpd).all() and (bpd > 0).all()
     assert scores["elbo"].mean() > before  # training improved the ELBO
@@ -274,16 +275,18 @@ def test_latent_probe_separates_shifted_gaussians():
     assert np.allclose(p.distance(walk.reshape(-1, 6)).reshape(2, 3), [[-1, 0, 2]] * 2, atol=1e-6)
 
 
-def test_after_scoring_writes_pictures_probe_and_bits_per_dim(tmp_path):
+def test_report_writes_pictures_probe_and_bits_per_dim(tmp_path):
     torch.manual_seed(0)
     dm = OODDataModule({"name": "stripes", "root": ".", "n_train": 300, "n_test": 200, "val_size": 50,
                         "batch_size": 64, "channels": 1},
                        {"diagonal": {"dataset": "diagonal_stripes", "n": 200, "seed": 7}})
     dm.setup("test")
     model = tiny_vae().eval()
-    outs = {split: extract(model, loader, dm.preprocess, torch.device("cpu"))
+    outs = {split: extract(model, loader, dm.preprocess, torch.device("cpu"), pass_values=model.pass_values)
             for split, loader in dm.eval_dataloaders().items()}
-    summary = model.after_scoring(tmp_path, outs, dm)["generative"]
+    labels = outs["id_test"].labels
+    results = Results({}, {}, labels, labels, num_classes=1, has_classifier=False, outputs=outs)
+    summary = model.report(tmp_path, results, dm)["generative"]
     for name in ("samples", "reconstructions", "elbo_components", "elbo_components_bn_encoder", "latent_probe",
                  "latent_walk_diagonal"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 2000, name
@@ -314,7 +317,7 @@ VAE_TINY = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone.widt
                                        ["experiment=vae_cifar10", "method=ganvae", "method.likelihood=categorical"],
                                        ["experiment=vae_mnist", "method.likelihood=logistic"]])
 def test_configs_build_the_model_on_unnormalised_dequantised_data(overrides, tmp_path):
-    from ood_lightning.training import build_model
+    from ood_lightning.assembly.build import build_model
 
     cfg = compose_cfg("train", overrides, tmp_path)
     assert cfg.data.mean is None and cfg.data.std is None and cfg.data.dequantize and cfg.data.augment.crop_padding == 0
@@ -351,7 +354,7 @@ def test_train_vae_end_to_end_writes_iwae_scores(tmp_path):
     (["method=vae"], [5, 50]), (["method=vae", "debug=fast"], [2, 8]), (["method=ganvae", "debug=fast"], [2, 8]),
     (["method=vae", "debug=fast", "method.iwae_samples=[3]"], [3])])
 def test_debug_fast_takes_fewer_iwae_samples_unless_given(overrides, expected, tmp_path):
-    from ood_lightning.training import build_model
+    from ood_lightning.assembly.build import build_model
 
     cfg = compose_cfg("train", overrides, tmp_path)
     assert build_model(cfg, num_classes=10).iwae_samples == expected

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import ood_lightning.methods.vmdls as vmdls_module
 from ood_lightning.data.class_batch_sampler import ClassBatchSampler
-from ood_lightning.detectors.base import Outputs
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.vmdls import (
     VMDLS,
@@ -26,6 +25,7 @@ from ood_lightning.methods.vmdls import (
     triplet_losses,
 )
 from ood_lightning.nn.backbones import SmallCNN
+from ood_lightning.scoring.api import FitData, Outputs
 from tests.conftest import TINY, check_reported_metrics, compose_cfg
 
 torch.set_num_threads(1)
@@ -169,21 +169,25 @@ def _toy_outputs(model, n=60):
         feats = model.forward_features(x)
     layers = {k: v.flatten(2).mean(-1) if v.ndim > 2 else v for k, v in feats.items()}
     return Outputs(model.classify(feats["penultimate"]), feats["penultimate"], layers, torch.arange(n) % 3,
-                   model.input_scores(x)), x
+                   model.pass_values(x, feats)), x
 
 
 def test_scores_without_autoencoder_are_equal_and_ablation_names():
     torch.manual_seed(0)
     model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2, ensemble_ablation=True).eval()
     train, _ = _toy_outputs(model)
-    model.fit_ood_scores(train)
-    scores = model.ood_scores(_toy_outputs(model, 20)[0])
+    scorers = model.scorers()
+    for scorer in scorers.values():  # the evaluation loop fits each; the Gaussians are fitted once
+        scorer.fit(model, FitData(train))
+    test = _toy_outputs(model, 20)[0]
+    scores = {name: s.score(model, test) for name, s in scorers.items()}
     assert set(scores) == {"vmdls", "vmdls_b", "vmdls_b_mu", "vmdls_b_mu_g", "vmdls_b_mu_g_t3", "vmdls_b_mu_g_t3_t2"}
     assert torch.equal(scores["vmdls"], scores["vmdls_b"])
-    preds = model.ood_predictions(train)
-    assert set(preds) == set(scores) and preds["vmdls"].shape == (60,) and set(preds["vmdls"].tolist()) <= {0, 1, 2}
-    with pytest.raises(RuntimeError, match="before fit_ood_scores"):
-        VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None).ood_scores(train)
+    preds = {name: s.predict(model, train) for name, s in scorers.items()}
+    assert preds["vmdls"].shape == (60,) and set(preds["vmdls"].tolist()) <= {0, 1, 2}
+    with pytest.raises(RuntimeError, match="before fit_class_gaussians"):
+        fresh = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None)
+        fresh.scorers()["vmdls_b"].score(fresh, train)
 
 
 def test_reconstruction_weight_is_computed_per_input():
@@ -192,17 +196,18 @@ def test_reconstruction_weight_is_computed_per_input():
                   autoencoder_optimizer=torch.optim.Adam).eval()
     out, x = _toy_outputs(model)
     assert out.extra["vmdls_w"].shape == (60,) and (out.extra["vmdls_w"] > 0).all()
-    with torch.no_grad():  # the evaluation pass's features are reused; a fresh pass agrees
-        torch.testing.assert_close(model.input_scores(x)["vmdls_w"], out.extra["vmdls_w"])
-    model.fit_ood_scores(out)
-    scores = model.ood_scores(out)
+    with torch.no_grad():  # w from the pass's features agrees with a fresh pass
+        torch.testing.assert_close(model.pass_values(x, model.backbone.forward_features(x))["vmdls_w"],
+                                   out.extra["vmdls_w"])
+    model.fit_class_gaussians(out)
+    scores = model.own_scores(out)
     assert not torch.equal(scores["vmdls"], scores["vmdls_b"])
 
 
 def test_a_missing_ensemble_layer_names_the_available_ones():
     model = VMDLS(SmallCNN(1, (4, 8), 8), 3, None, latent_dim=2)
     with pytest.raises(ConfigError, match=r"'block3' is not an output.*block1"):
-        model.fit_ood_scores(_toy_outputs(model)[0])
+        model.fit_class_gaussians(_toy_outputs(model)[0])
 
 
 def test_check_layers_accepts_backbone_outputs_and_names_the_bad_key():
@@ -255,22 +260,23 @@ def test_tiny_run_without_autoencoder_gives_identical_vmdls_and_vmdls_b(tmp_path
 
 
 def train_cfg(overrides, out):
-    from ood_lightning.training import train
+    from ood_lightning.assembly.runs import train
 
     return train(compose_cfg("train", overrides, out))
 
 
 def test_training_batches_are_class_structured(tmp_path):
-    """The method makes the data module's training loader use its batch sampler."""
+    """The method's batch sampler, handed to the data module, gives the training batches."""
     import lightning as L
 
+    from ood_lightning.assembly.build import build_model
     from ood_lightning.data.datamodule import OODDataModule
-    from ood_lightning.training import build_model
 
     cfg = compose_cfg("train", VMDLS_TINY, tmp_path)
     dm = OODDataModule(cfg.data, cfg.ood)
     dm.setup("fit")
     model = build_model(cfg, dm.num_classes)
+    dm.batch_sampler_factory = model.train_batch_sampler  # what the run's assembly does
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     seen = []

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ood_lightning.data.device_loader import DeviceLoader
 from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
@@ -86,6 +86,8 @@ class OODDataModule(L.LightningDataModule):
         self.train_set = self.val_set = self.test_set = None
         self.ood_sets: dict[str, ArrayData] = {}
         self.class_names: tuple[str, ...] = ()
+        #: labels -> a batch sampler for training, or None for shuffled batches (a method's own, set by the run)
+        self.batch_sampler_factory: Callable[[torch.Tensor], Sampler | None] | None = None
 
     # -- loading -------------------------------------------------------------------------
     def _load(self, name: str, split: str, **kwargs) -> ArrayData:
@@ -231,14 +233,13 @@ class OODDataModule(L.LightningDataModule):
                             world_size=trainer.world_size)
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
-        """Shuffled batches, or the method's own batch sampler (``train_batch_sampler(labels)``, e.g.
-        VMDLS's B_C classes x B_N examples)."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        make_sampler = getattr(model, "train_batch_sampler", None)
-        if make_sampler is None:
+        """Shuffled batches, or the batches of ``batch_sampler_factory(labels)`` when it gives a
+        sampler (the method's own, handed over by the run's assembly, e.g. VMDLS's B_C classes x B_N)."""
+        sampler = self.batch_sampler_factory(self.train_set.labels) if self.batch_sampler_factory else None
+        if sampler is None:
             return self._trainer_loader(self.train_set, train=True)
         workers = int(self.cfg.get("num_workers", 0))
-        return DataLoader(TensorData(self.train_set), batch_sampler=make_sampler(self.train_set.labels),
+        return DataLoader(TensorData(self.train_set), batch_sampler=sampler,
                           collate_fn=_keep_batch, num_workers=workers, persistent_workers=workers > 0,
                           pin_memory=torch.cuda.is_available())
 

@@ -20,7 +20,7 @@ the same number of batches (collectives stay in step). With ``drop_last`` the ta
 does not fill a sample per rank and a whole batch is dropped; without it the permutation
 is padded by wrapping around (a few samples seen twice), again as ``DistributedSampler``.
 
-Evaluation (``evaluation/outputs.py``) does not shuffle and needs every sample exactly once
+Evaluation (``scoring/passes.py``) does not shuffle and needs every sample exactly once
 in order: :func:`shard_range` gives each rank a contiguous block instead.
 """
 

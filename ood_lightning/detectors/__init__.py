@@ -1,6 +1,6 @@
-"""Post-hoc OOD detectors (higher score = more ID); configs in ``conf/detectors/`` name the classes."""
+"""Post-hoc OOD detectors: :class:`~ood_lightning.scoring.api.Scorer` subclasses (higher score =
+more ID) that fit on ID outputs of a trained classifier; configs in ``conf/detectors/`` name the classes."""
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs, pool
 from ood_lightning.detectors.energy import Energy, energy_score
 from ood_lightning.detectors.godin_perturbation import GODINPerturbation
 from ood_lightning.detectors.latent_flow import LatentFlowDetector
@@ -13,17 +13,13 @@ from ood_lightning.detectors.react import ReAct
 __all__ = [
     "MSP",
     "ODIN",
-    "Detector",
     "Energy",
     "GODINPerturbation",
     "LSGM",
     "LatentFlowDetector",
-    "FeatureModel",
     "Mahalanobis",
     "MahalanobisTuned",
-    "Outputs",
     "ReAct",
     "energy_score",
     "fit_logistic_weights",
-    "pool",
 ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
+from ood_lightning.errors import ConfigError
+from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
 def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -19,12 +20,14 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return temperature * torch.logsumexp(logits / temperature, dim=-1)
 
 
-class Energy(Detector):
+class Energy(Scorer):
     """Score = T·logsumexp(logits/T), i.e. minus the free energy (higher = more ID)."""
+
+    needs_fit = False
 
     def __init__(self, temperature: float = 1.0) -> None:
         if temperature <= 0:
-            raise ValueError(f"Energy temperature must be > 0, got {temperature}")
+            raise ConfigError(f"detectors.energy.temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:

@@ -3,34 +3,24 @@ sign of the gradient that *increases* its own score S(x) = max_i h_i(x) (or g(x)
 score the stepped input. ID inputs gain more than OOD inputs, so the gap widens.
 
 Unlike ODIN, ε is chosen without OOD data: the ε of a grid that maximises the mean score on
-ID *validation* inputs. The detector contract's ``fit(model, train_outputs)`` only sees
-cached outputs, so that search is :meth:`GODINPerturbation.select_epsilon`, which the
-caller runs on ID validation inputs before scoring; without it the configured fixed
+ID *validation* inputs: :meth:`GODINPerturbation.fit` runs that search
+(:meth:`select_epsilon`) on ``FitData.val_inputs``; without a fit the configured
 ``epsilon`` is used.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.base import Detector, Outputs
 from ood_lightning.errors import ConfigError
+from ood_lightning.methods.godin import GeneralizedODIN as DecomposedModel
+from ood_lightning.scoring.api import FitData, Outputs, Scorer
 
 
-class DecomposedModel(Protocol):
-    """What this detector calls: a method with a decomposed-confidence head (GeneralizedODIN)."""
-
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]: ...
-
-    def decomposed(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """(h [B, C], g [B]) from penultimate features."""
-
-
-class GODINPerturbation(Detector):
+class GODINPerturbation(Scorer):
     """Score = S(x̃) with x̃ = x − ε·sign(−∇ₓ S(x)), S = max_i h_i ("h") or g ("g").
 
     ``epsilon`` is in *normalised-input units* (inputs reach the model standardised), as in
@@ -55,13 +45,13 @@ class GODINPerturbation(Detector):
         self.search: dict[float, float] = {}
 
     @property
-    def needs_inputs(self) -> bool:  # type: ignore[override]
+    def per_batch(self) -> bool:  # type: ignore[override]
         """Only the perturbation needs the inputs; at ε = 0 the cached features suffice."""
         return self.epsilon > 0
 
     def _score_features(self, model: DecomposedModel, features: Tensor) -> Tensor:
-        if not hasattr(model, "decomposed"):
-            raise TypeError(f"GODINPerturbation needs a model with a decomposed-confidence head (method=godin), "
+        if not isinstance(model, DecomposedModel):
+            raise ConfigError(f"GODINPerturbation needs a model with a decomposed-confidence head (method=godin), "
                             f"got {type(model).__name__}")
         h, g = model.decomposed(features)
         s = h.amax(1) if self.score_name == "h" else g
@@ -86,7 +76,7 @@ class GODINPerturbation(Detector):
     def score(self, model: DecomposedModel, outputs: Outputs) -> Tensor:
         if self.epsilon > 0:
             raise RuntimeError(f"GODINPerturbation(epsilon={self.epsilon}) perturbs inputs: call "
-                               "score_inputs(model, x), or set epsilon=0 to score cached outputs")
+                               "score_batch(model, x), or set epsilon=0 to score cached outputs")
         features = outputs.features
         if isinstance(model, torch.nn.Module):  # cached features live on the CPU, the model may not
             ref = next(model.parameters())
@@ -94,7 +84,12 @@ class GODINPerturbation(Detector):
         with torch.no_grad():
             return self._score_features(model, features)
 
-    def score_inputs(self, model: DecomposedModel, x: Tensor) -> Tensor:
+    def fit(self, model: DecomposedModel, data: FitData) -> GODINPerturbation:
+        """Choose ε on ID validation inputs (no OOD data)."""
+        self.select_epsilon(model, data.val_inputs)
+        return self
+
+    def score_batch(self, model: DecomposedModel, x: Tensor) -> Tensor:
         x_tilde = self.perturb(model, x)
         with torch.no_grad():
             return self._score(model, x_tilde)

@@ -23,11 +23,11 @@ from rich.progress import Progress, TextColumn
 from sklearn.decomposition import PCA
 from torch import Tensor, nn
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
 from ood_lightning.errors import ConfigError, NonFiniteLossError
 from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.nn.flows.build import build_flow
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 #: fits with at least this many optimisation steps show a progress bar
 PROGRESS_MIN_STEPS = 200
@@ -37,7 +37,7 @@ SCORE_BATCH = 4096
 FlowFactory = Callable[[int], nn.Module]
 
 
-class LatentFlowDetector(Detector):
+class LatentFlowDetector(Scorer):
     """Score = −bits per dimension of a flow fitted post hoc to (PCA'd, L2-normalised) features.
 
     Args:
@@ -153,8 +153,8 @@ class LatentFlowDetector(Detector):
             return self.flow_name(dim).to(self.device)
         return build_flow(self.flow_name, dim, self.n_blocks, self.hidden, **self.flow_kwargs).to(self.device)
 
-    def fit(self, model: FeatureModel | None, train: Outputs) -> LatentFlowDetector:
-        return self.fit_with_history(model, train)
+    def fit(self, model: FeatureModel | None, data: FitData) -> LatentFlowDetector:
+        return self.fit_with_history(model, data.train)
 
     def fit_with_history(self, model: FeatureModel | None, train: Outputs | Tensor,
                          eval_sets: Mapping[str, Tensor | Outputs] | None = None,

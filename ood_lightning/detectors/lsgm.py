@@ -53,7 +53,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs, pool
+from ood_lightning.errors import ConfigError
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, pool
 
 PENULTIMATE = "penultimate"
 #: elements of one [chunk, k_i, k_{i+1}] block when a transition step falls back to logsumexp
@@ -136,7 +137,7 @@ def gaussian_log_densities(x: Tensor, means: Tensor, precisions_cholesky: Tensor
         log_det = torch.log(precisions_cholesky).sum(1)
         return const + log_det - 0.5 * maha.clamp_min(0)
     if covariance_type != "full":
-        raise ValueError(f"LSGM covariance_type must be 'full' or 'diag', got {covariance_type!r}")
+        raise ConfigError(f"detectors.<name>: LSGM covariance_type must be 'full' or 'diag', got {covariance_type!r}")
     out = torch.empty(n, len(means), dtype=x.dtype, device=x.device)
     for k, (mu, chol) in enumerate(zip(means, precisions_cholesky)):
         y = x @ chol - mu @ chol
@@ -176,7 +177,7 @@ def _device_of(t: Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "mps" else t.device
 
 
-class LSGM(Detector):
+class LSGM(Scorer):
     """Latent Sequential Gaussian Mixture: joint log-likelihood of an input's layer trace.
 
     Args:
@@ -227,20 +228,20 @@ class LSGM(Detector):
         else:
             self.layers = tuple(str(n) for n in layers)
             if not self.layers:
-                raise ValueError("LSGM needs at least one layer")
+                raise ConfigError("detectors.<name>: LSGM needs at least one layer")
         if n_components != "auto" and (isinstance(n_components, str) or int(n_components) < 1):
-            raise ValueError(f"LSGM n_components must be a positive int or 'auto', got {n_components!r}")
+            raise ConfigError(f"detectors.<name>: LSGM n_components must be a positive int or 'auto', got {n_components!r}")
         checks = {"mixture": (mixture, ("dirichlet", "gmm")), "covariance_type": (covariance_type, ("full", "diag")),
                   "transitions": (transitions, ("hard", "soft")), "initial": (initial, ("weights", "counted"))}
         for arg, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"LSGM {arg} must be one of {allowed}, got {value!r}")
+                raise ConfigError(f"detectors.<name>: LSGM {arg} must be one of {allowed}, got {value!r}")
         if transition_smoothing < 0:
-            raise ValueError(f"LSGM transition_smoothing must be >= 0, got {transition_smoothing}")
+            raise ConfigError(f"detectors.<name>: LSGM transition_smoothing must be >= 0, got {transition_smoothing}")
         if pca_dim is not None and int(pca_dim) < 1:
-            raise ValueError(f"LSGM pca_dim must be a positive int or None, got {pca_dim}")
+            raise ConfigError(f"detectors.<name>: LSGM pca_dim must be a positive int or None, got {pca_dim}")
         if not 0.0 <= min_weight < 1.0:
-            raise ValueError(f"LSGM min_weight must be in [0, 1), got {min_weight}")
+            raise ConfigError(f"detectors.<name>: LSGM min_weight must be in [0, 1), got {min_weight}")
         self.n_components = n_components if n_components == "auto" else int(n_components)
         self.mixture = mixture
         self.max_iter = int(max_iter)
@@ -275,7 +276,7 @@ class LSGM(Detector):
         if self.n_components != "auto":
             return int(self.n_components)
         if train.labels is None:
-            raise ValueError("LSGM n_components='auto' needs class labels in train.labels")
+            raise ConfigError("detectors.<name>: LSGM n_components='auto' needs class labels in train.labels")
         return 5 * len(torch.unique(train.labels))
 
     def _make_mixture(self, k: int) -> Any:
@@ -291,7 +292,7 @@ class LSGM(Detector):
     def _fit_layer(self, name: str, h: Tensor, k: int) -> _LayerModel:
         x = h.detach().to("cpu", torch.float64)
         if x.shape[0] < 2:
-            raise ValueError(f"LSGM needs at least 2 training samples, layer {name!r} has {x.shape[0]}")
+            raise ConfigError(f"detectors.<name>: LSGM needs at least 2 training samples, layer {name!r} has {x.shape[0]}")
         mean = x.mean(0) if self.standardize else torch.zeros(x.shape[1], dtype=x.dtype)
         scale = x.std(0, unbiased=False) if self.standardize else torch.ones(x.shape[1], dtype=x.dtype)
         scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))  # constant channels stay 0
@@ -331,7 +332,11 @@ class LSGM(Detector):
         smoothed = counts + self.transition_smoothing
         return smoothed.log() - smoothed.sum(-1, keepdim=True).log()
 
-    def fit(self, model: FeatureModel, train: Outputs) -> LSGM:
+    def fit(self, model: FeatureModel, data: FitData) -> LSGM:
+        return self.fit_outputs(data.train)
+
+    def fit_outputs(self, train: Outputs) -> LSGM:
+        """The per-layer mixtures and the transition matrices, from ID training outputs."""
         names = (list(train.layers) or [PENULTIMATE]) if self.layers == "all" else list(self.layers)
         feats = {n: _layer_features(train, n) for n in names}
         k = self._resolve_k(train)
@@ -400,7 +405,7 @@ def scoring_time(
         for m in n_layers or range(1, len(names) + 1):
             if not 1 <= m <= len(names):
                 raise ValueError(f"scoring_time: n_layers={m} but outputs have {len(names)} layers")
-            det = LSGM(layers=names[:m], n_components=k, **lsgm_kwargs).fit(None, train)  # type: ignore[arg-type]
+            det = LSGM(layers=names[:m], n_components=k, **lsgm_kwargs).fit_outputs(train)
             best = math.inf
             for _ in range(max(1, repeats)):
                 start = time.perf_counter()

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs, pool
+from ood_lightning.errors import ConfigError
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, pool
 
 PENULTIMATE = "penultimate"
 
@@ -35,14 +36,14 @@ def _stats_device(t: Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "mps" else t.device
 
 
-class Mahalanobis(Detector):
+class Mahalanobis(Scorer):
     """Score = Σ_l w_l · max_c −(f_l − μ_{l,c})ᵀ Σ_l⁻¹ (f_l − μ_{l,c}).
 
     Args:
         layers: layer names from ``Outputs.layers`` (``"penultimate"`` may also mean
             ``Outputs.features``), or ``"all"`` for every layer present at fit time.
         epsilon: input-perturbation step in normalised-input units; > 0 turns on the
-            paper's input pre-processing and makes ``needs_inputs`` True.
+            paper's input pre-processing and makes ``per_batch`` True.
         layer_weights: per-layer weights (sequence aligned with the layers, or a
             name -> weight mapping); ``None`` means 1 for every layer (no OOD data used).
         shrinkage: s in Σ ← (1−s)Σ + s·(tr Σ / D)·I, for few samples or dead units.
@@ -59,15 +60,15 @@ class Mahalanobis(Detector):
         shrinkage: float = 0.0,
     ) -> None:
         if epsilon < 0:
-            raise ValueError(f"Mahalanobis epsilon must be >= 0, got {epsilon}")
+            raise ConfigError(f"detectors.<name>.epsilon: Mahalanobis epsilon must be >= 0, got {epsilon}")
         if not 0.0 <= shrinkage <= 1.0:
-            raise ValueError(f"Mahalanobis shrinkage must be in [0, 1], got {shrinkage}")
+            raise ConfigError(f"detectors.<name>.shrinkage: Mahalanobis shrinkage must be in [0, 1], got {shrinkage}")
         if isinstance(layers, str):
             self.layers: str | tuple[str, ...] = "all" if layers == "all" else (layers,)
         else:
             self.layers = tuple(str(n) for n in layers)
             if not self.layers:
-                raise ValueError("Mahalanobis needs at least one layer")
+                raise ConfigError("detectors.<name>.layers: Mahalanobis needs at least one layer (or layers: all)")
         self.epsilon = float(epsilon)
         self.layer_weights = layer_weights
         self.shrinkage = float(shrinkage)
@@ -79,7 +80,7 @@ class Mahalanobis(Detector):
         self._mu_p_mu: dict[str, Tensor] = {}
 
     @property
-    def needs_inputs(self) -> bool:  # type: ignore[override]
+    def per_batch(self) -> bool:  # type: ignore[override]
         """Only the input pre-processing needs inputs; ε = 0 scores cached outputs."""
         return self.epsilon > 0
 
@@ -100,16 +101,20 @@ class Mahalanobis(Detector):
         if isinstance(w, Mapping):
             missing = [n for n in names if n not in w]
             if missing:
-                raise ValueError(f"Mahalanobis layer_weights lacks layers {missing}")
+                raise ConfigError(f"detectors.<name>.layer_weights lacks layers {missing}")
             return {n: float(w[n]) for n in names}
         w = list(w)
         if len(w) != len(names):
-            raise ValueError(f"Mahalanobis got {len(w)} layer_weights for {len(names)} layers {names}")
+            raise ConfigError(f"detectors.<name>.layer_weights: got {len(w)} weights for {len(names)} layers {names}")
         return {n: float(v) for n, v in zip(names, w)}
 
-    def fit(self, model: FeatureModel, train: Outputs) -> Mahalanobis:
+    def fit(self, model: FeatureModel, data: FitData) -> Mahalanobis:
+        return self.fit_outputs(data.train)
+
+    def fit_outputs(self, train: Outputs) -> Mahalanobis:
+        """Class means and the tied covariance of each layer, from ID training outputs."""
         if train.labels is None:
-            raise ValueError("Mahalanobis.fit needs class labels in train.labels")
+            raise ConfigError("Mahalanobis needs class labels in the ID training outputs (an unlabelled ID set cannot fit class means)")
         names = self._resolve_layers(train)
         self.weights = self._resolve_weights(names)
         self.means, self.covariances, self.precisions, self._mu_p_mu = {}, {}, {}, {}
@@ -159,14 +164,14 @@ class Mahalanobis(Detector):
         scores = self.layer_scores(outputs)
         return sum(self.weights[n] * s for n, s in scores.items())  # type: ignore[return-value]
 
-    def score_inputs(self, model: FeatureModel, x: Tensor) -> Tensor:
+    def score_batch(self, model: FeatureModel, x: Tensor) -> Tensor:
         """Scores after the paper's pre-processing, done per layer.
 
         For each layer, x̃_l = x + ε·sign(∇ₓ score_l(x)) moves the input towards its
         closest class mean in that layer; the layer is then re-scored on x̃_l.
         """
         if self.epsilon == 0:
-            return super().score_inputs(model, x)
+            return super().score_batch(model, x)
         self._check_fitted()
         names = self.layer_names
         x_in = x.detach().clone().requires_grad_(True)
@@ -229,16 +234,24 @@ class MahalanobisTuned(Mahalanobis):
     """Mahalanobis with logistic-regression layer weights fitted per OOD set. USES OOD DATA.
 
     The original paper's reported variant (Lee et al. 2018): for every OOD set the
-    evaluation hands :meth:`fit_ood` ID validation outputs and a held-out tuning part of
-    that OOD set; metrics are then computed on the rest only. Tables mark it "uses OOD data".
+    evaluation calls :meth:`fit` with ID validation outputs and a held-out tuning part of
+    that OOD set (``FitData.val``, ``FitData.ood_tune``; first, like any scorer, with the ID training outputs); metrics are then computed on the rest only. Tables mark it "uses OOD data".
     """
 
-    uses_ood_data = True
+    tunes_on_ood = True
 
     def __init__(self, layers: Sequence[str] | str = "all", **kwargs) -> None:
         super().__init__(layers=layers, **kwargs)
 
-    def fit_ood(self, model: FeatureModel, id_outputs: Outputs, ood_outputs: Outputs) -> MahalanobisTuned:
+    def fit(self, model: FeatureModel, data: FitData) -> MahalanobisTuned:
+        if data.train is not None:
+            self.fit_outputs(data.train)
+        if data.ood_tune is not None:
+            self.fit_ood(data.val, data.ood_tune)
+        return self
+
+    def fit_ood(self, id_outputs: Outputs, ood_outputs: Outputs) -> MahalanobisTuned:
+        """Layer weights by logistic regression of ID validation against OOD tuning layer scores."""
         self._check_fitted()
         self.weights = fit_logistic_weights(self.layer_scores(id_outputs), self.layer_scores(ood_outputs))
         return self

@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
+from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
-class MSP(Detector):
+class MSP(Scorer):
     """Score = max_c softmax(logits)_c; confident predictions are taken as in-distribution."""
+
+    needs_fit = False
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         logits = outputs.logits.detach()

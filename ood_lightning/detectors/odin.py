@@ -10,29 +10,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
+from ood_lightning.errors import ConfigError
+from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
-class ODIN(Detector):
+class ODIN(Scorer):
     """Score = max softmax(model(x̃)/T) with x̃ = x − ε·sign(−∇ₓ log softmax_ŷ(x)/T).
 
     ``epsilon`` is in *normalised-input units*: inputs reach the model already
     standardised by the dataset mean/std, so ε = 0.0014 here equals 0.0014·std_c in pixel
     space per channel (the original code divides the gradient sign by the std instead).
     With ``epsilon == 0`` no gradient is computed and the score is temperature-scaled MSP,
-    which can then be read from cached outputs (``needs_inputs`` is False).
+    which can then be read from cached outputs (``per_batch`` is False).
     """
+
+    needs_fit = False
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
         if temperature <= 0:
-            raise ValueError(f"ODIN temperature must be > 0, got {temperature}")
+            raise ConfigError(f"detectors.odin.temperature must be > 0, got {temperature}")
         if epsilon < 0:
-            raise ValueError(f"ODIN epsilon must be >= 0, got {epsilon}")
+            raise ConfigError(f"detectors.odin.epsilon must be >= 0, got {epsilon}")
         self.temperature = float(temperature)
         self.epsilon = float(epsilon)
 
     @property
-    def needs_inputs(self) -> bool:  # type: ignore[override]
+    def per_batch(self) -> bool:  # type: ignore[override]
         """Only the perturbation needs the inputs; ε = 0 is plain temperature scaling."""
         return self.epsilon > 0
 
@@ -44,7 +47,7 @@ class ODIN(Detector):
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         if self.epsilon > 0:
             raise RuntimeError(
-                f"ODIN(epsilon={self.epsilon}) perturbs inputs: call score_inputs(model, x), "
+                f"ODIN(epsilon={self.epsilon}) perturbs inputs: call score_batch(model, x), "
                 "or set epsilon=0 to score cached outputs"
             )
         return self._scaled_msp(outputs.logits)
@@ -60,7 +63,7 @@ class ODIN(Detector):
             (grad,) = torch.autograd.grad(loss, x_in)
         return x.detach() - self.epsilon * grad.sign().to(x.dtype)
 
-    def score_inputs(self, model: FeatureModel, x: Tensor) -> Tensor:
+    def score_batch(self, model: FeatureModel, x: Tensor) -> Tensor:
         if self.epsilon == 0:
             with torch.no_grad():
                 return self._scaled_msp(model(x))

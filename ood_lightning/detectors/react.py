@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
 from ood_lightning.detectors.energy import energy_score
 from ood_lightning.errors import ConfigError
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
-class ReAct(Detector):
+class ReAct(Scorer):
     """Score = energy(model.classify(min(features, c))), c = ``percentile`` of ID activations.
 
     ``max_samples`` caps how many activations enter ``torch.quantile`` (which refuses
@@ -31,8 +31,8 @@ class ReAct(Detector):
         self.max_samples = int(max_samples)
         self.threshold: float | None = None
 
-    def fit(self, model: FeatureModel, train: Outputs) -> ReAct:
-        flat = train.features.detach().reshape(-1)
+    def fit(self, model: FeatureModel, data: FitData) -> ReAct:
+        flat = data.train.features.detach().reshape(-1)
         if flat.numel() > self.max_samples:
             # Seeded sampling (with replacement: no O(N) permutation of billions of indices).
             gen = torch.Generator().manual_seed(0)

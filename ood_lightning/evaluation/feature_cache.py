@@ -24,9 +24,9 @@ from rich.progress import Progress
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ood_lightning.detectors.base import Outputs
 from ood_lightning.errors import CheckpointMismatchError, ConfigError
-from ood_lightning.evaluation.outputs import extract
+from ood_lightning.scoring.api import Outputs
+from ood_lightning.scoring.passes import extract
 
 OUTPUTS_FILE = "outputs.pt"
 MANIFEST_FILE = "manifest.json"
@@ -125,7 +125,7 @@ class FeatureCache:
 
         ``name`` labels the set (progress bar, manifest); ``transform`` must name everything
         about the inputs that the dataset and split do not (preprocessing, resize/crop, subset
-        size). ``extract_fn`` has :func:`~ood_lightning.evaluation.outputs.extract`'s signature;
+        size). ``extract_fn`` has :func:`~ood_lightning.scoring.passes.extract`'s signature;
         pass ``fingerprint`` to reuse a :func:`model_fingerprint` already computed.
         """
         fingerprint = fingerprint or model_fingerprint(model)

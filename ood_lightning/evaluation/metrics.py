@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 
 __all__ = [
@@ -34,8 +35,8 @@ ArrayLike = Any  # numpy array, torch tensor, or sequence of numbers
 
 
 def _to_numpy(x: ArrayLike) -> np.ndarray:
-    """Turn a tensor/array/list into a numpy array without importing torch here."""
-    if hasattr(x, "detach"):  # torch.Tensor (possibly on GPU, possibly requiring grad)
+    """Turn a tensor/array/list into a numpy array."""
+    if isinstance(x, torch.Tensor):  # possibly on GPU, possibly requiring grad
         x = x.detach().cpu().numpy()
     return np.asarray(x)
 

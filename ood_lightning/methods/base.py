@@ -1,4 +1,4 @@
-"""What every trained method shares: the detector-facing API, optimisers from config,
+"""What every trained method shares: the scoring-facing API, optimisers from config,
 and a guard that stops a run on a non-finite loss with a checkpoint to inspect."""
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Sampler
 
 from ood_lightning.errors import NonFiniteLossError
 from ood_lightning.methods.nonfinite import NonFinite, NonFiniteGuard
+from ood_lightning.scoring.api import Results, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +55,37 @@ class OODMethod(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.classify(self.backbone(x))
 
-    def ood_scores(self, outputs) -> dict[str, Tensor]:
-        """The method's own OOD scores (higher = ID) from cached outputs; none by default.
+    # -- what the evaluation calls (every member declared here; methods override) ------------
+    #: the classifier head of a ``method=classifier`` checkpoint fits this method's head
+    loads_classifier_head: bool = True
 
-        Optional hooks the evaluation calls when a method defines them (docs/architecture.md):
-        ``fit_ood_scores(train_outputs)`` once on ID training outputs before scoring;
-        ``input_scores(x) -> dict[str, Tensor]`` per batch during the one forward pass
-        (results land in ``outputs.extra``); ``prepare_split(split, loader, preprocess,
-        device)`` before each split's pass; ``ood_predictions(outputs)`` a method's own class
-        predictions; ``after_scoring(run_dir, outputs, dm, device)`` extras once results are
-        written.
-        """
+    def scorers(self) -> dict[str, Scorer]:
+        """The method's own OOD scores (higher = ID), scored beside the configured detectors."""
         return {}
+
+    def pass_values(self, x: Tensor, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-input values computed in the one evaluation pass (``Outputs.extra``), from the
+        preprocessed inputs and the backbone's outputs on them; e.g. a VAE's IWAE bound."""
+        return {}
+
+    def prepare_split(self, split: str, loader, preprocess: Callable[[Tensor], Tensor], device) -> None:
+        """Called before each split's evaluation pass (e.g. a VAE re-estimating BatchNorm statistics)."""
+
+    def report(self, run_dir: Path, results: Results, dm, device) -> dict:
+        """A method's own report once the results are written (pictures, probes); its summary
+        is merged into ``metrics.json``."""
+        return {}
+
+    #: ``{"sets": [names] | "all", "limit": n}``: follow :meth:`monitor_scores` per validation epoch
+    monitor_ood: dict = {}
+
+    def monitor_scores(self, x: Tensor) -> Tensor | None:
+        """A score to follow during training (AUROC per validation epoch, ``analysis/ood_monitor.py``)."""
+        return None
+
+    def train_batch_sampler(self, labels: Tensor) -> Sampler | None:
+        """The batches this method trains on (e.g. VMDLS's classes × examples); None = shuffled batches."""
+        return None
 
     # -- training helpers ----------------------------------------------------------------
     def configure_optimizers(self):

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ood_lightning.analysis.collapse import CollapseMonitor
-from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.feature_norm import normalize_features
 from ood_lightning.nn.flows.build import build_flow
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.scoring.api import Outputs, Scorer
 
 
 class DeepHybridModel(OODMethod):
@@ -46,6 +46,7 @@ class DeepHybridModel(OODMethod):
         self.flow_optimizer_factory = flow_optimizer
         self.flow_scheduler_factory = flow_scheduler
         self.collapse_factor = collapse_factor
+        #: AUROC of the DHM score against subsets of the OOD sets every validation epoch
         self.monitor_ood = dict(monitor_ood or {})
         self.score_batch_size = score_batch_size
 
@@ -98,18 +99,6 @@ class DeepHybridModel(OODMethod):
         self.log_dict({f"val/{k}": v.detach() for k, v in terms.items()}, on_epoch=True, prog_bar=False,
                       batch_size=len(y), sync_dist=True)
 
-    def on_validation_epoch_end(self) -> None:
-        """AUROC of the DHM score against a subset of each configured OOD set (paper Fig. 3)."""
-        sets, limit = self.monitor_ood.get("sets") or [], int(self.monitor_ood.get("limit", 500))
-        dm = getattr(self.trainer, "datamodule", None)
-        if not sets or dm is None or self.trainer.sanity_checking:
-            return
-        id_x = dm.preprocess(dm.val_set.images[:limit].to(self.device))
-        id_scores = self.density_scores(id_x)
-        for name in sets if sets != "all" else list(dm.ood_sets):
-            ood = dm.ood_sets[name].images[:limit].to(self.device)
-            self.log(f"val/auroc/{name}", auroc(id_scores.cpu().numpy(), self.density_scores(dm.preprocess(ood)).cpu().numpy()))
-
     # -- scores ------------------------------------------------------------------------------
     @torch.no_grad()
     def density_scores(self, x: Tensor) -> Tensor:
@@ -123,6 +112,20 @@ class DeepHybridModel(OODMethod):
             out.append(self.flow.log_prob(self.density_input(chunk.to(self.device))).detach().cpu())
         return torch.cat(out)
 
-    def ood_scores(self, outputs) -> dict[str, Tensor]:
-        with eval_mode(self):  # the exact log-det and the bounds' stored vectors
-            return {"dhm": self.log_density(outputs.features)}
+    def monitor_scores(self, x: Tensor) -> Tensor:
+        """The DHM score of inputs, followed per validation epoch against OOD subsets (paper Fig. 3)."""
+        return self.density_scores(x)
+
+    def scorers(self) -> dict[str, Scorer]:
+        return {"dhm": FlowDensity()}
+
+
+class FlowDensity(Scorer):
+    """The DHM score: log p(ĥ) of the normalised penultimate features under the flow (higher = ID)."""
+
+    needs_fit = False
+    needs_classifier = False
+
+    def score(self, model: DeepHybridModel, outputs: Outputs) -> Tensor:
+        with eval_mode(model):  # the exact log-det and the bounds' stored vectors
+            return model.log_density(outputs.features)

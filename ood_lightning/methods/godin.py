@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ood_lightning.detectors.base import Outputs
 from ood_lightning.methods.classifier import Classifier
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.scoring.api import Outputs, Scorer
 
 
 class CosineSimilarity(nn.Module):
@@ -71,16 +71,19 @@ class GeneralizedODIN(Classifier):
         return self.head.parts(features)
 
     @torch.no_grad()
-    def ood_scores(self, outputs: Outputs) -> dict[str, Tensor]:
-        """"godin_h" = max_i h_i(x) (the paper's default) and "godin_g" = g(x), higher = ID.
+    def decomposed_scores(self, features: Tensor) -> dict[str, Tensor]:
+        """"h" = max_i h_i(x) (the paper's default) and "g" = g(x), higher = ID, from penultimate features.
 
         g's BatchNorm always uses its running statistics here, whatever the module's mode,
         so scoring cached features never changes the model.
         """
         ref = self.head.h.weight
         with eval_mode(self.head):
-            h, g = self.decomposed(outputs.features.to(ref.device, ref.dtype))
-        return {"godin_h": h.amax(1), "godin_g": g}
+            h, g = self.decomposed(features.to(ref.device, ref.dtype))
+        return {"h": h.amax(1), "g": g}
+
+    def scorers(self) -> dict[str, Scorer]:
+        return {"godin_h": DecomposedScore("h"), "godin_g": DecomposedScore("g")}
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Two optimiser groups: the class weights w_i (``h_weight_decay``) and the rest."""
@@ -93,3 +96,15 @@ class GeneralizedODIN(Classifier):
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "epoch"}}
+
+
+class DecomposedScore(Scorer):
+    """G-ODIN's own score from cached features: max_i h_i(x) (``part="h"``) or g(x) (``"g"``)."""
+
+    needs_fit = False
+
+    def __init__(self, part: str) -> None:
+        self.part = part
+
+    def score(self, model: GeneralizedODIN, outputs: Outputs) -> Tensor:
+        return model.decomposed_scores(outputs.features)[self.part]

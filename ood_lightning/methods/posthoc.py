@@ -17,7 +17,7 @@ class PostHoc(OODMethod):
 
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__(backbone, num_classes, optimizer=None)
-        pretrained_head = getattr(backbone, "imagenet_head", None)
-        if pretrained_head is not None and pretrained_head.out_features == num_classes:
-            self.head = pretrained_head  # ImageNet ID: the backbone's own 1000-way classifier
+        head = backbone.pretrained_head
+        if head is not None and head.out_features == num_classes:
+            self.head = head  # ImageNet ID: the backbone's own 1000-way classifier
         self.requires_grad_(False)

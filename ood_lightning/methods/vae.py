@@ -9,7 +9,7 @@ beta-ELBO E_q log p(x|z) - beta KL(q || p) on uniformly dequantised inputs (the 
 sets ``dequantize: true`` and no normalisation, so inputs are in [0, 1]), with early
 stopping on the validation ELBO (beta = 1) and the best epoch's weights restored.
 
-Scoring (one evaluation pass, :meth:`VAE.input_scores`): the importance-weighted bound
+Scoring (one evaluation pass, :meth:`VAE.pass_values`): the importance-weighted bound
 (IWAE, Burda et al., 2016) log p(x) >= log 1/K sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x), for
 each K in ``iwae_samples`` from one set of max(K) samples, batched over samples and
 combined with a stable logsumexp; reported as bits/dim and, negated, as the OOD score
@@ -52,15 +52,16 @@ from ood_lightning.analysis.bn_adaptation import (
 )
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.base import OODMethod
-from ood_lightning.nn.dcgan import DCGANDecoder
+from ood_lightning.nn.dcgan import DCGANDecoder, DCGANEncoder
 from ood_lightning.nn.likelihoods import build_likelihood
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.scoring.api import Outputs, Results, Scorer
 
 log = logging.getLogger(__name__)
 
 LOG_2PI = math.log(2 * math.pi)
 
-#: the per-input values :meth:`VAE.input_scores` returns (before a ``_bn_<part>`` suffix)
+#: the per-input values :meth:`VAE.pass_values` returns (before a ``_bn_<part>`` suffix)
 COMPONENTS = ("elbo", "rec", "mu_sq", "logvar_sum", "var_m1_sum")
 
 
@@ -129,10 +130,9 @@ class VAE(OODMethod):
                  adapt_bn: str = "encoder", bn_stats: str = "batch", component_scores: bool = True,
                  restore_best: bool = True, report: dict | None = None):
         super().__init__(backbone, num_classes, optimizer, scheduler)
-        for attr in ("image_size", "widths", "in_channels"):
-            if not hasattr(backbone, attr):
-                raise ConfigError(f"{type(self).__name__} builds its decoder as the mirror of a DCGAN encoder; {type(backbone).__name__} "
-                                  "is not one: use backbone=dcgan")
+        if not isinstance(backbone, DCGANEncoder):
+            raise ConfigError(f"{type(self).__name__} builds its decoder as the mirror of a DCGAN encoder; {type(backbone).__name__} "
+                              "is not one: use backbone=dcgan")
         self.head = None  # no classifier
         self.latent_dim = int(latent_dim)
         self.beta = float(beta)
@@ -146,8 +146,8 @@ class VAE(OODMethod):
         self.bn_stats = bn_stats
         self.component_scores = bool(component_scores)
         self.restore_best = bool(restore_best)
-        self.report = {"samples": 64, "reconstructions": 16, "probe_test_size": 0.5, "probe_C": 1.0,
-                       "probe_max_per_set": 5000, "walk_steps": 9, "walk_rows": 4, **dict(report or {})}
+        self.report_options = {"samples": 64, "reconstructions": 16, "probe_test_size": 0.5, "probe_C": 1.0,
+                               "probe_max_per_set": 5000, "walk_steps": 9, "walk_rows": 4, **dict(report or {})}
         self.likelihood = build_likelihood(likelihood, sigma2)
         self.likelihood_name = likelihood
         self.posterior = nn.Linear(backbone.feature_dim, 2 * self.latent_dim)
@@ -257,8 +257,8 @@ class VAE(OODMethod):
             return
         if self._stream_state is None:
             raise ConfigError("method.bn_stats=stream re-estimates BatchNorm statistics per evaluation set through "
-                              "model.prepare_split(...), which this evaluation loop does not call; use "
-                              "method.bn_stats=batch, or add the prepare_split hook to evaluation/run.py")
+                              "model.prepare_split(...) before each split's pass (the evaluation loop does it); "
+                              "outside it, call prepare_split first or use method.bn_stats=batch")
         saved = bn_state(bns)
         load_bn_state(bns, self._stream_state)
         try:
@@ -300,7 +300,7 @@ class VAE(OODMethod):
         return out
 
     @torch.no_grad()
-    def input_scores(self, x: Tensor) -> dict[str, Tensor]:
+    def pass_values(self, x: Tensor, features: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Per input, in nats: ``iwae_k<K>``, ``elbo`` and its parts (see :data:`COMPONENTS`),
         then the same with the adapted BatchNorm statistics (suffix ``_bn_<part>``)."""
         out = self._likelihood_terms(x)
@@ -312,7 +312,15 @@ class VAE(OODMethod):
     def suffixes(self) -> list[str]:
         return [""] + ([f"_bn_{self.adapt_bn}"] if self.adapt_bn != "none" else [])
 
-    def ood_scores(self, outputs) -> dict[str, Tensor]:
+    def scorers(self) -> dict[str, Scorer]:
+        names = []
+        for s in self.suffixes():
+            names += [f"iwae_k{k}{s}" for k in self.iwae_samples] + [f"elbo{s}"]
+            if self.component_scores:
+                names += [f"elbo_rec{s}", f"elbo_mu{s}", f"elbo_logvar{s}", f"elbo_var{s}"]
+        return {name: LikelihoodScore(name) for name in names}
+
+    def own_scores(self, outputs) -> dict[str, Tensor]:
         """Higher = ID, all in -bits/dim: ``iwae_k<K>`` and ``elbo`` (the likelihood bounds) and,
         with ``component_scores``, the ELBO's additive parts ``elbo_rec``, ``elbo_mu``,
         ``elbo_logvar``, ``elbo_var`` (which sum to ``elbo``); each also with ``_bn_<part>``."""
@@ -343,12 +351,12 @@ class VAE(OODMethod):
     def decode_mean(self, z: Tensor) -> Tensor:
         return self.likelihood.mean(self.decode(z.to(self.device, torch.float32))).cpu()
 
-    def after_scoring(self, out_dir: str | Path, outputs: dict, dm=None, device=None) -> dict:
+    def report(self, out_dir: str | Path, results: Results, dm=None, device=None) -> dict:
         """Bits/dim per split, the ELBO-component plot, sample and reconstruction grids and the
         latent SVM probe per OOD set; writes ``generative.json`` and ``plots/*.png`` into
         ``out_dir`` and returns the summary (for ``metrics.json``)."""
         with eval_mode(self):
-            return {"generative": self._generative_report(Path(out_dir), outputs, dm)}
+            return {"generative": self._generative_report(Path(out_dir), results.outputs, dm)}
 
     def _generative_report(self, out_dir: Path, outputs: dict, dm) -> dict[str, Any]:
         from ood_lightning.analysis.latent_probe import fit_latent_probe, walk_along_normal
@@ -358,7 +366,7 @@ class VAE(OODMethod):
             save_image_panels,
         )
 
-        r = self.report
+        r = self.report_options
         plots = out_dir / "plots"
         nats_to_bpd = 1.0 / (self.num_dims * math.log(2))
         summary: dict[str, Any] = {"likelihood": self.likelihood_name, "bits_per_dim": {}}
@@ -418,3 +426,17 @@ class VAE(OODMethod):
         for ood, p in summary.get("latent_probe", {}).items():
             log.info("latent SVM probe id_test vs %s: positive %.3f / negative %.3f", ood, p["positive_accuracy"],
                      p["negative_accuracy"])
+
+
+class LikelihoodScore(Scorer):
+    """One of the VAE's scores in -bits/dim (an IWAE bound, the ELBO or one of its parts), read
+    from the values of the evaluation pass (:meth:`VAE.pass_values`)."""
+
+    needs_fit = False
+    needs_classifier = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def score(self, model: VAE, outputs: Outputs) -> Tensor:
+        return model.own_scores(outputs)[self.name]

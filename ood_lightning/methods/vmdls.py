@@ -28,7 +28,7 @@ i.e. ``kl_weight`` = 0.1 / d here).
 N(m_c, s²I) up to a constant, i.e. nearest class mean in the latent space, so MSP / Energy /
 ODIN apply. The paper has no cross-entropy head.
 
-**After training** (:meth:`fit_ood_scores`, one pass over the ID training set without
+**After training** (:meth:`fit_class_gaussians`, through the scores' ``fit``: one pass over the ID training set without
 augmentation) one anisotropic Gaussian per class is fitted on the feature ensemble
 t = (t¹, t², t³, g, μ): average-pooled outputs of blocks 1-3, the penultimate features and the
 head mean μ = μ(g), concatenated (one joint Gaussian, as in the authors' code; ``joint: false``
@@ -45,7 +45,7 @@ units do not make them singular. Scores, higher = ID:
 **Autoencoder.** A separate component (``method.autoencoder``), trained in the same run on the
 same (preprocessed) batches with an ℓ2 loss and its own optimiser; its parameters are disjoint
 from the model's and its input carries no gradient, so it does not affect the latent space.
-w is computed per input during the evaluation pass (:meth:`input_scores`).
+w is computed per input during the evaluation pass (:meth:`pass_values`).
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ood_lightning.data.class_batch_sampler import ClassBatchSampler
-from ood_lightning.detectors.base import Outputs, pool
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.scoring.api import FitData, Outputs, Scorer, pool
 
 #: short names of ensemble members, for the feature-ablation scores
 _SHORT = {"mu": "mu", "penultimate": "g", "block1": "t1", "block2": "t2", "block3": "t3", "block4": "t4"}
@@ -286,11 +286,11 @@ class VMDLS(OODMethod):
         self.reconstruction_layer = reconstruction_layer
         self.register_buffer("_z_sum", torch.zeros(num_classes, self.latent_dim), persistent=False)
         self.register_buffer("_z_count", torch.zeros(num_classes), persistent=False)
-        # fitted by fit_ood_scores: [(feature names, ClassGaussians)] per score
+        # fitted by fit_class_gaussians: [(feature names, ClassGaussians)] per score, and on which outputs
         self._gaussians: dict[str, list[tuple[list[str], ClassGaussians]]] = {}
+        self._fitted_on: Outputs | None = None
         self._reference = 0.0  # M
         self._w_scale = 1.0
-        self._last_pass: tuple[Tensor, dict[str, Tensor]] | None = None
         self._last_loglik: tuple[Outputs, dict[str, Tensor]] | None = None
 
     # -- data -----------------------------------------------------------------------------
@@ -301,9 +301,8 @@ class VMDLS(OODMethod):
 
     def on_fit_start(self) -> None:
         """Fail before training, not after it, when a configured feature is not a backbone output."""
-        shape = getattr(self.trainer.datamodule, "sample_shape", None)
-        if shape is not None:
-            self.check_layers(tuple(shape))
+        if self.trainer.datamodule is not None:
+            self.check_layers(tuple(self.trainer.datamodule.sample_shape))
 
     def check_layers(self, sample_shape: tuple[int, ...]) -> None:
         """Every name in ``layers`` (and the reconstruction layer) is an output of the backbone."""
@@ -319,12 +318,6 @@ class VMDLS(OODMethod):
                                   f"available: {available}")
 
     # -- model ----------------------------------------------------------------------------
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        feats = self.backbone.forward_features(x)
-        if self.autoencoder is not None and not self.training and not torch.is_grad_enabled():
-            self._last_pass = (x, feats)  # the evaluation pass calls input_scores(x) next: reuse
-        return feats
-
     def classify(self, features: Tensor) -> Tensor:
         return self.head(self.latent.mu(features))
 
@@ -405,14 +398,12 @@ class VMDLS(OODMethod):
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
-    def input_scores(self, x: Tensor) -> dict[str, Tensor]:
+    def pass_values(self, x: Tensor, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """w(x) = ‖t¹(x) − t¹(x̂)‖² (pooled ``reconstruction_layer``), per input; nothing without an autoencoder."""
         if self.autoencoder is None:
             return {}
         layer = self.reconstruction_layer
-        last, self._last_pass = self._last_pass, None
-        feats = last[1] if last is not None and last[0] is x else self.backbone.forward_features(x)
-        t_x = pool(feats[layer])
+        t_x = pool(features[layer])
         t_hat = pool(self.backbone.forward_features(self.autoencoder(x))[layer])
         return {"vmdls_w": (t_x - t_hat).pow(2).sum(1)}
 
@@ -450,11 +441,16 @@ class VMDLS(OODMethod):
         rev = self.layers[::-1]
         return {"vmdls_b_" + "_".join(_SHORT.get(n, n) for n in rev[:k]): rev[:k] for k in range(1, len(rev))}
 
+    def scorers(self) -> dict[str, Scorer]:
+        names = ["vmdls_b", "vmdls", *self._ablation_sets()]
+        return {name: VMDLSScore(name) for name in names}
+
     @torch.no_grad()
-    def fit_ood_scores(self, train: Outputs) -> None:
+    def fit_class_gaussians(self, train: Outputs) -> None:
         """Class Gaussians on the ID training ensemble; the reference M and the scale of w."""
         if train.labels is None:
-            raise ValueError("VMDLS.fit_ood_scores needs the class labels of the training outputs")
+            raise ConfigError("VMDLS needs the class labels of the ID training outputs")
+        self._fitted_on = train
         sets = {"vmdls_b": self.layers, **self._ablation_sets()}
         self._last_loglik = None
         self._gaussians = {name: self._fit(train, names) for name, names in sets.items()}
@@ -464,7 +460,7 @@ class VMDLS(OODMethod):
         self._w_scale = float(w.double().mean().clamp_min(1e-12)) if w is not None else 1.0
 
     @torch.no_grad()
-    def ood_scores(self, outputs: Outputs) -> dict[str, Tensor]:
+    def own_scores(self, outputs: Outputs) -> dict[str, Tensor]:
         """``vmdls_b`` (max class log-likelihood of the ensemble) and ``vmdls`` (reconstruction-weighted);
         with ``ensemble_ablation`` also ``vmdls_b_mu``, ``vmdls_b_mu_g``, ... Higher = ID."""
         scores = {name: ll.amax(1) for name, ll in self._class_log_likelihoods(outputs).items()}
@@ -474,7 +470,7 @@ class VMDLS(OODMethod):
         return scores
 
     @torch.no_grad()
-    def ood_predictions(self, outputs: Outputs) -> dict[str, Tensor]:
+    def own_predictions(self, outputs: Outputs) -> dict[str, Tensor]:
         """The paper's open-set class prediction for each score: argmax_c of its class log-likelihoods
         (``vmdls`` predicts like ``vmdls_b``: w > 0 scales all classes alike)."""
         preds = {}
@@ -487,8 +483,30 @@ class VMDLS(OODMethod):
     def _class_log_likelihoods(self, outputs: Outputs) -> dict[str, Tensor]:
         """[N, C] per fitted score; the last set's are kept, as scores and predictions both need them."""
         if not self._gaussians:
-            raise RuntimeError("VMDLS scored before fit_ood_scores(train_outputs)")
+            raise RuntimeError("VMDLS scored before fit_class_gaussians(train_outputs)")
         if self._last_loglik is None or self._last_loglik[0] is not outputs:
             self._last_loglik = (outputs, {name: self._log_likelihood(outputs, fitted)
                                            for name, fitted in self._gaussians.items()})
         return self._last_loglik[1]
+
+
+class VMDLSScore(Scorer):
+    """One of VMDLS's scores (``vmdls_b``, ``vmdls``, an ablation ``vmdls_b_mu...``), with the paper's
+    own open-set class prediction (argmax of its class log-likelihoods). The class Gaussians are
+    fitted once per training set, whichever of these scores is fitted first."""
+
+    needs_classifier = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def fit(self, model: VMDLS, data: FitData) -> VMDLSScore:
+        if model._fitted_on is not data.train:
+            model.fit_class_gaussians(data.train)
+        return self
+
+    def score(self, model: VMDLS, outputs: Outputs) -> Tensor:
+        return model.own_scores(outputs)[self.name]
+
+    def predict(self, model: VMDLS, outputs: Outputs) -> Tensor:
+        return model.own_predictions(outputs)[self.name]

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 from ood_lightning.errors import ConfigError
 
 
@@ -30,7 +32,7 @@ def _padding(image_size: int, layers: int) -> tuple[int, int, int]:
     return base, pad // 2, pad - pad // 2
 
 
-class DCGANEncoder(nn.Module):
+class DCGANEncoder(Backbone):
     """Images [B, C, H, W] -> features [B, widths[-1] * base^2] (the VAE's posterior head follows).
 
     A backbone in the framework's sense: ``feature_dim``, ``forward`` and ``forward_features``

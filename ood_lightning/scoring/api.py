@@ -143,8 +143,11 @@ class Results:
     """Scores and class predictions per :class:`Key`, and the ID facts the metrics need."""
 
     scores: dict[Key, Tensor]
+    #: every key's class predictions (a scorer's own, else the classifier's argmax)
     predictions: dict[Key, Tensor]
     id_test_labels: Tensor
+    #: the classifier's argmax on ID test (the reported accuracy)
+    id_test_predictions: Tensor
     num_classes: int
     has_classifier: bool = True
     #: every split's outputs of the one forward pass (for a method's report, e.g. a VAE's)

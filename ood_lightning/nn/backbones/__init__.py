@@ -2,11 +2,13 @@
 
 Every backbone has ``feature_dim``, ``forward(x) -> [B, feature_dim]`` and
 ``forward_features(x) -> dict`` of named intermediates in network order ending with "penultimate".
-Configs in ``conf/backbone/`` name the classes (``_target_``); ``training.build_backbone`` builds them.
+Every backbone subclasses :class:`~ood_lightning.nn.backbones.base.Backbone`. Configs in
+``conf/backbone/`` name the classes (``_target_``); ``assembly.build.build_backbone`` builds them.
 """
 
 from __future__ import annotations
 
+from ood_lightning.nn.backbones.base import Backbone
 from ood_lightning.nn.backbones.densenet import DenseNetBC, densenet100
 from ood_lightning.nn.backbones.residual_mlp import ResidualMLP
 from ood_lightning.nn.backbones.resnet import ResNet, resnet18, resnet34
@@ -14,6 +16,7 @@ from ood_lightning.nn.backbones.small_cnn import SmallCNN
 from ood_lightning.nn.backbones.wide_resnet import WideResNet
 
 __all__ = [
+    "Backbone",
     "DenseNetBC",
     "ResNet",
     "ResidualMLP",

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.init import kaiming_init
 
@@ -67,7 +69,7 @@ class _Transition(nn.Sequential):
         super().__init__(*layers)
 
 
-class DenseNetBC(nn.Module):
+class DenseNetBC(Backbone):
     """DenseNet-BC-depth-k without the classifier head: 3 dense blocks of (depth-4)/6 bottleneck
     layers, joined by compressing transitions; ``forward`` gives the pooled features.
 

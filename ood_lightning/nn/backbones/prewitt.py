@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 #: horizontal-edge Prewitt kernel (responds to horizontal stripes); the vertical one is its transpose
 PREWITT_HORIZONTAL = torch.tensor([[-1.0, -1.0, -1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
 PREWITT_VERTICAL = PREWITT_HORIZONTAL.t().contiguous()
@@ -30,7 +32,7 @@ def prewitt_kernels(in_channels: int = 1) -> Tensor:
     return k.expand(2, in_channels, 3, 3).clone()
 
 
-class PrewittNet(nn.Module):
+class PrewittNet(Backbone):
     """conv(2 channels, Prewitt init) -> |·| -> global max-pool; ``feature_dim = 2``.
 
     forward_features keys: "conv" (the |conv| maps, [B, 2, H-2, W-2]) and "penultimate" ([B, 2]).

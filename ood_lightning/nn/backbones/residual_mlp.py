@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 from ood_lightning.errors import ConfigError
 
 
@@ -20,7 +22,7 @@ class _ResidualBlock(nn.Module):
         return x + self.fc2(F.relu(self.fc1(x)))
 
 
-class ResidualMLP(nn.Module):
+class ResidualMLP(Backbone):
     """Input Linear to ``hidden``, ``depth`` residual blocks, final ReLU; feature_dim = hidden.
 
     forward_features keys: "block1".."block{depth}" (residual stream after each block), then

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.init import kaiming_init
 
@@ -36,7 +38,7 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """ResNet with four stages of BasicBlocks (64/128/256/512 channels) and no classifier head.
 
     forward_features keys: "block1".."block4" (stage outputs at 32/16/8/4 px for 32x32 input),

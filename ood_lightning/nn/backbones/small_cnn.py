@@ -8,10 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 from ood_lightning.errors import ConfigError
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Backbone):
     """Conv-BN-ReLU-MaxPool blocks, global average pool, then Linear+ReLU to ``feature_dim``.
 
     Global pooling (not flattening) makes it input-size agnostic, so one model handles 28x28

@@ -2,7 +2,7 @@
 
 Nothing is downloaded: ``weights_path`` points at a ``state_dict`` saved from torchvision
 (e.g. ``torch.save(resnet50(weights="IMAGENET1K_V2").state_dict(), path)`` on a machine
-that is online). The ImageNet classifier is kept as ``imagenet_head`` so that post-hoc
+that is online). The ImageNet classifier is kept as ``pretrained_head`` so that post-hoc
 methods can use the 1000-way logits (MSP, Energy, ...) when the ID set is ImageNet.
 """
 
@@ -14,6 +14,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 from ood_lightning.errors import ConfigError, DatasetNotFoundError
 
 #: architecture -> (feature dim, names of the stages whose outputs forward_features returns)
@@ -23,7 +25,7 @@ _ARCHS = {
 }
 
 
-class TorchvisionBackbone(nn.Module):
+class TorchvisionBackbone(Backbone):
     def __init__(self, arch: str = "resnet50", weights_path: str | None = None, in_channels: int = 3):
         super().__init__()
         if arch not in _ARCHS:
@@ -42,7 +44,7 @@ class TorchvisionBackbone(nn.Module):
                     f"machine (torch.save(torchvision.models.{arch}(weights='DEFAULT').state_dict(), '{path}')) "
                     "or pass backbone.weights_path=<file>")
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        self.imagenet_head = model.fc if arch == "resnet50" else model.head
+        self.pretrained_head = model.fc if arch == "resnet50" else model.head
         if arch == "resnet50":
             model.fc = nn.Identity()
         else:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.nn.backbones.base import Backbone
+
 from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.init import kaiming_init
 
@@ -38,7 +40,7 @@ class _WideBasicBlock(nn.Module):
         return self.conv2(out) + identity
 
 
-class WideResNet(nn.Module):
+class WideResNet(Backbone):
     """WRN-depth-width without the classifier head; ``forward`` gives the pooled 64*width features.
 
     forward_features keys: "block1".."block3" (raw residual-stream output of each group at

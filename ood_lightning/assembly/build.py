@@ -1,0 +1,146 @@
+"""Building the data, model, detectors, trainer and feature cache from a config, and reading
+every checkpoint (the project's runs, plain state_dicts, third-party layouts)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ood_lightning.analysis.ood_monitor import OODMonitor
+from ood_lightning.config import to_dict
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.errors import CheckpointMismatchError, ConfigError
+from ood_lightning.evaluation.feature_cache import FeatureCache
+from ood_lightning.methods.base import OODMethod
+from ood_lightning.nn.spectral import apply_spectral_norm
+from ood_lightning.scoring.api import Scorer
+
+log = logging.getLogger(__name__)
+
+
+def choices() -> dict:
+    """The config groups chosen for this run (``method``, ``backbone``, ...), empty outside Hydra."""
+    try:
+        return dict(HydraConfig.get().runtime.choices)
+    except ValueError:
+        return {}
+
+
+def build_data(cfg: DictConfig) -> OODDataModule:
+    return OODDataModule(cfg.data, cfg.ood)
+
+
+def build_backbone(cfg: DictConfig) -> torch.nn.Module:
+    """``cfg.backbone`` without its weights: ``backbone.spectral_coeff`` (not a constructor
+    argument) bounds every conv/linear to operator norm <= c (Gouk et al.)."""
+    spec = OmegaConf.to_container(cfg.backbone, resolve=True)
+    spec.pop("checkpoint", None)
+    spectral_coeff = spec.pop("spectral_coeff", None)
+    backbone = instantiate(spec)
+    if spectral_coeff is not None:
+        apply_spectral_norm(backbone, float(spectral_coeff))
+    return backbone
+
+
+def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> OODMethod:
+    """Backbone + method from the config (the method gets the backbone and class count);
+    ``pretrained`` loads ``backbone.checkpoint`` when it is set."""
+    checkpoint = cfg.backbone.get("checkpoint")
+    model = instantiate(cfg.method, backbone=build_backbone(cfg), num_classes=num_classes)
+    if checkpoint and pretrained:
+        load_pretrained(model, checkpoint)
+    elif pretrained and not model.trains_backbone:
+        choice = choices().get("method", "posthoc")
+        raise ConfigError(f"method={choice} is post-hoc (the backbone is not trained): pass "
+                          "backbone.checkpoint=<classifier run>/checkpoints/last.ckpt")
+    model.run_config = to_dict(cfg)
+    return model
+
+
+def build_detectors(cfg: DictConfig) -> dict[str, Scorer]:
+    return {name: instantiate(spec) for name, spec in (cfg.get("detectors") or {}).items() if spec is not None}
+
+
+def build_trainer(cfg: DictConfig, model: OODMethod, dm: OODDataModule) -> tuple[L.Trainer, list]:
+    """The trainer with the configured loggers and callbacks, plus the method's OOD monitor
+    (given the data it needs here, so the model never reads the data module)."""
+    loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
+    callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v is not None]
+    sets = model.monitor_ood.get("sets") or []
+    if sets:
+        names = list(dm.ood_sets) if sets == "all" else list(sets)
+        callbacks.append(OODMonitor(dm.val_set.images, {n: dm.ood_sets[n].images for n in names}, dm.preprocess,
+                                    int(model.monitor_ood.get("limit", 500))))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    for logger in loggers:
+        logger.log_hyperparams(to_dict(cfg))
+    return trainer, loggers
+
+
+def feature_cache(cfg: DictConfig, model: OODMethod) -> FeatureCache | None:
+    """A cache of outputs per fixed checkpoint (post-hoc methods), so that every later
+    detector or flow run on it skips the backbone; off for runs that train (new weights)."""
+    ckpt = cfg.backbone.get("checkpoint")
+    if model.trains_backbone or not ckpt or not cfg.evaluation.get("feature_cache", True):
+        return None
+    path = Path(ckpt).resolve()
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return FeatureCache(Path(cfg.paths.cache_dir) / "features" / f"{path.parent.parent.name}-{path.stem}-{tag}")
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+def load_pretrained(model: OODMethod, path: str | Path) -> None:
+    """Backbone (and classifier head, if present) weights from a ``method=classifier``
+    checkpoint, or a plain backbone ``state_dict`` file (e.g. converted ImageNet weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"backbone.checkpoint={path} does not exist; pass the .ckpt of a "
+                                      "method=classifier run (<run_dir>/checkpoints/last.ckpt) or a state_dict file")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    has_prefix = any(k.startswith("backbone.") for k in state)
+    backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") or not has_prefix}
+    head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    _load_strict(model.backbone, backbone_state, path, "backbone")
+    if head_state and model.loads_classifier_head:
+        _load_strict(model.head, head_state, path, "classifier head")
+    elif not model.trains_backbone:
+        log.warning("%s has no classifier head: logit-based detectors (MSP, ODIN, Energy) see an untrained head", path)
+
+
+def _load_strict(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        detail = "; ".join(line.strip() for line in lines[1:4])
+        raise CheckpointMismatchError(
+            f"{path} does not match the configured {what} ({detail}); pass the backbone/data it was trained "
+            "with (its config is in the run's .hydra/config.yaml)") from None
+
+
+def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
+    """Load a Lightning checkpoint's weights; a mismatch names the differing keys and the fix."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    _load_strict(model, state["state_dict"], path, "model")
+
+
+def stored_config(ckpt_path: str | Path) -> DictConfig:
+    """The resolved config a ``train.py`` checkpoint was trained with."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "ood_lightning_config" not in ckpt:
+        raise CheckpointMismatchError(f"checkpoint {path} has no stored ood-lightning config; was it written by train.py?")
+    return OmegaConf.create(ckpt["ood_lightning_config"])

@@ -1,0 +1,62 @@
+"""The CLI wrapper of both entrypoints: a failed run leaves ``failed.json`` and one clear line
+(or lets a multirun sweep carry on), and W&B is closed whatever happened."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from ood_lightning.errors import OODLightningError
+
+log = logging.getLogger(__name__)
+
+
+def _write_failure(out_dir: Path, err: BaseException) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "failed.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
+                                                     "traceback": traceback.format_exc()}, indent=2))
+
+
+def run_safely(fn, cfg: DictConfig):
+    """Run ``fn(cfg)``; on failure write ``failed.json``, close loggers, and either exit with
+    one clear line (single run) or carry on with the next job (multirun)."""
+    out_dir = Path(cfg.paths.output_dir)
+    try:
+        return fn(cfg)
+    except Exception as err:
+        if isinstance(err, InstantiationException) and isinstance(err.__cause__, OODLightningError):
+            err = err.__cause__  # a constructor's clear error, not Hydra's wrapper around it
+        _write_failure(out_dir, err)
+        multirun = False
+        try:
+            multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        except ValueError:
+            pass
+        if isinstance(err, OODLightningError):
+            log.error("%s", err)
+            if multirun:
+                return None
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        if multirun:
+            log.exception("run failed (details in %s/failed.json); continuing the sweep", out_dir)
+            return None
+        raise
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

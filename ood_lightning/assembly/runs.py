@@ -1,0 +1,111 @@
+"""The bodies of ``train.py`` (fit, then score) and ``evaluate.py ckpt_path=`` (re-score a
+checkpoint); both end in :func:`score_and_write`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ood_lightning.assembly.build import (
+    build_data,
+    build_detectors,
+    build_model,
+    build_trainer,
+    choices,
+    feature_cache,
+    load_weights,
+    stored_config,
+)
+from ood_lightning.assembly.loggers import log_results
+from ood_lightning.assembly.runtime import (
+    apply_speedups,
+    check_accelerator,
+    resolve_device,
+    set_nan_check_every,
+    share_rank_zero_state,
+)
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.evaluation.feature_cache import FeatureCache
+from ood_lightning.evaluation.results import compute_metrics, print_results, write_metrics, write_results
+from ood_lightning.methods.base import OODMethod
+from ood_lightning.scoring.loop import score_all
+from ood_lightning.scoring.ranks import SINGLE, Ranks
+
+log = logging.getLogger(__name__)
+
+
+def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_dir: Path, meta: dict,
+                    device: torch.device, cache: FeatureCache | None = None, ranks: Ranks = SINGLE) -> dict | None:
+    """Score every detector and the method's own scores, then write the run: the results first
+    (so a failing method report loses nothing), then the report merged into ``metrics.json``.
+    Returns the metrics on the main rank, None on the others."""
+    results = score_all(model, dm, build_detectors(cfg), device, cfg.evaluation.fit_limit, cache,
+                        bool(cfg.evaluation.get("fit_augmented", False)), ranks)
+    if not ranks.is_main:
+        return None
+    groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
+    metrics = compute_metrics(results, cfg.evaluation.tpr, groups)
+    write_results(out_dir, results, metrics, extra=meta)
+    report = model.report(out_dir, results, dm, device)
+    if report:
+        write_metrics(out_dir, metrics, {**meta, **report})
+    print_results(metrics)
+    log.info("results written to %s", out_dir)
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit the configured method, score it, write results; returns the metrics dict."""
+    check_accelerator(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    dm = build_data(cfg)
+    dm.setup("fit")
+    model = build_model(cfg, dm.num_classes)
+    dm.batch_sampler_factory = model.train_batch_sampler
+    trainer, loggers = build_trainer(cfg, model, dm)
+    if cfg.get("ckpt_path"):
+        load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
+    apply_speedups(model, cfg, trainer.strategy.root_device)
+    set_nan_check_every(model, cfg, trainer.strategy.root_device)
+    if model.trains_backbone:
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    # DDP: every rank scores its block of each split and the outputs are gathered before
+    # scorers and metrics (evaluation.distributed); otherwise rank 0 scores everything
+    ranks = Ranks.of_process_group(bool(cfg.evaluation.get("distributed", True)))
+    if not trainer.is_global_zero and ranks.world == 1:
+        return {}
+    device = resolve_device(cfg.evaluation.device)
+    if ranks.world > 1:
+        share_rank_zero_state(model)
+        if cfg.evaluation.device == "auto":
+            device = trainer.strategy.root_device  # this rank's GPU
+        log.info("OOD evaluation split over %d ranks (rank %d scores its block of each split on %s)",
+                 ranks.world, ranks.rank, device)
+    c = choices()
+    meta = {"method": c.get("method"), "backbone": c.get("backbone"), "data": cfg.data.name,
+            "seed": int(cfg.seed), "lambda": cfg.get("lambda"), "epochs": trainer.current_epoch}
+    metrics = score_and_write(model, dm, cfg, out_dir, meta, device, feature_cache(cfg, model), ranks)
+    if metrics is None:
+        return {}
+    log_results(loggers, metrics, out_dir / "plots" / "scores.png", trainer.global_step)
+    return metrics
+
+
+def rescore(cfg: DictConfig) -> dict:
+    """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    trained = stored_config(cfg.ckpt_path)
+    data = cfg.data if cfg.get("data") else trained.data
+    ood = cfg.ood if cfg.get("ood") is not None else trained.ood
+    dm = OODDataModule(data, ood)
+    dm.setup("test")
+    model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
+    load_weights(model, cfg.ckpt_path)
+    meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name}
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    return score_and_write(model, dm, cfg, out_dir, meta, resolve_device(cfg.evaluation.device))

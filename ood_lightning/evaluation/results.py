@@ -1,0 +1,109 @@
+"""From a :class:`~ood_lightning.scoring.api.Results` table to what a run leaves behind:
+every metric (a pure function of the table), ``metrics.json``, ``scores.npz``, the score
+histograms, and the printed table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from ood_lightning.evaluation import metrics as M
+from ood_lightning.scoring.api import Key, Results
+
+#: the metrics shown in the printed table (every metric goes to metrics.json)
+TABLE_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "autc", "macro_f1")
+
+
+def compute_metrics(results: Results, tpr: float = 0.95, groups: dict[str, str] | None = None) -> dict:
+    """Every metric per scorer × OOD set (ID = positive class), plus ID test accuracy.
+
+    Each OOD key ``(scorer, set, tuned_for)`` is compared with the ID keys of the same scorer
+    and ``tuned_for``. macro-F1 is the open-set (C+1)-way score at the threshold that keeps
+    ``tpr`` of ID *validation* scores; group means (e.g. near / far) are added as ``mean_<group>``.
+    """
+    s, p = results.scores, results.predictions
+    accuracy = float((results.id_test_predictions == results.id_test_labels).float().mean()) \
+        if results.has_classifier else None
+    out: dict = {"accuracy": accuracy, "num_classes": results.num_classes, "results": {}}
+    for scorer in results.scorers():
+        rows = {}
+        for key in [k for k in results.ood_keys() if k.scorer == scorer]:
+            id_test, id_val = Key(scorer, "id_test", key.tuned_for), Key(scorer, "id_val", key.tuned_for)
+            m = M.ood_metrics(s[id_test].numpy(), s[key].numpy())
+            if results.has_classifier:
+                threshold = M.threshold_at_tpr(s[id_val].numpy(), tpr)
+                m["macro_f1"] = M.open_set_macro_f1(p[id_test].numpy(), results.id_test_labels.numpy(),
+                                                    s[id_test].numpy(), p[key].numpy(), s[key].numpy(),
+                                                    threshold, results.num_classes)
+            rows[key.split] = m
+        for group in sorted(set((groups or {}).values())):
+            members = [o for o in rows if (groups or {}).get(o) == group]
+            if len(members) > 1:
+                rows[f"mean_{group}"] = {k: float(np.mean([rows[o][k] for o in members])) for k in rows[members[0]]}
+        out["results"][scorer] = rows
+    return out
+
+
+def write_metrics(run_dir: str | Path, metrics: dict, extra: dict | None = None) -> Path:
+    """``metrics.json``: ``extra`` (run metadata, a method's report), then the metrics, which win a clash."""
+    path = Path(run_dir) / "metrics.json"
+    path.write_text(json.dumps({**(extra or {}), **metrics}, indent=2))
+    return path
+
+
+def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: dict | None = None) -> Path:
+    """``metrics.json`` + ``scores.npz`` (``<scorer>/<split>[@tuned_for]``; the classifier's
+    predictions as ``preds/<split>``, each key's as ``preds/<scorer>/<split>[@tuned_for]``) +
+    ``plots/scores.png`` in ``run_dir``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(run_dir, metrics, extra)
+    arrays = {key.label(): v.numpy() for key, v in results.scores.items()}
+    arrays.update({f"preds/{split}": o.logits.argmax(1).numpy() for split, o in results.outputs.items()})
+    arrays.update({f"preds/{key.label()}": v.numpy() for key, v in results.predictions.items()})
+    arrays["labels/id_test"] = results.id_test_labels.numpy()
+    np.savez_compressed(run_dir / "scores.npz", **arrays)
+    from ood_lightning.evaluation.plots import score_histograms
+
+    untuned = {}
+    for key, v in results.scores.items():
+        if key.tuned_for is None and key.split != "id_val":
+            untuned.setdefault(key.scorer, {})[key.split] = v
+    if untuned:  # detectors=none: accuracy only, nothing to plot
+        score_histograms(untuned, run_dir / "plots" / "scores.png")
+    return run_dir / "metrics.json"
+
+
+def results_table(metrics: dict, title: str = "OOD detection (ID = positive; ×100)") -> Table:
+    acc = metrics.get("accuracy")
+    table = Table(title=title + (f"   ID accuracy {100 * acc:.2f}%" if acc is not None else ""))
+    table.add_column("detector", overflow="fold")
+    table.add_column("OOD set", overflow="fold")
+    shown = [k for k in TABLE_METRICS if any(k in m for rows in metrics["results"].values() for m in rows.values())]
+    for m in shown:
+        table.add_column(m, justify="right", no_wrap=True, min_width=5)
+    for det, rows in metrics["results"].items():
+        for i, (ood, m) in enumerate(rows.items()):
+            table.add_row(det if i == 0 else "", ood, *(f"{100 * m[k]:.1f}" if k in m else "-" for k in shown),
+                          end_section=i == len(rows) - 1)
+    return table
+
+
+def wide_console() -> Console:
+    """The terminal's width on a terminal; 120 columns in logs and pipes rather than rich's 80."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
+def print_results(metrics: dict, console: Console | None = None) -> None:
+    console = console or wide_console()
+    if not any(metrics.get("results", {}).values()):
+        acc = metrics.get("accuracy")
+        head = f"ID accuracy {100 * acc:.2f}%; " if acc is not None else ""
+        console.print(f"{head}no OOD scores: no OOD sets or no detectors configured (ood=none / detectors=none)")
+        return
+    console.print(results_table(metrics))

@@ -1,0 +1,137 @@
+"""The evaluation loop: fit every scorer once, score ``id_val``, ``id_test`` and every OOD set.
+
+One forward pass per split feeds every output-based scorer; a ``per_batch`` scorer (ODIN's
+perturbation) makes its own pass. The method's own scorers (``model.scorers()``) and the
+configured detectors run through the same code: nothing here asks what a scorer can do
+except through the attributes :class:`~ood_lightning.scoring.api.Scorer` declares.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from functools import partial
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
+from ood_lightning.methods.base import OODMethod
+from ood_lightning.scoring.api import ID_SPLITS, FitData, Key, Outputs, Results, Scorer
+from ood_lightning.scoring.passes import extract, score_batches
+from ood_lightning.scoring.ranks import SINGLE, Ranks
+
+log = logging.getLogger(__name__)
+
+#: ID validation inputs handed to scorers that choose a hyperparameter without OOD data
+VAL_INPUTS = 1000
+#: scorers tuned on OOD data get this fraction of each OOD set (at most TUNE_MAX); metrics use the rest
+TUNE_FRACTION, TUNE_MAX = 0.1, 1000
+
+
+def _progress(ranks: Ranks) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not ranks.is_main)
+
+
+def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, Scorer]:
+    """The method's own scorers, then the detectors (those that need a classifier only if it has one)."""
+    if not model.has_classifier:
+        skipped = sorted(n for n, d in detectors.items() if d.needs_classifier)
+        if skipped:
+            log.warning("skipping detectors %s: they score a classifier's logits or features, and %s has no "
+                        "classifier (its own scores are reported); pass detectors=none to silence this",
+                        skipped, type(model).__name__)
+        detectors = {n: d for n, d in detectors.items() if not d.needs_classifier}
+    own = model.scorers()
+    clash = sorted(set(own) & set(detectors))
+    if clash:
+        from ood_lightning.errors import ConfigError
+
+        raise ConfigError(f"detectors {clash} have the names of the method's own scores; rename them "
+                          f"(e.g. ~detectors.{clash[0]})")
+    return {**own, **detectors}
+
+
+def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer], device: torch.device | str = "cpu",
+              fit_limit: int | None = None, cache: FeatureCache | None = None, fit_augmented: bool = False,
+              ranks: Ranks = SINGLE) -> Results:
+    """Fit every scorer on ID data and score ``id_val``, ``id_test`` and every OOD set.
+
+    With a ``cache`` (post-hoc runs on a fixed checkpoint) each split's outputs are read from
+    disk when a previous run stored them. ``fit_augmented`` fits on features of augmented
+    training images (LDE's option). With several ``ranks`` (DDP) each rank runs its block of
+    every pass and the blocks are gathered, so every rank returns the same full results.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    scorers = usable_scorers(model, detectors)
+    dm.setup("test")
+    preprocess = dm.preprocess.to(device)
+    loaders = dm.eval_dataloaders()
+    fingerprint = model_fingerprint(model) if cache is not None else None
+
+    def outputs_of(split: str, loader, progress, limit=None, augment: bool = False) -> Outputs:
+        # each split's pass draws from its own seeded stream, so stochastic values (a VAE's
+        # posterior samples) are the same whenever a checkpoint is scored, whatever ran before
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(zlib.crc32(split.encode()))
+            prep = (lambda x: preprocess(x, train=True)) if augment else preprocess
+            model.prepare_split(split, loader, prep, device)
+            run = partial(extract, ranks=ranks, pass_values=model.pass_values)
+            if cache is None:
+                return run(model, loader, prep, device, progress, f"features: {split}")
+            dataset, name, tag = dm.cache_key(split, limit)
+            tag = f"{tag}-augmented" if augment else tag
+            return cache.get_or_extract(model, split, loader, prep, device, dataset, name, tag,
+                                        extract_fn=run, progress=progress, fingerprint=fingerprint)
+
+    scores: dict[Key, Tensor] = {}
+    predictions: dict[Key, Tensor] = {}
+    with _progress(ranks) as progress:
+        if any(s.needs_fit for s in scorers.values()):
+            data = FitData(train=outputs_of("id_train", dm.fit_dataloader(fit_limit), progress, fit_limit, fit_augmented),
+                           val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
+            for scorer in scorers.values():
+                scorer.fit(model, data)
+            del data
+        outs = {split: outputs_of(split, loader, progress) for split, loader in loaders.items()}
+        for name, scorer in scorers.items():
+            if scorer.tunes_on_ood:
+                continue
+            for split, loader in loaders.items():
+                if scorer.per_batch:
+                    value = score_batches(scorer, model, loader, preprocess, device, progress, f"{name}: {split}", ranks)
+                else:
+                    value = ranks.map_outputs(partial(scorer.score, model), outs[split])
+                key = Key(name, split)
+                scores[key] = value.detach().float().cpu()
+                predictions[key] = _predictions(scorer, model, outs[split])
+    for name, scorer in scorers.items():
+        if scorer.tunes_on_ood:
+            _score_tuned_on_ood(name, scorer, model, outs, scores, predictions)
+    return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
+                   has_classifier=model.has_classifier, outputs=outs)
+
+
+def _predictions(scorer: Scorer, model, outputs: Outputs) -> Tensor:
+    own = scorer.predict(model, outputs)
+    return (outputs.logits.argmax(1) if own is None else own).cpu()
+
+
+def _score_tuned_on_ood(name: str, scorer: Scorer, model, outs: dict[str, Outputs], scores: dict,
+                        predictions: dict) -> None:
+    """Per OOD set: fit on ID validation outputs and a seeded tuning part of that set; its
+    scores for that set (keys ``tuned_for=<set>``) cover only the rest."""
+    for ood in [s for s in outs if s not in ID_SPLITS]:
+        n = len(outs[ood])
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+        n_tune = min(TUNE_MAX, max(1, int(TUNE_FRACTION * n)))
+        tune, rest = perm[:n_tune], perm[n_tune:].sort().values
+        scorer.fit(model, FitData(val=outs["id_val"], ood_tune=outs[ood].subset(tune)))
+        for split, out in (("id_val", outs["id_val"]), ("id_test", outs["id_test"]), (ood, outs[ood].subset(rest))):
+            key = Key(name, split, tuned_for=ood)
+            scores[key] = scorer.score(model, out).detach().float().cpu()
+            predictions[key] = _predictions(scorer, model, out)

@@ -1,0 +1,68 @@
+"""The passes over a split: one forward pass that keeps everything scorers read
+(:func:`extract`), and the own pass of a ``per_batch`` scorer (:func:`score_batches`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from rich.progress import Progress
+from torch import Tensor
+
+from ood_lightning.scoring.api import Outputs, Scorer, pool
+from ood_lightning.scoring.ranks import SINGLE, Ranks
+
+#: a method's per-input values of the pass: (inputs, backbone outputs) -> {name: [B]}
+PassValues = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
+
+
+@torch.no_grad()
+def extract(model, loader, preprocess: Callable[[Tensor], Tensor], device: torch.device | str,
+            progress: Progress | None = None, description: str = "extracting", ranks: Ranks = SINGLE,
+            pass_values: PassValues | None = None) -> Outputs:
+    """Run ``model`` over ``loader`` once and keep logits, pooled layers, labels and the method's
+    ``pass_values`` (on CPU); with several ``ranks``, each runs its block and the blocks are gathered."""
+    return ranks.run_sharded(loader, lambda ld: _extract(model, ld, preprocess, torch.device(device), progress,
+                                                          description, pass_values), Outputs.cat)
+
+
+def _extract(model, loader, preprocess, device, progress, description, pass_values) -> Outputs:
+    model.eval()
+    logits, labels, layers, extra = [], [], {}, {}
+    task = progress.add_task(description, total=len(loader)) if progress else None
+    for x, y in loader:
+        x = preprocess(x.to(device))
+        feats = model.forward_features(x)
+        logits.append(model.classify(feats["penultimate"]).float().cpu())
+        labels.append(y.cpu())
+        for name, value in feats.items():
+            layers.setdefault(name, []).append(pool(value).float().cpu())
+        for name, value in (pass_values(x, feats) if pass_values is not None else {}).items():
+            extra.setdefault(name, []).append(value.detach().float().cpu())
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    layers = {k: torch.cat(v) for k, v in layers.items()}
+    return Outputs(logits=torch.cat(logits), features=layers["penultimate"], layers=layers, labels=torch.cat(labels),
+                   extra={k: torch.cat(v) for k, v in extra.items()})
+
+
+def score_batches(scorer: Scorer, model, loader, preprocess, device: torch.device | str,
+                  progress: Progress | None = None, description: str = "scoring", ranks: Ranks = SINGLE) -> Tensor:
+    """A ``per_batch`` scorer's scores over ``loader`` (e.g. ODIN's perturbation), batch by batch."""
+    return ranks.run_sharded(loader, lambda ld: _score_batches(scorer, model, ld, preprocess, torch.device(device),
+                                                                progress, description), torch.cat)
+
+
+def _score_batches(scorer, model, loader, preprocess, device, progress, description) -> Tensor:
+    model.eval()
+    scores = []
+    task = progress.add_task(description, total=len(loader)) if progress else None
+    for x, _ in loader:
+        scores.append(scorer.score_batch(model, preprocess(x.to(device))).detach().float().cpu())
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    return torch.cat(scores)
