@@ -19,9 +19,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ood_lightning.nn.backbones.base import Backbone
-
 from ood_lightning.errors import ConfigError
+from ood_lightning.nn.backbones.base import Backbone
 
 
 def _padding(image_size: int, layers: int) -> tuple[int, int, int]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ood_lightning.nn.backbones.base import Backbone
-
 from ood_lightning.errors import ConfigError
+from ood_lightning.nn.backbones.base import Backbone
 
 
 class _ResidualBlock(nn.Module):
