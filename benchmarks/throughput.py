@@ -195,8 +195,9 @@ def compose_cfg(args, method: str):
                  "compile={" + ",".join(f"{k}:{v}" for k, v in options.items()) + "}" if isinstance(options, dict)
                  else f"compile={str(bool(options)).lower()}"]
     if args.tiny:
-        overrides += ["backbone=cnn", "backbone.widths=[8,16]", "backbone.feature_dim=16", "flow.n_blocks=2",
-                      "flow.hidden=32"]
+        overrides += ["backbone=cnn", "backbone.widths=[8,16]", "backbone.feature_dim=16"]
+        if method == "dhm":
+            overrides += ["method.flow.n_blocks=2", "method.flow.hidden=32"]
     else:
         overrides += ["backbone=wrn28_10"]
     out_dir = args.run_dir

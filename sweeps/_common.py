@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python sweeps/<script>.py` from anywhere, without installing
     sys.path.insert(0, str(ROOT))
 
-from ood_lightning.assembly.build import build_model, load_weights  # noqa: E402
+from ood_lightning.assembly.build import build_model, connect, load_weights  # noqa: E402
 from ood_lightning.assembly.runs import train  # noqa: E402
 from ood_lightning.config import to_dict  # noqa: E402  (also registers the config resolvers)
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
@@ -55,6 +55,7 @@ def load_run(cfg: DictConfig, ckpt: str | Path):
     dm = OODDataModule(cfg.data, cfg.ood)
     dm.setup("test")
     model = build_model(cfg, dm.num_classes, pretrained=False)
+    connect(dm, model)
     load_weights(model, ckpt)
     return model.eval(), dm
 

@@ -49,7 +49,7 @@ LIMITS = {"moons": ((-2.0, 3.0), (-1.75, 2.25)), "rings": ((-3.0, 3.0), (-3.0, 3
 
 def run_one(data: str, c: float | None, seed: int, epochs: int, grid: int, out: Path, extra: list[str]) -> dict:
     run_dir = out / data / f"c{_common.tag(c)}" / f"seed{seed}"
-    overrides = ["experiment=dhm_2d", f"data={data}", f"backbone.spectral_coeff={'null' if c is None else c}",
+    overrides = ["experiment=dhm_2d", f"data={data}", f"method.spectral_coeff={'null' if c is None else c}",
                  f"seed={seed}", f"trainer.max_epochs={epochs}", *extra]
     start = time.time()
     metrics, model, dm = _common.train_run(overrides, run_dir)

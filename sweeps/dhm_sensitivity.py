@@ -39,7 +39,7 @@ def run(ckpt: Path, n: int, max_norm: float | None, levels: int, seed: int, devi
     if max_norm is None:  # up to 10% of the inputs' mean l2 norm
         max_norm = 0.1 * float(x.flatten(1).norm(dim=1).mean())
     rows = sensitivity(model.backbone, x, max_norm=max_norm, n_norms=levels, seed=seed)
-    sc = (cfg.get("backbone") or {}).get("spectral_coeff")
+    sc = (cfg.get("method") or {}).get("spectral_coeff", (cfg.get("backbone") or {}).get("spectral_coeff"))
     title = (f"**{ckpt}** ({cfg.data.name}, spectral_coeff={sc}, lambda={cfg.get('lambda')}; {len(x)} inputs, "
              f"‖δ‖₂ in [0, {max_norm:.3g}], {levels} levels)")
     return to_markdown(rows, title), {"checkpoint": str(ckpt), "max_norm": max_norm, "spectral_coeff": sc,

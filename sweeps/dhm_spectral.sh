@@ -20,6 +20,6 @@ case "$SCALE" in
   *) echo "usage: $0 [gpu|cpu] [hydra overrides...]" >&2; exit 2 ;;
 esac
 OUT=${OUT:-outputs/sweeps/dhm_spectral_${SCALE}/$(date +%Y-%m-%d_%H-%M-%S)}
-"$PY" train.py -m "$EXP" "backbone.spectral_coeff=$COEFFS" "seed=$SEEDS" "tags=[dhm_spectral_sweep]" \
+"$PY" train.py -m "$EXP" "method.spectral_coeff=$COEFFS" "seed=$SEEDS" "tags=[dhm_spectral_sweep]" \
   "hydra.sweep.dir=$OUT" "$@"
 "$PY" evaluate.py "run_dir=$OUT" plot=spectral_coeff "compare=[dhm,msp]"

@@ -77,7 +77,7 @@ SMALL_CASES = [
 ]
 EXPECTED_KEYS = {
     "wrn28_2": ["block1", "block2", "block3", "penultimate"],
-    "resnet18": ["block1", "block2", "block3", "block4", "penultimate"],
+    "resnet18": ["block1", "block2", "block3", "penultimate"],
     "cnn": ["block1", "block2", "block3", "penultimate"],
 }
 
@@ -131,12 +131,11 @@ def test_resnet34_shapes_on_meta_device() -> None:
         x = torch.empty(2, 3, 32, 32)
         feats = model.forward_features(x)
         out = model(x)
-    assert list(feats) == ["block1", "block2", "block3", "block4", "penultimate"]
+    assert list(feats) == ["block1", "block2", "block3", "penultimate"]
     assert [tuple(f.shape) for f in feats.values()] == [
         (2, 64, 32, 32),
         (2, 128, 16, 16),
         (2, 256, 8, 8),
-        (2, 512, 4, 4),
         (2, 512),
     ]
     assert out.shape == (2, 512)
@@ -145,7 +144,7 @@ def test_resnet34_shapes_on_meta_device() -> None:
 @pytest.mark.parametrize(
     ("model_fn", "input_shape", "expected"),
     [
-        (resnet18, (1, 3, 32, 32), [(64, 32), (128, 16), (256, 8), (512, 4)]),
+        (resnet18, (1, 3, 32, 32), [(64, 32), (128, 16), (256, 8)]),  # block4 only as the pooled penultimate
         (SmallCNN, (1, 1, 28, 28), [(32, 14), (64, 7), (128, 3)]),
     ],
     ids=["resnet18-32px", "cnn-28px"],

@@ -195,7 +195,7 @@ def test_compiled_backbone_with_spectral_norm_trains_dhm_like_eager(tmp_path):
     """compile= compiles the backbone only (the flow stays eager); with spectral normalisation in
     the backbone it must train and score exactly as eager. ``aot_eager`` runs dynamo and AOT
     autograd without code generation (inductor's C++ compile takes minutes on 2 CPU cores)."""
-    dhm = [*TINY, "method=dhm", "backbone.spectral_coeff=3.0", "flow.n_blocks=2", "flow.hidden=32", "detectors=none",
+    dhm = [*TINY, "method=dhm", "method.flow.n_blocks=2", "method.flow.hidden=32", "detectors=none",
            "trainer.limit_train_batches=2"]
     eager = train(compose_cfg("train", dhm, tmp_path / "eager"))
     compiled = train(compose_cfg("train", [*dhm, "compile={backend: aot_eager}"], tmp_path / "compiled"))

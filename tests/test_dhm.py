@@ -18,7 +18,7 @@ from ood_lightning.assembly.runs import train
 from ood_lightning.nn.feature_norm import normalize_features
 from tests.conftest import TINY, compose_cfg
 
-DHM = [*TINY, "method=dhm", "flow.n_blocks=2", "flow.hidden=32"]
+DHM = [*TINY, "method=dhm", "method.flow.n_blocks=2", "method.flow.hidden=32"]
 
 
 @pytest.mark.parametrize("kind,p", [("l1", 1), ("l2", 2), ("linf", math.inf)])
@@ -45,7 +45,7 @@ def test_collapse_monitor_flags_the_papers_jump_only():
 def dhm_run(tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("dhm")
-    cfg = compose_cfg("train", [*DHM, "debug=fast", "trainer.max_epochs=3", "backbone.spectral_coeff=1.0",
+    cfg = compose_cfg("train", [*DHM, "debug=fast", "trainer.max_epochs=3", "method.spectral_coeff=1.0",
                                 "lambda=0.01", "detectors=fast"], out)
     metrics = train(cfg)
     return out, metrics, cfg

@@ -83,7 +83,7 @@ def test_prewitt_init_and_features_separate_stripe_directions():
 
 
 def test_prewitt_backbone_from_config_with_spectral_bound(tmp_path):
-    cfg = compose_cfg("train", ["experiment=dhm_stripes", "flow.n_blocks=2"], tmp_path)
+    cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)
     from ood_lightning.assembly.build import build_model
 
     model = build_model(cfg, num_classes=2)
@@ -172,8 +172,8 @@ def test_lambda_plot_reads_x_from_overrides_and_val_from_the_last_epoch(tmp_path
 def test_spectral_plot_falls_back_to_the_resolved_config(tmp_path):
     for i, c in enumerate([1.0, 6.0]):  # c set by a preset: not in the overrides
         _fake_run(tmp_path / str(i), ["experiment=dhm_cifar10"], 0, 0.9 - 0.1 * i, 0.9, 0.3,
-                  config={"backbone": {"spectral_coeff": c}, "lambda": 3.5e-3})
-    assert run_value(tmp_path / "1", "backbone.spectral_coeff") == 6.0
+                  config={"method": {"spectral_coeff": c}, "lambda": 3.5e-3})
+    assert run_value(tmp_path / "1", "method.spectral_coeff") == 6.0
     assert run_value(tmp_path / "1", "lambda") == 3.5e-3
     out = plot_spectral_coeff(tmp_path, detectors=["dhm", "msp"])
     assert out.name == "sweep_spectral_coeff.png" and out.stat().st_size > 10_000
@@ -215,7 +215,7 @@ MICRO = ["debug=fast", "~callbacks.progress_bar", "trainer.limit_val_batches=1",
 
 def test_stripes_script_trains_plots_and_feeds_the_sensitivity_table(sweeps_module, tmp_path):
     study = sweeps_module("dhm_stripes")
-    rec = study.run_one(1e-3, epochs=1, grid=25, out=tmp_path, extra=[*MICRO, "flow.n_blocks=2", "data.n_test=200",
+    rec = study.run_one(1e-3, epochs=1, grid=25, out=tmp_path, extra=[*MICRO, "method.flow.n_blocks=2", "data.n_test=200",
                                                                       "ood.diagonal.n=200"])
     assert rec["lambda"] == 1e-3 and np.isfinite(rec["train_logdet"])
     run = tmp_path / "lambda1e-03"
@@ -244,7 +244,7 @@ def test_stripes_script_trains_plots_and_feeds_the_sensitivity_table(sweeps_modu
 def test_2d_script_measures_accuracy_and_volume(sweeps_module, tmp_path):
     study = sweeps_module("dhm_2d")
     rec = study.run_one("moons", 2.0, seed=0, epochs=1, grid=8, out=tmp_path,
-                        extra=[*MICRO, "flow.hidden=16", "backbone.hidden=16", "data.n_test=100"])
+                        extra=[*MICRO, "method.flow.hidden=16", "backbone.hidden=16", "data.n_test=100"])
     assert rec["c"] == 2.0 and np.isfinite(rec["log_volume"])
     run = tmp_path / "moons" / "c2" / "seed0"
     scores = np.load(run / "scores.npz")
@@ -255,16 +255,16 @@ def test_2d_script_measures_accuracy_and_volume(sweeps_module, tmp_path):
     assert rec["log_volume"] == pytest.approx(math.log(volume), abs=1e-9)
     assert rec["max_log_density"] == pytest.approx(float(g["log_density"].max()))
     cfg = yaml.safe_load((tmp_path / "moons" / "c2" / "seed0" / ".hydra" / "config.yaml").read_text())
-    assert cfg["backbone"]["spectral_coeff"] == 2.0 and cfg["flow"]["n_blocks"] == 5
+    assert cfg["method"]["spectral_coeff"] == 2.0 and cfg["method"]["flow"]["n_blocks"] == 5
     assert study.plot_fig10([rec], tmp_path / "fig10.png").stat().st_size > 10_000
     assert study.plot_fig9([rec], tmp_path / "fig9.png").stat().st_size > 10_000
 
 
 def test_sweep_scripts_compose_their_experiments(tmp_path):
-    tiny = compose_cfg("train", ["experiment=dhm_tiny", "lambda=3.67e-3", "backbone.spectral_coeff=6"], tmp_path)
-    assert tiny.method.lambda_ == 3.67e-3 and tiny.backbone.spectral_coeff == 6 and tiny.data.name == "stripes"
+    tiny = compose_cfg("train", ["experiment=dhm_tiny", "lambda=3.67e-3", "method.spectral_coeff=6"], tmp_path)
+    assert tiny.method.lambda_ == 3.67e-3 and tiny.method.spectral_coeff == 6 and tiny.data.name == "stripes"
     d2 = compose_cfg("train", ["experiment=dhm_2d", "data=rings"], tmp_path)
-    assert d2.backbone.depth == 6 and d2.backbone.hidden == 128 and d2.flow.n_blocks == 5 and d2.flow.hidden == 128
+    assert d2.backbone.depth == 6 and d2.backbone.hidden == 128 and d2.method.flow.n_blocks == 5 and d2.method.flow.hidden == 128
     assert d2.data.name == "rings" and dict(d2.ood) == {}
     for script in ("dhm_lambda.sh", "dhm_spectral.sh", "dhm_seeds.sh"):
         text = (ROOT / "sweeps" / script).read_text()

@@ -130,7 +130,7 @@ def test_vae_with_whole_split_bn_adaptation_rescores_with_the_default_detectors(
     """evaluate.py defaults to detectors=baselines: a VAE has no classifier, so they are skipped
     (not scored on zero logits); bn_stats=stream re-estimates BatchNorm before every pass, and
     the posterior samples are seeded per split, so re-scoring gives the training run's numbers."""
-    vae = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone.widths=[8,16]", "backbone.image_size=9",
+    vae = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone=dcgan", "backbone.widths=[8,16]", "backbone.image_size=9",
            "method.latent_dim=4", "method.iwae_samples=[2]", "trainer=cpu", "debug=fast", "logger=csv",
            "data.n_train=600", "data.n_test=200", "data.val_size=100", "ood.diagonal.n=200",
            "method.adapt_bn=encoder", "method.bn_stats=stream"]
@@ -270,7 +270,7 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
     assert len(scores[f"{tuned}/diagonal@diagonal"]) == rest and len(scores[f"{tuned}/id_test@diagonal"]) == 256
     truth = sklearn_auroc(scores[f"{tuned}/id_test@diagonal"], scores[f"{tuned}/diagonal@diagonal"])
     assert lsgm["results"][tuned]["diagonal"]["auroc"] == pytest.approx(truth)
-    lde = train(compose_cfg("train", [*TINY, "method=lde", "detectors.lde.epochs=1", "~detectors.odin",
+    lde = train(compose_cfg("train", [*TINY, "method=lde", "method.fit.epochs=1", "~detectors.odin",
                                       f"backbone.checkpoint={ckpt}", "evaluation.feature_cache=false"], tmp_path / "lde"))
     assert {"lde", "lde_unnormalized"} <= set(lde["results"]) and "odin" not in lde["results"]
     assert not (tmp_path / "lde" / "checkpoints").exists()  # nothing was trained

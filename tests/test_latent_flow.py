@@ -151,7 +151,7 @@ def test_seeded_fits_are_reproducible():
 
 def test_unknown_flow_is_a_clear_config_error():
     with pytest.raises(ConfigError, match=r"unknown flow 'nope'; choose one of .*glow.*residual"):
-        build_flow("nope", 4)
+        build_flow(4, "nope")
 
 
 def test_residual_flow_plugs_in():

@@ -308,24 +308,31 @@ def test_report_writes_pictures_probe_and_bits_per_dim(tmp_path):
 
 
 # -- end to end -------------------------------------------------------------------------------------------
-VAE_TINY = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone.widths=[8,16]",
+VAE_TINY = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone=dcgan", "backbone.widths=[8,16]",
             "method.latent_dim=4", "method.iwae_samples=[2,8]", "trainer=cpu", "debug=fast", "logger=csv",
             "data.n_train=600", "data.n_test=200", "data.val_size=100", "ood.diagonal.n=200"]
 
 
-@pytest.mark.parametrize("overrides", [["method=vae"], ["method=vae", "data=stripes"],
+@pytest.mark.parametrize("overrides", [["method=vae", "backbone=dcgan"], ["method=vae", "backbone=dcgan", "data=stripes"],
                                        ["experiment=vae_cifar10", "method=ganvae", "method.likelihood=categorical"],
                                        ["experiment=vae_mnist", "method.likelihood=logistic"]])
 def test_configs_build_the_model_on_unnormalised_dequantised_data(overrides, tmp_path):
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.assembly.build import build_model, connect
+    from ood_lightning.data.datamodule import OODDataModule
 
     cfg = compose_cfg("train", overrides, tmp_path)
-    assert cfg.data.mean is None and cfg.data.std is None and cfg.data.dequantize and cfg.data.augment.crop_padding == 0
-    assert not cfg.get("detectors")
     model = build_model(cfg, num_classes=10)
     assert isinstance(model, GANVAE if "method=ganvae" in overrides else VAE) and model.latent_dim == 128
     assert model.image_shape == (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    assert ("early_stopping" in cfg.callbacks) == ("method=ganvae" not in overrides)
+    dm = OODDataModule(cfg.data, cfg.ood)
+    connect(dm, model)  # the method's inputs win over the data config: [0, 1] pixels, dequantised, no augmentation
+    p = dm.preprocess
+    assert not p.normalise and p.dequantize and p.crop_padding == 0 and not p.hflip
+    x = torch.full((2, cfg.data.channels, 4, 4), 255, dtype=torch.uint8)
+    assert torch.equal(p(x), torch.ones(2, cfg.data.channels, 4, 4))
+    if "experiment" in overrides[0]:
+        assert not cfg.get("detectors")
+    assert bool(model.early_stopping) == ("method=ganvae" not in overrides)
 
 
 @pytest.mark.slow
@@ -351,10 +358,10 @@ def test_train_vae_end_to_end_writes_iwae_scores(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    (["method=vae"], [5, 50]), (["method=vae", "debug=fast"], [2, 8]), (["method=ganvae", "debug=fast"], [2, 8]),
+    (["method=vae"], [5, 50]), (["method=vae", "debug=fast"], [5, 8]), (["method=ganvae", "debug=fast"], [5, 8]),
     (["method=vae", "debug=fast", "method.iwae_samples=[3]"], [3])])
 def test_debug_fast_takes_fewer_iwae_samples_unless_given(overrides, expected, tmp_path):
     from ood_lightning.assembly.build import build_model
 
-    cfg = compose_cfg("train", overrides, tmp_path)
+    cfg = compose_cfg("train", [*overrides, "backbone=dcgan"], tmp_path)
     assert build_model(cfg, num_classes=10).iwae_samples == expected

@@ -64,6 +64,15 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> O
     return model
 
 
+def connect(dm: OODDataModule, model: OODMethod) -> None:
+    """What the data module takes from the method, handed over here (the model never reads the data
+    module, nor the data module the model): its preprocessing needs and its training batch sampler."""
+    if model.input_overrides:
+        log.info("%s: inputs %s (method.inputs, over data.*)", type(model).__name__, model.input_overrides)
+        dm.preprocess = dm.preprocess.with_overrides(model.input_overrides)
+    dm.batch_sampler_factory = model.train_batch_sampler
+
+
 def build_detectors(cfg: DictConfig) -> dict[str, Scorer]:
     return {name: instantiate(spec) for name, spec in (cfg.get("detectors") or {}).items() if spec is not None}
 

@@ -17,6 +17,7 @@ from ood_lightning.assembly.build import (
     build_model,
     build_trainer,
     choices,
+    connect,
     feature_cache,
     load_weights,
     stored_config,
@@ -67,7 +68,7 @@ def train(cfg: DictConfig) -> dict:
     dm = build_data(cfg)
     dm.setup("fit")
     model = build_model(cfg, dm.num_classes)
-    dm.batch_sampler_factory = model.train_batch_sampler
+    connect(dm, model)
     trainer, loggers = build_trainer(cfg, model, dm)
     if cfg.get("ckpt_path"):
         load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
@@ -89,7 +90,7 @@ def train(cfg: DictConfig) -> dict:
                  ranks.world, ranks.rank, device)
     c = choices()
     meta = {"method": c.get("method"), "backbone": c.get("backbone"), "data": cfg.data.name,
-            "seed": int(cfg.seed), "lambda": cfg.get("lambda"), "epochs": trainer.current_epoch}
+            "seed": int(cfg.seed), "lambda": model.lambda_, "epochs": trainer.current_epoch}
     metrics = score_and_write(model, dm, cfg, out_dir, meta, device, feature_cache(cfg, model), ranks)
     if metrics is None:
         return {}
@@ -105,6 +106,7 @@ def rescore(cfg: DictConfig) -> dict:
     dm = OODDataModule(data, ood)
     dm.setup("test")
     model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
+    connect(dm, model)
     load_weights(model, cfg.ckpt_path)
     meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name}
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -47,6 +47,8 @@ class Preprocess(torch.nn.Module):
         super().__init__()
         if (mean is None) != (std is None):
             raise ConfigError("data.mean and data.std must be given together (or both null)")
+        self.settings = {"mean": None if mean is None else list(mean), "std": None if std is None else list(std),
+                         "crop_padding": int(crop_padding), "hflip": bool(hflip), "dequantize": bool(dequantize)}
         self.normalise = mean is not None
         if self.normalise:
             self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32)[None, :, None, None], persistent=False)
@@ -54,6 +56,14 @@ class Preprocess(torch.nn.Module):
         self.crop_padding = int(crop_padding)
         self.hflip = bool(hflip)
         self.dequantize = bool(dequantize)
+
+    def with_overrides(self, overrides: dict) -> Preprocess:
+        """The same preprocessing with some settings replaced (a method's ``inputs``, e.g. a VAE's
+        unnormalised [0, 1] pixels); an unknown setting is an error naming the allowed ones."""
+        unknown = sorted(set(overrides) - set(self.settings))
+        if unknown:
+            raise ConfigError(f"method.inputs: unknown settings {unknown}; allowed: {sorted(self.settings)}")
+        return Preprocess(**{**self.settings, **overrides})
 
     def forward(self, x: Tensor, train: bool = False) -> Tensor:
         if x.dtype == torch.uint8:

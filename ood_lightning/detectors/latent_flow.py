@@ -151,7 +151,7 @@ class LatentFlowDetector(Scorer):
     def _build(self, dim: int) -> nn.Module:
         if callable(self.flow_name):
             return self.flow_name(dim).to(self.device)
-        return build_flow(self.flow_name, dim, self.n_blocks, self.hidden, **self.flow_kwargs).to(self.device)
+        return build_flow(dim, self.flow_name, self.n_blocks, self.hidden, **self.flow_kwargs).to(self.device)
 
     def fit(self, model: FeatureModel | None, data: FitData) -> LatentFlowDetector:
         return self.fit_with_history(model, data.train)

@@ -7,7 +7,7 @@
 Only a run's own files are read, like :mod:`ood_lightning.evaluation.aggregate`:
 
 * the swept value x: the run's ``.hydra/overrides.yaml`` (``lambda=3.5e-3``,
-  ``backbone.spectral_coeff=3``), else the resolved ``.hydra/config.yaml`` (a value set by the
+  ``method.spectral_coeff=3``), else the resolved ``.hydra/config.yaml`` (a value set by the
   experiment preset), else ``metrics.json`` (which stores ``lambda``);
 * validation accuracy and loss (and the training log-det): the last epoch with a value in the
   run's ``csv/metrics.csv`` (``val/acc``, ``val/loss``, ``train/logdet``; ``logger=csv``, the default);
@@ -39,7 +39,7 @@ from ood_lightning.errors import ConfigError  # noqa: E402
 log = logging.getLogger(__name__)
 
 #: sweep name -> config key of its x value
-SWEEP_KEYS = {"lambda": "lambda", "spectral_coeff": "backbone.spectral_coeff"}
+SWEEP_KEYS = {"lambda": "lambda", "spectral_coeff": "method.spectral_coeff"}
 #: the paper's collapse threshold: λ = 3.59e-3 trained, 3.67e-3 collapsed (Fig. 3)
 COLLAPSE_THRESHOLD = (3.59e-3, 3.67e-3)
 #: per-run values read from the last epoch of csv/metrics.csv (the log-det shows a collapse)
@@ -75,7 +75,7 @@ def _number(value) -> float | None:
 
 def run_value(run: str | Path, key: str) -> float | None:
     """The value of config ``key`` (dotted) for one run: its overrides, else its resolved config,
-    else its ``metrics.json``; None when unset (e.g. ``backbone.spectral_coeff=null``)."""
+    else its ``metrics.json``; None when unset (e.g. ``method.spectral_coeff=null``)."""
     run = Path(run)
     for override in _yaml(run / ".hydra" / "overrides.yaml") or []:
         name, _, value = str(override).lstrip("+~").partition("=")
@@ -222,7 +222,7 @@ def plot_spectral_coeff(run_dir: str | Path, out: str | Path | None = None,
         log.warning("%d runs without a spectral coefficient (spectral_coeff=null) are left out", skipped)
     records = [r for r in records if r["x"] is not None]
     if not records:
-        raise ConfigError(f"no finished runs with backbone.spectral_coeff set under {run_dir}")
+        raise ConfigError(f"no finished runs with method.spectral_coeff set under {run_dir}")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     xs, mean, std, _ = summarise(records, lambda r: r["accuracy"])
     _errorbar(axes[0], xs, mean, std, color="black")
@@ -232,7 +232,7 @@ def plot_spectral_coeff(run_dir: str | Path, out: str | Path | None = None,
     for ax in axes:
         ax.set_xlabel("spectral coefficient c")
     out = Path(out) if out else Path(run_dir) / "sweep_spectral_coeff.png"
-    write_sweep_csv(records, "backbone.spectral_coeff", out.with_suffix(".csv"), detectors)
+    write_sweep_csv(records, "method.spectral_coeff", out.with_suffix(".csv"), detectors)
     return _finish(fig, records, out, "c")
 
 

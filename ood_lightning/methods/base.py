@@ -31,10 +31,15 @@ class OODMethod(L.LightningModule):
     trains_backbone: bool = True
     #: False for unsupervised methods (VAE): no accuracy or open-set F1 is reported
     has_classifier: bool = True
+    #: weight of the method's density term in its loss (DHM's λ); None for methods without one
+    lambda_: float | None = None
 
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None,
-                 scheduler: Callable[..., Any] | None = None):
+                 scheduler: Callable[..., Any] | None = None, inputs: dict | None = None):
         super().__init__()
+        #: preprocessing this method needs over the data config's (``method.inputs``: dequantize,
+        #: mean/std, crop_padding, hflip); the run's assembly applies it to the data module
+        self.input_overrides = dict(inputs or {})
         self.backbone = backbone
         self.head = nn.Linear(backbone.feature_dim, num_classes)
         self.num_classes = num_classes

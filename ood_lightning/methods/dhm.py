@@ -1,7 +1,7 @@
 """``method=dhm``: the Deep Hybrid Model (Cao & Zhang, CVPR 2022; revisited by Schlumbom &
 Frank, TMLR).
 
-A spectrally normalised feature extractor (``backbone.spectral_coeff``) gives features h;
+A spectrally normalised feature extractor (``method.spectral_coeff``) gives features h;
 a linear head classifies them and a residual flow models the density of their
 normalised version ĥ (l∞ by default). Loss = CE + λ·NLL with NLL = −mean log p(ĥ); the
 OOD score is log p(ĥ) (higher = ID). Choices where the papers are silent:
@@ -22,26 +22,42 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ood_lightning.analysis.collapse import CollapseMonitor
+from ood_lightning.errors import ConfigError
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.feature_norm import normalize_features
-from ood_lightning.nn.flows.build import build_flow
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.nn.spectral import apply_spectral_norm
 from ood_lightning.scoring.api import Outputs, Scorer
+
+#: λ when the config leaves it null: the seed paper's example value (docs/fidelity.md)
+DEFAULT_LAMBDA = 3.5e-3
 
 
 class DeepHybridModel(OODMethod):
+    """``flow`` builds the density model for the feature dimension (``conf/method/flow/``);
+    ``spectral_coeff`` bounds every conv/linear of the extractor to operator norm <= c."""
+
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable, flow_optimizer: Callable,
-                 lambda_: float, flow: dict, feature_norm: str = "linf", scheduler: Callable | None = None,
+                 flow: Callable[[int], nn.Module], lambda_: float | None = None, spectral_coeff: float | None = 3.0,
+                 feature_norm: str = "linf", scheduler: Callable | None = None,
                  flow_scheduler: Callable | None = None, collapse_factor: float = 10.0,
-                 monitor_ood: dict | None = None, score_batch_size: int = 512):
-        super().__init__(backbone, num_classes, optimizer, scheduler)
+                 monitor_ood: dict | None = None, score_batch_size: int = 512, inputs: dict | None = None):
+        super().__init__(backbone, num_classes, optimizer, scheduler, inputs=inputs)
         self.automatic_optimization = False
-        flow = dict(flow)
-        self.flow = build_flow(flow.pop("name"), backbone.feature_dim, flow.pop("n_blocks", None),
-                               flow.pop("hidden", None), **flow)
-        self.lambda_ = float(lambda_)
+        if spectral_coeff is not None:
+            if any(parametrize.is_parametrized(m, "weight") for m in backbone.modules()):
+                raise ConfigError("the backbone is already spectrally normalised (backbone.spectral_coeff): set the "
+                                  "DHM's bound with method.spectral_coeff only")
+            apply_spectral_norm(backbone, float(spectral_coeff))
+        self.spectral_coeff = spectral_coeff
+        self.flow = flow(backbone.feature_dim)
+        lambda_ = DEFAULT_LAMBDA if lambda_ is None else float(lambda_)
+        if lambda_ < 0:
+            raise ConfigError(f"lambda={lambda_}: the weight of the flow NLL must be >= 0")
+        self.lambda_ = lambda_
         self.feature_norm = feature_norm
         self.flow_optimizer_factory = flow_optimizer
         self.flow_scheduler_factory = flow_scheduler

@@ -128,15 +128,19 @@ class VAE(OODMethod):
                  scheduler: Callable[..., Any] | None = None, latent_dim: int = 128, likelihood: str = "gaussian",
                  sigma2: float = 0.1, beta: float = 1.0, iwae_samples: Sequence[int] = (5, 50), decode_batch: int = 4096,
                  adapt_bn: str = "encoder", bn_stats: str = "batch", component_scores: bool = True,
-                 restore_best: bool = True, report: dict | None = None):
-        super().__init__(backbone, num_classes, optimizer, scheduler)
+                 restore_best: bool = True, report: dict | None = None, max_iwae_samples: int | None = None,
+                 early_stopping: dict | None = None, inputs: dict | None = None):
+        super().__init__(backbone, num_classes, optimizer, scheduler, inputs=inputs)
         if not isinstance(backbone, DCGANEncoder):
             raise ConfigError(f"{type(self).__name__} builds its decoder as the mirror of a DCGAN encoder; {type(backbone).__name__} "
                               "is not one: use backbone=dcgan")
         self.head = None  # no classifier
         self.latent_dim = int(latent_dim)
         self.beta = float(beta)
-        self.iwae_samples = sorted({int(k) for k in iwae_samples})
+        # evaluation.max_iwae_samples (debug=fast: cheap scoring) caps every K
+        cap = None if max_iwae_samples is None else int(max_iwae_samples)
+        self.iwae_samples = sorted({int(k) if cap is None else min(int(k), cap) for k in iwae_samples})
+        self.early_stopping = None if early_stopping is None else dict(early_stopping)
         if not self.iwae_samples or self.iwae_samples[0] < 1:
             raise ConfigError(f"method.iwae_samples={list(iwae_samples)} needs at least one K >= 1")
         self.decode_batch = int(decode_batch)
@@ -158,6 +162,7 @@ class VAE(OODMethod):
         self._stream_state = None  # BN statistics of the split being scored (bn_stats=stream)
         self._val_sum, self._val_n = 0.0, 0
         self._best: tuple[float, int, dict] | None = None  # (val ELBO, epoch, weights)
+        self._best_elbo: float | None = None
 
     @property
     def encoder(self) -> nn.Module:
@@ -226,9 +231,22 @@ class VAE(OODMethod):
         if self._val_n == 0 or (self._trainer is not None and self.trainer.sanity_checking):
             return
         elbo = self._val_sum / self._val_n
-        if self.restore_best and math.isfinite(elbo) and (self._best is None or elbo > self._best[0]):
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
-            self._best = (elbo, self.current_epoch, state)
+        if math.isfinite(elbo) and (self._best_elbo is None or elbo > self._best_elbo):
+            self._best_elbo = elbo
+            if self.restore_best:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in self.state_dict().items()}
+                self._best = (elbo, self.current_epoch, state)
+            if self.early_stopping is not None and self._trainer is not None:
+                self.trainer.save_checkpoint(Path(self.trainer.default_root_dir) / "checkpoints" / "best.ckpt")
+
+    def configure_callbacks(self) -> list:
+        """Early stopping on the validation ELBO (``method.early_stopping``; null: off). The epoch
+        with the best validation ELBO is also saved as ``checkpoints/best.ckpt`` (validation end)."""
+        if self.early_stopping is None:
+            return []
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        return [EarlyStopping(monitor="val/elbo", mode="max", check_finite=True, **self.early_stopping)]
 
     def on_fit_end(self) -> None:
         if self.restore_best and self._best is not None:

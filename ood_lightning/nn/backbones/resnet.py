@@ -40,8 +40,9 @@ class _BasicBlock(nn.Module):
 class ResNet(Backbone):
     """ResNet with four stages of BasicBlocks (64/128/256/512 channels) and no classifier head.
 
-    forward_features keys: "block1".."block4" (stage outputs at 32/16/8/4 px for 32x32 input),
-    then "penultimate" (globally average-pooled block4, 512-d).
+    forward_features keys: "block1".."block3" (stage outputs at 32/16/8 px for 32x32 input),
+    then "penultimate" (globally average-pooled block4, 512-d): the last stage once, as in
+    LSGM's four states for ResNet-34.
     """
 
     def __init__(self, block_counts: Sequence[int] = (2, 2, 2, 2), in_channels: int = 3) -> None:
@@ -69,7 +70,8 @@ class ResNet(Backbone):
         out = F.relu(self.bn1(self.conv1(x)))
         for name in ("block1", "block2", "block3", "block4"):
             out = getattr(self, name)(out)
-            feats[name] = out
+            if name != "block4":  # block4 is the penultimate features, pooled
+                feats[name] = out
         feats["penultimate"] = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return feats
 

@@ -57,7 +57,8 @@ class TorchvisionBackbone(Backbone):
             h = m.maxpool(m.relu(m.bn1(m.conv1(x))))
             for name in self._stages:
                 h = getattr(m, name)(h)
-                out[name] = h
+                if name != self._stages[-1]:  # the last stage is the penultimate features, pooled
+                    out[name] = h
             out["penultimate"] = torch.flatten(m.avgpool(h), 1)
         else:  # swin: stages are channels-last [B, H, W, C]
             h = x
