@@ -8,10 +8,8 @@ Results are written before anything else can fail, and a failed run leaves
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +25,7 @@ from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError, ConfigError, OODLightningError
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results_and_report
+from ood_lightning.evaluation.run_dir import clear_stale_results, write_failure
 from ood_lightning.nn.spectral import apply_spectral_norm
 
 log = logging.getLogger(__name__)
@@ -235,6 +234,7 @@ def check_accelerator(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Fit the configured method, score it, write results; returns the metrics dict."""
+    clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
     check_accelerator(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -282,9 +282,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _write_failure(out_dir: Path, err: BaseException) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "failed.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
-                                                     "traceback": traceback.format_exc()}, indent=2))
+    write_failure(out_dir, err)
 
 
 def run_safely(fn, cfg: DictConfig):

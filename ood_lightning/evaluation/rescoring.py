@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError
 from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results_and_report
+from ood_lightning.evaluation.run_dir import clear_stale_results
 from ood_lightning.training import build_detectors, build_model, load_weights, resolve_device
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ def stored_config(ckpt_path: str | Path) -> DictConfig:
 
 def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     trained = stored_config(cfg.ckpt_path)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood

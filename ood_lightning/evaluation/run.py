@@ -26,6 +26,7 @@ from ood_lightning.detectors.base import Detector, Outputs
 from ood_lightning.evaluation import metrics as M
 from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
 from ood_lightning.evaluation.outputs import across_ranks, extract, map_across_ranks, rank_and_world, score_inputs
+from ood_lightning.io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def compute_metrics(ev: Evaluation, tpr: float = 0.95, groups: dict[str, str] | 
 def write_metrics(run_dir: str | Path, ev: Evaluation, extra: dict | None = None) -> Path:
     """``metrics.json``: ``extra`` (run metadata, a method's report), then the metrics, which win a clash."""
     path = Path(run_dir) / "metrics.json"
-    path.write_text(json.dumps({**(extra or {}), **ev.metrics}, indent=2))
+    atomic_write_text(path, json.dumps({**(extra or {}), **ev.metrics}, indent=2))
     return path
 
 
@@ -219,7 +220,7 @@ def write_results(run_dir: str | Path, ev: Evaluation, extra: dict | None = None
     arrays = {f"{det}/{split}": s.numpy() for det, by in ev.scores.items() for split, s in by.items()}
     arrays.update({f"preds/{split}": p.numpy() for split, p in ev.preds.items()})
     arrays["labels/id_test"] = ev.id_test_labels.numpy()
-    np.savez_compressed(run_dir / "scores.npz", **arrays)
+    atomic_write(run_dir / "scores.npz", lambda tmp: np.savez_compressed(tmp, **arrays))
     from ood_lightning.evaluation.plots import score_histograms
 
     if ev.scores:  # detectors=none: accuracy only, nothing to plot
