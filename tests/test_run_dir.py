@@ -121,3 +121,15 @@ def test_sweep_with_a_failed_job_exits_non_zero_after_every_job_and_names_it(tmp
     assert "data.val_size=100000" in tail and "ConfigError: data.val_size=100000 must leave both" in tail
     assert str(sweep / "1") in tail and str(sweep / "0") not in tail
     assert "Traceback" not in res.stderr
+
+
+def test_sweep_figures_skip_failed_and_damaged_runs(tmp_path):
+    """evaluate.py run_dir=... plot=...: the figure's records come from the same reading as the summary."""
+    from ood_lightning.evaluation.sweep_plots import collect_sweep
+
+    _job(tmp_path / "0", ["lambda=0.1", "seed=0"], metrics=_metrics(0.8))
+    _job(tmp_path / "1", ["lambda=0.1", "seed=1"], metrics_text='{"results": {"ms')
+    _job(tmp_path / "2", ["lambda=0.2", "seed=0"], metrics=_metrics(0.7), failed="RuntimeError: boom")
+    _job(tmp_path / "stale" / "old", ["lambda=0.3"], metrics=_metrics(0.1))
+    records = collect_sweep(tmp_path, "lambda")
+    assert [(r["run"], r["x"]) for r in records] == [(str(tmp_path / "0"), 0.1)]
