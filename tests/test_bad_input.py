@@ -88,6 +88,8 @@ CASES = [
          pack_damaged("cifar10-train.npz", truncate)),
     Case("npz pack CRC-corrupt", ["data=cifar10"], ["cifar10-test.npz is corrupt", "CRC", "&& sha256sum -c SHA256SUMS"],
          pack_damaged("cifar10-test.npz", flip_member_byte)),
+    Case("npz file that is not a pack", ["data=cifar10"], ["cifar10-train.npz is corrupt", "labels"],
+         pack_damaged("cifar10-train.npz", lambda p: np.savez(p, x=np.zeros(3)))),
     Case("MNIST raw file truncated", ["data=mnist"], ["train-images-idx3-ubyte is corrupt", "truncated"],
          mnist_damaged(MNIST_FILES["train"][0], truncate)),
     Case("MNIST raw labels truncated", ["data=mnist"], ["t10k-labels-idx1-ubyte is corrupt"],
