@@ -215,3 +215,29 @@ def test_ood_set_of_another_shape_names_the_fix():
                        {"noise": {"dataset": "gaussian_noise", "n": 10, "shape": [3, 32, 32]}})
     with pytest.raises(ConfigError, match=r"ood.noise.convert=true"):
         dm.setup()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong length", "not uint8 images"])
+def test_corrupt_decoded_pack_cache_is_rebuilt_and_logged_with_its_path(tmp_path, damage, caplog):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    _write_pack(tmp_path / "toy-test.npz", images, np.array([0, 1, 0, 1, 0, 1]))
+    packs.load_pack.cache_clear()
+    first = packs.load_pack(str(tmp_path / "toy-test.npz"), str(tmp_path / "cache"))
+    (cache,) = (tmp_path / "cache").glob("toy-test-*.npy")
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:200])
+    elif damage == "garbage":
+        cache.write_bytes(b"\x93NUMPY garbage" * 4)
+    elif damage == "wrong length":  # e.g. the cache of another version of the pack
+        np.save(cache, first.images[:4])
+    else:
+        np.save(cache, first.images[0, 0].astype(np.float32))
+    packs.load_pack.cache_clear()
+    with caplog.at_level("WARNING"):
+        again = packs.load_pack(str(tmp_path / "toy-test.npz"), str(tmp_path / "cache"))
+    np.testing.assert_array_equal(again.images, first.images)
+    assert str(cache) in caplog.text and "corrupt" in caplog.text
+    packs.load_pack.cache_clear()
+    np.testing.assert_array_equal(np.load(cache), first.images)  # rebuilt in place
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.name]

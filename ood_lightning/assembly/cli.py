@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import traceback
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -15,14 +13,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ood_lightning.errors import OODLightningError
+from ood_lightning.evaluation.run_dir import write_failure
 
 log = logging.getLogger(__name__)
-
-
-def _write_failure(out_dir: Path, err: BaseException) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "failed.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
-                                                     "traceback": traceback.format_exc()}, indent=2))
 
 
 def run_safely(fn, cfg: DictConfig):
@@ -34,7 +27,7 @@ def run_safely(fn, cfg: DictConfig):
     except Exception as err:
         if isinstance(err, InstantiationException) and isinstance(err.__cause__, OODLightningError):
             err = err.__cause__  # a constructor's clear error, not Hydra's wrapper around it
-        _write_failure(out_dir, err)
+        write_failure(out_dir, err)
         multirun = False
         try:
             multirun = HydraConfig.get().mode == RunMode.MULTIRUN

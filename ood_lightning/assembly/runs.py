@@ -33,6 +33,7 @@ from ood_lightning.assembly.runtime import (
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.results import compute_metrics, print_results, write_metrics, write_results
+from ood_lightning.evaluation.run_dir import clear_stale_results
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.scoring.loop import score_all
 from ood_lightning.scoring.ranks import SINGLE, Ranks
@@ -62,6 +63,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
 
 def train(cfg: DictConfig) -> dict:
     """Fit the configured method, score it, write results; returns the metrics dict."""
+    clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
     check_accelerator(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -100,6 +102,7 @@ def train(cfg: DictConfig) -> dict:
 
 def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     trained = stored_config(cfg.ckpt_path)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood

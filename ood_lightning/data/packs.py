@@ -3,6 +3,9 @@
 A pack is decoded once into a uint8 array [N, C, H, W] and cached as ``.npy`` next to
 nothing the user owns (``cache_dir``), keyed by the pack's name, size and mtime, so no
 JPEG is ever decoded per sample per epoch. Later processes read the cache (~0.1 s for CIFAR-10).
+
+A pack that cannot be read whole (truncated copy, bad CRC) is a :class:`CorruptDataError`
+naming the file and the checksum check; a damaged cache file is logged and decoded again.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import io
 import logging
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ood_lightning.errors import CorruptDataError
+from ood_lightning.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +46,48 @@ def _decode(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2).copy()
 
 
+#: what reading a damaged .npz / .npy raises (zip without a directory, bad CRC, short data, bad JPEG)
+_UNREADABLE = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError)
+
+
+def _read_cache(cache: Path, n: int) -> np.ndarray | None:
+    """The decoded images from ``cache``, or ``None`` (logged) when the file is damaged or not this pack's."""
+    try:
+        images = np.load(cache, allow_pickle=False)
+        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n:
+            raise ValueError(f"holds {images.dtype} {images.shape}, not uint8 [{n}, C, H, W]")
+    except _UNREADABLE as err:
+        log.warning("decoded-pack cache %s is corrupt (%s); decoding the pack again", cache, err)
+        return None
+    return images
+
+
 @lru_cache(maxsize=8)
 def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Pack:
     """Read a pack, decoding its JPEGs only the first time (per cache directory)."""
     path = Path(path)
-    data = np.load(path, allow_pickle=False)
-    labels = data["labels"].astype(np.int64)
-    classes = tuple(str(c) for c in data["classes"])
+    try:
+        data = np.load(path, allow_pickle=False)
+        labels = data["labels"].astype(np.int64)
+        classes = tuple(str(c) for c in data["classes"])
+    except _UNREADABLE as err:
+        raise CorruptDataError.of(path, f"{type(err).__name__}: {err}") from None
     cache = None
     if cache_dir is not None:
         st = path.stat()
         cache = Path(cache_dir) / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}.npy"
         if cache.exists():
-            images = np.load(cache)
-            if len(images) == len(labels):
+            images = _read_cache(cache, len(labels))
+            if images is not None:
                 return Pack(images, labels, classes)
     log.info("decoding %s (once; cached in %s)", path.name, cache_dir)
-    images = _decode(data["jpeg"], data["offsets"])
+    try:
+        images = _decode(data["jpeg"], data["offsets"])
+    except _UNREADABLE as err:
+        raise CorruptDataError.of(path, f"{type(err).__name__}: {err}") from None
+    if len(images) != len(labels):
+        raise CorruptDataError.of(path, f"{len(images)} images but {len(labels)} labels")
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, images)
-        os.replace(tmp, cache)  # atomic: parallel runs never read a half-written cache
+        atomic_write(cache, lambda tmp: np.save(tmp, images))  # parallel runs never read a half-written cache
     return Pack(images, labels, classes)

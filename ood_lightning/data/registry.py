@@ -25,7 +25,7 @@ from torch import Tensor
 from ood_lightning.data import synthetic
 from ood_lightning.data.noisy import additive_noise
 from ood_lightning.data.packs import load_pack
-from ood_lightning.errors import ConfigError, DatasetNotFoundError
+from ood_lightning.errors import ConfigError, CorruptDataError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,14 @@ def _torchvision(name: str, cls_name: str, root: Path, split: str, download: boo
     kwargs = {"split": split} if cls_name == "SVHN" else {"train": split == "train"}
     try:
         ds = cls(root=str(root), download=download, **kwargs)
-    except (RuntimeError, FileNotFoundError) as err:
+    except (RuntimeError, FileNotFoundError, ValueError, EOFError) as err:
         if download:
             raise DatasetNotFoundError(f"downloading {name!r} into {root} failed ({err}); check the connection or pass data.root") from err
+        damaged = _damaged_idx_file(root / looked_for)
+        if damaged is not None:
+            raise CorruptDataError.of(*damaged) from None
+        if not isinstance(err, FileNotFoundError) and "not found" not in str(err).lower():
+            raise CorruptDataError.of(root / looked_for, f"{type(err).__name__}: {err}".splitlines()[0]) from None
         raise _missing(name, [root / looked_for]) from None
     data = torch.as_tensor(np.asarray(ds.data))
     if data.ndim == 3:  # grey [N, H, W]
@@ -82,6 +87,29 @@ def _torchvision(name: str, cls_name: str, root: Path, split: str, download: boo
     return ArrayData(data.contiguous(), labels, tuple(getattr(ds, "classes", ())))
 
 
+def _damaged_idx_file(folder: Path) -> tuple[Path, str] | None:
+    """The first idx file (MNIST's raw format) in ``folder`` whose size disagrees with its header, and why.
+
+    The header is the magic ``0 0 <type> <ndim>`` and ``ndim`` big-endian uint32 sizes; a whole
+    file holds exactly the product of the sizes in items of that type after it.
+    """
+    itemsize = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+    for path in sorted(folder.glob("*-idx*-ubyte")) if folder.is_dir() else ():
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in itemsize:
+                return path, f"not an idx file: header {head.hex() or 'empty'}"
+            dims = f.read(4 * head[3])
+        if len(dims) < 4 * head[3]:
+            return path, f"truncated inside the header ({size} bytes)"
+        n = int(np.prod([int.from_bytes(dims[i: i + 4], "big") for i in range(0, len(dims), 4)], dtype=np.int64))
+        expected = 4 + len(dims) + n * itemsize[head[2]]
+        if size != expected:
+            return path, f"{'truncated' if size < expected else 'too long'}: {size} of {expected} bytes"
+    return None
+
+
 def _packed_or_torchvision(name: str, pack_stem: str, cls_name: str, tv_folder: str):
     def load(root: Path, split: str, download: bool, cache_dir=None, **_) -> ArrayData:
         pack = root / f"{pack_stem}-{split}.npz"
@@ -89,6 +117,8 @@ def _packed_or_torchvision(name: str, pack_stem: str, cls_name: str, tv_folder: 
             return _from_pack(pack, cache_dir)
         try:
             return _torchvision(name, cls_name, root, split, download, tv_folder)
+        except CorruptDataError:
+            raise
         except DatasetNotFoundError as err:
             if download:
                 raise

@@ -2,27 +2,24 @@
 
 Runs are grouped by their Hydra overrides without ``seed=``, so a sweep
 ``-m lambda=1e-3,2e-3 seed=0,1,2`` gives one row per lambda, detector and OOD set.
-Only files are read, so a failed or crashed run (``failed.json``) never spoils the rest.
+Only files are read, so a failed, broken or killed job never spoils the rest: each is listed
+with its overrides and one line (``failed.json`` first, then a damaged ``metrics.json``, then
+a job folder with neither, then sweep jobs that never started).
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import io
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation.metrics import format_mean_std, mean_std
+from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, never_started, overrides, read_metrics
+from ood_lightning.io import atomic_write_text
 
 SUMMARY_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "autc", "macro_f1")
-
-
-def _overrides(run: Path) -> list[str]:
-    path = run / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(path.read_text()) or []) if path.exists() else []
 
 
 def group_name(overrides: list[str]) -> str:
@@ -31,19 +28,26 @@ def group_name(overrides: list[str]) -> str:
     return " ".join(sorted(kept)) or "-"
 
 
-def collect(run_dir: str | Path) -> tuple[list[dict], list[Path]]:
-    """All finished runs (metrics + overrides) and the directories of failed ones."""
+def collect(run_dir: str | Path) -> tuple[list[dict], list[JobIssue]]:
+    """All finished runs (metrics + group + run folder) and every job that gave no usable results."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} does not exist; pass the directory of a run or multirun")
-    runs = []
-    for path in sorted(run_dir.rglob("metrics.json")):
-        metrics = json.loads(path.read_text())
-        metrics["group"] = group_name(_overrides(path.parent))
-        metrics["run"] = str(path.parent)
+    runs, issues = [], []
+    for job in job_dirs(run_dir):
+        metrics = read_metrics(job)
+        if isinstance(metrics, JobIssue):
+            issues.append(metrics)
+            continue
+        metrics["group"] = group_name(overrides(job))
+        metrics["run"] = str(job)
         runs.append(metrics)
-    failed = sorted(p.parent for p in run_dir.rglob("failed.json") if not (p.parent / "metrics.json").exists())
-    return runs, failed
+    return runs, issues
+
+
+def _fmt(values: list[float]) -> str:
+    """mean ± std over runs; one run has no spread, so its value stands alone (not "± 0.0")."""
+    return format_mean_std(values) if len(values) > 1 else f"{values[0] * 100:.1f}"
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -65,7 +69,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
         row.update({"accuracy_mean": mean, "accuracy_std": std})
         for k, v in by_metric.items():
             row[f"{k}_mean"], row[f"{k}_std"] = mean_std(v)
-            row[f"{k}_fmt"] = format_mean_std(v)
+            row[f"{k}_fmt"] = _fmt(v)
         rows.append(row)
     return rows
 
@@ -80,22 +84,40 @@ def to_markdown(rows: list[dict], metrics=("auroc", "aupr_in", "fpr95", "autc"))
     return "\n".join(lines) + "\n"
 
 
-def write_summary(run_dir: str | Path) -> tuple[Path, Path, list[dict], list[Path]]:
-    """Write ``summary.md`` and ``summary.csv`` into ``run_dir``."""
+def _issues_text(issues: list[JobIssue], unstarted: list[str]) -> str:
+    text = ""
+    for status, title in (("failed", "Failed jobs (see their failed.json)"),
+                          ("unreadable", "Jobs with an unreadable metrics.json (re-run them)"),
+                          ("did not finish", "Jobs that did not finish (killed, or still running)")):
+        lines = [i.line() for i in issues if i.status == status]
+        if status == "did not finish":
+            lines += unstarted
+        if lines:
+            text += f"\n{title}:\n" + "".join(f"- {line}\n" for line in lines)
+    return text
+
+
+def write_summary(run_dir: str | Path) -> tuple[Path, Path, list[dict], list[JobIssue]]:
+    """Write ``summary.md`` and ``summary.csv`` into ``run_dir`` (atomically: a reader never sees half)."""
     run_dir = Path(run_dir)
-    runs, failed = collect(run_dir)
+    runs, issues = collect(run_dir)
+    unstarted = never_started(run_dir)
     if not runs:
-        raise ConfigError(f"no metrics.json under {run_dir}: did the runs finish? ({len(failed)} failed)")
+        raise ConfigError(f"no readable metrics.json under {run_dir}: did the runs finish? "
+                          f"({len(issues)} without results{': ' + issues[0].line() if issues else ''})")
     rows = aggregate(runs)
-    md = run_dir / "summary.md"
-    text = f"# Summary of {len(runs)} runs ({len(failed)} failed)\n\n" + to_markdown(rows)
-    if failed:
-        text += "\nFailed runs (see failed.json):\n" + "".join(f"- {p}\n" for p in failed)
-    md.write_text(text)
-    out_csv = run_dir / "summary.csv"
-    with out_csv.open("w", newline="") as f:
-        fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("group", "detector", "ood_set", "n"), k))
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return md, out_csv, rows, failed
+    counts = ", ".join(f"{sum(i.status == s for i in issues)} {s}" for s in ("failed", "unreadable", "did not finish")
+                       if any(i.status == s for i in issues))
+    spread = "1 run: no spread" if len(runs) == 1 else f"{len(runs)} runs"
+    text = f"# Summary of {spread}" + (f" ({counts})" if counts else "") + "\n\n" + to_markdown(rows)
+    if len(runs) > 1 and any(r["n"] == 1 for r in rows):
+        text += "\nRows with n = 1 are single runs: no spread.\n"
+    text += _issues_text(issues, unstarted)
+    md = atomic_write_text(run_dir / "summary.md", text)
+    buf = io.StringIO(newline="")
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("group", "detector", "ood_set", "n"), k))
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    out_csv = atomic_write_text(run_dir / "summary.csv", buf.getvalue())
+    return md, out_csv, rows, issues

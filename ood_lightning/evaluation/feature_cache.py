@@ -5,16 +5,22 @@ Entries are addressed by readable names, ``root/<dataset>/<split>/<transform>/``
 ``outputs.pt`` (logits, features, labels, pooled layers) and ``manifest.json``. The manifest
 records which backbone made the features (a hash of its weights); asking for an entry with a
 different backbone is an error, never a silent miss or a silent reuse, because stale
-features give plausible but wrong numbers. Both files are written atomically (temporary
-file + ``os.replace``), the manifest last, so an interrupted write leaves no entry at all.
+features give plausible but wrong numbers. Both files are written atomically
+(:mod:`ood_lightning.io`), the manifest last, so an interrupted write leaves no entry at all;
+an entry that is damaged anyway (a truncated or foreign file, tensors that disagree with the
+manifest) is logged with its path and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import pickle
 import re
+import shutil
+import zipfile
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,8 +31,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ood_lightning.errors import CheckpointMismatchError, ConfigError
+from ood_lightning.io import atomic_write, atomic_write_text
 from ood_lightning.scoring.api import Outputs
 from ood_lightning.scoring.passes import extract
+
+log = logging.getLogger(__name__)
 
 OUTPUTS_FILE = "outputs.pt"
 MANIFEST_FILE = "manifest.json"
@@ -58,18 +67,29 @@ def _slug(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(part)).strip("._") or "_"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+#: what a damaged entry raises when read: truncated zip, foreign bytes, bad JSON, missing keys
+_CORRUPT = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError,
+            zipfile.BadZipFile)
+
+
+_MANIFEST_KEYS = {"backbone", "dataset", "split", "transform", "shapes"}
+
+
+class _CorruptEntry(Exception):
+    pass
 
 
 def _to_dict(out: Outputs) -> dict:
     # ``features`` is usually ``layers["penultimate"]``; torch.save keeps shared storage once.
-    return {"logits": out.logits, "features": out.features, "labels": out.labels, "layers": dict(out.layers)}
+    return {"logits": out.logits, "features": out.features, "labels": out.labels, "layers": dict(out.layers),
+            "extra": dict(out.extra)}
+
+
+def _tensors(out: Outputs) -> dict[str, Tensor]:
+    """Every stored tensor by a flat name (the manifest's ``shapes``)."""
+    return {"logits": out.logits, "features": out.features,
+            **({"labels": out.labels} if out.labels is not None else {}),
+            **{f"layers/{k}": v for k, v in out.layers.items()}, **{f"extra/{k}": v for k, v in out.extra.items()}}
 
 
 class FeatureCache:
@@ -88,7 +108,13 @@ class FeatureCache:
         manifest_path = entry / MANIFEST_FILE
         if not manifest_path.exists() or not (entry / OUTPUTS_FILE).exists():
             return None
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            missing = _MANIFEST_KEYS - set(manifest if isinstance(manifest, dict) else ())
+            if missing:
+                raise ValueError(f"no {sorted(missing)}")
+        except _CORRUPT as err:
+            return self._discard(entry, f"unreadable {MANIFEST_FILE}: {err}")
         if manifest["backbone"] != fingerprint:
             raise CheckpointMismatchError(
                 f"feature cache at {entry} was made with backbone {manifest['backbone']}, this model is "
@@ -97,24 +123,42 @@ class FeatureCache:
         if stored != (dataset, split, transform):
             raise ConfigError(f"feature cache at {entry} holds dataset/split/transform {stored}, not "
                               f"{(dataset, split, transform)}: names that differ only in punctuation share a folder")
+        try:
+            return self._read_outputs(entry, manifest)
+        except (_CorruptEntry, *_CORRUPT) as err:
+            return self._discard(entry, f"{OUTPUTS_FILE}: {err}".splitlines()[0])
+
+    @staticmethod
+    def _read_outputs(entry: Path, manifest: dict) -> Outputs:
         data = torch.load(entry / OUTPUTS_FILE, map_location="cpu", weights_only=True)
-        return Outputs(logits=data["logits"], features=data["features"], layers=data["layers"], labels=data["labels"])
+        out = Outputs(logits=data["logits"], features=data["features"], layers=dict(data["layers"]),
+                      labels=data["labels"], extra=dict(data.get("extra") or {}))
+        shapes = {k: list(v.shape) for k, v in _tensors(out).items()}
+        if shapes != manifest.get("shapes"):
+            raise _CorruptEntry(f"tensor shapes {shapes} differ from the manifest's {manifest.get('shapes')}")
+        return out
+
+    @staticmethod
+    def _discard(entry: Path, reason: str) -> None:
+        """Remove a damaged entry (it is rebuilt by the caller's forward pass) and say so."""
+        log.warning("feature cache entry %s is corrupt (%s); removing it and extracting the features again",
+                    entry, reason)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
 
     def store(self, out: Outputs, fingerprint: str, dataset: str, split: str, transform: str, name: str = "") -> Path:
         """Write an entry (outputs first, manifest last) and return its folder."""
         entry = self.path(dataset, split, transform)
         entry.mkdir(parents=True, exist_ok=True)
-        tensors = {"logits": out.logits, "features": out.features,
-                   **({"labels": out.labels} if out.labels is not None else {}),
-                   **{f"layers/{k}": v for k, v in out.layers.items()}}
+        tensors = _tensors(out)
         manifest = {
             "backbone": fingerprint, "name": name, "dataset": dataset, "split": split, "transform": transform,
             "dtype": str(out.features.dtype).removeprefix("torch."), "n": len(out),
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _atomic_write(entry / OUTPUTS_FILE, lambda p: torch.save(_to_dict(out), p))
-        _atomic_write(entry / MANIFEST_FILE, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+        atomic_write(entry / OUTPUTS_FILE, lambda p: torch.save(_to_dict(out), p))
+        atomic_write_text(entry / MANIFEST_FILE, json.dumps(manifest, indent=2))
         return entry
 
     def get_or_extract(self, model: nn.Module, name: str, loader: DataLoader, preprocess: Callable[[Tensor], Tensor],

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ood_lightning.evaluation import metrics as M
+from ood_lightning.io import atomic_write, atomic_write_text
 from ood_lightning.scoring.api import Key, Results
 
 #: the metrics shown in the printed table (every metric goes to metrics.json)
@@ -52,7 +53,7 @@ def compute_metrics(results: Results, tpr: float = 0.95, groups: dict[str, str] 
 def write_metrics(run_dir: str | Path, metrics: dict, extra: dict | None = None) -> Path:
     """``metrics.json``: ``extra`` (run metadata, a method's report), then the metrics, which win a clash."""
     path = Path(run_dir) / "metrics.json"
-    path.write_text(json.dumps({**(extra or {}), **metrics}, indent=2))
+    atomic_write_text(path, json.dumps({**(extra or {}), **metrics}, indent=2))
     return path
 
 
@@ -67,7 +68,7 @@ def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: d
     arrays.update({f"preds/{split}": o.logits.argmax(1).numpy() for split, o in results.outputs.items()})
     arrays.update({f"preds/{key.label()}": v.numpy() for key, v in results.predictions.items()})
     arrays["labels/id_test"] = results.id_test_labels.numpy()
-    np.savez_compressed(run_dir / "scores.npz", **arrays)
+    atomic_write(run_dir / "scores.npz", lambda tmp: np.savez_compressed(tmp, **arrays))
     from ood_lightning.evaluation.plots import score_histograms
 
     untuned = {}

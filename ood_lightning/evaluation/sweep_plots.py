@@ -14,7 +14,8 @@ Only a run's own files are read, like :mod:`ood_lightning.evaluation.aggregate`:
 * AUROC / AUPR-in per detector and OOD set, and the seed: ``metrics.json``.
 
 Runs with the same x (different seeds) give one point: the mean, with the sample standard
-deviation as an error bar. Runs without metrics.json (failed or still running) are skipped.
+deviation as an error bar. Runs without usable results (a failed.json, a damaged or absent metrics.json)
+are skipped; the summary lists them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 from ood_lightning.errors import ConfigError  # noqa: E402
+from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, read_metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +114,9 @@ def collect_sweep(run_dir: str | Path, key: str) -> list[dict]:
     if not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} does not exist; pass the directory of a sweep (multirun)")
     records = []
-    for path in sorted(run_dir.rglob("metrics.json")):
-        run = path.parent
-        metrics = json.loads(path.read_text())
-        if "results" not in metrics:
+    for run in job_dirs(run_dir):  # failed, damaged and unfinished jobs are listed by write_summary
+        metrics = read_metrics(run)
+        if isinstance(metrics, JobIssue):
             continue
         val = last_epoch_values(run / "csv" / "metrics.csv")
         records.append({"run": str(run), "x": run_value(run, key), "seed": metrics.get("seed"),

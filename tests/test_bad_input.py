@@ -1,0 +1,133 @@
+"""Bad input, one row per case: the overrides (and any file corruption) and a fragment of the
+one-line message the user must get. Every row also asserts a non-zero exit and no traceback.
+
+Add a case with one ``Case(...)`` line in ``CASES``. ``entry`` is ``train`` or ``evaluate``
+(run in-process through ``run_safely``, as ``@hydra.main`` would) or ``cli:<script>`` (a fresh
+interpreter, for what happens before the task function, e.g. Hydra's own set-up).
+``prepare(tmp_path)`` writes or corrupts files and returns extra overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import traceback
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ood_lightning.assembly.cli import run_safely
+from ood_lightning.assembly.runs import train  # at import: Lightning's log handler binds to the session's stderr
+from tests.conftest import compose_cfg, run_script
+from tests.tiny_data import MNIST_FILES, write_mnist_raw, write_pack
+
+#: cheap settings every in-process row adds first (a row's own overrides come after and win)
+FAST = ["trainer=cpu", "debug=fast", "logger=none", "detectors=fast"]
+
+
+# -- file preparations (each returns the overrides that point the run at the files) ---------
+def _tiny_cifar(root: Path) -> list[str]:
+    """Two tiny CIFAR-10 packs and their SHA256SUMS, as in shared/data."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    sums = []
+    for split in ("train", "test"):
+        write_pack(root / f"cifar10-{split}.npz", rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
+                   np.arange(20) % 10, classes=[str(c) for c in range(10)])
+        sums.append(f"{hashlib.sha256((root / f'cifar10-{split}.npz').read_bytes()).hexdigest()}  cifar10-{split}.npz\n")
+    (root / "SHA256SUMS").write_text("".join(sums))
+    return [f"data.root={root}", "data.val_size=4"]
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def flip_member_byte(path: Path, member: str = "jpeg.npy") -> None:
+    """Flip one byte inside a stored zip member's data: the archive opens, its CRC-32 check fails."""
+    with zipfile.ZipFile(path) as z:
+        offset = z.getinfo(member).header_offset
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = (int.from_bytes(data[offset + i: offset + i + 2], "little") for i in (26, 28))
+    at = offset + 30 + name_len + extra_len + 200  # past the .npy header, inside the JPEG bytes
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def pack_damaged(name: str, damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    def prepare(tmp: Path) -> list[str]:
+        overrides = _tiny_cifar(tmp / "data")
+        damage(tmp / "data" / name)
+        return overrides
+    return prepare
+
+
+def mnist_damaged(name: str, damage: Callable[[Path], None]) -> Callable[[Path], list[str]]:
+    def prepare(tmp: Path) -> list[str]:
+        raw = write_mnist_raw(tmp / "data")
+        damage(raw / name)
+        return [f"data.root={tmp / 'data'}", "data.val_size=20"]
+    return prepare
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    overrides: list[str]
+    expect: str | list[str]
+    prepare: Callable[[Path], list[str]] | None = None
+    entry: str = "train"
+    marks: list = field(default_factory=list)
+
+
+CASES = [
+    Case("npz pack truncated", ["data=cifar10"], ["cifar10-train.npz is corrupt", "sha256sum -c SHA256SUMS"],
+         pack_damaged("cifar10-train.npz", truncate)),
+    Case("npz pack CRC-corrupt", ["data=cifar10"], ["cifar10-test.npz is corrupt", "CRC", "&& sha256sum -c SHA256SUMS"],
+         pack_damaged("cifar10-test.npz", flip_member_byte)),
+    Case("npz file that is not a pack", ["data=cifar10"], ["cifar10-train.npz is corrupt", "labels"],
+         pack_damaged("cifar10-train.npz", lambda p: np.savez(p, x=np.zeros(3)))),
+    Case("MNIST raw file truncated", ["data=mnist"], ["train-images-idx3-ubyte is corrupt", "truncated"],
+         mnist_damaged(MNIST_FILES["train"][0], truncate)),
+    Case("MNIST raw labels truncated", ["data=mnist"], ["t10k-labels-idx1-ubyte is corrupt"],
+         mnist_damaged(MNIST_FILES["test"][1], lambda p: truncate(p, 0.9))),
+]
+
+
+def _run_in_process(entry: str, overrides: list[str], out: Path, capsys) -> tuple[int | None, str]:
+    if entry == "train":
+        fn = train
+    else:
+        from evaluate import evaluate as fn
+    cfg = compose_cfg(entry, overrides, out)
+    capsys.readouterr()
+    code = 0
+    try:
+        run_safely(fn, cfg)
+    except SystemExit as exit_:
+        code = exit_.code
+    except Exception:  # what the user would see as a traceback
+        return 1, capsys.readouterr().err + traceback.format_exc()
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_gives_one_clear_line(case: Case, tmp_path, capsys):
+    overrides = [*FAST, f"paths.cache_dir={tmp_path / 'cache'}", *case.overrides]
+    if case.prepare is not None:
+        overrides += case.prepare(tmp_path)
+    if case.entry.startswith("cli:"):
+        res = run_script(case.entry.removeprefix("cli:"), *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+        code, err = res.returncode, res.stderr
+    else:
+        code, err = _run_in_process(case.entry, overrides, tmp_path / "run", capsys)
+    assert "Traceback" not in err, err[-3000:]
+    assert code != 0, err[-3000:]
+    for fragment in [case.expect] if isinstance(case.expect, str) else case.expect:
+        assert fragment in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]  # one line
