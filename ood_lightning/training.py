@@ -22,12 +22,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ood_lightning.checkpoints import OPT_IN, load_state_strict, read_checkpoint, to_project_layout
 from ood_lightning.config import to_dict
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.errors import CheckpointMismatchError, ConfigError, OODLightningError
+from ood_lightning.errors import ConfigError, InvalidCheckpointError, OODLightningError
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results_and_report
 from ood_lightning.nn.spectral import apply_spectral_norm
+from ood_lightning.pretrained import check_input_normalisation
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     """``cfg.backbone`` without its weights: ``backbone.spectral_coeff`` (not a constructor
     argument) bounds every conv/linear to operator norm <= c (Gouk et al.)."""
     spec = OmegaConf.to_container(cfg.backbone, resolve=True)
-    spec.pop("checkpoint", None)
+    for key in ("checkpoint", "input_mean", "input_std"):  # facts about the weights, not constructor arguments
+        spec.pop(key, None)
     spectral_coeff = spec.pop("spectral_coeff", None)
     backbone = instantiate(spec)
     if spectral_coeff is not None:
@@ -51,9 +54,10 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True):
     (``lambda_: ${lambda}``), so the config stays the only place for hyperparameters.
     """
     checkpoint = cfg.backbone.get("checkpoint")
+    check_input_normalisation(cfg.backbone, cfg.data)
     model = instantiate(cfg.method, backbone=build_backbone(cfg), num_classes=num_classes)
     if checkpoint and pretrained:
-        load_pretrained(model, checkpoint)
+        load_pretrained(model, checkpoint, allow_unsafe=bool(cfg.get(OPT_IN, False)))
     elif pretrained and not model.trains_backbone:
         choice = _choices().get("method", "posthoc")
         raise ConfigError(f"method={choice} is post-hoc (the backbone is not trained): pass "
@@ -62,47 +66,34 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True):
     return model
 
 
-def load_pretrained(model, path: str | Path) -> None:
+def load_pretrained(model, path: str | Path, allow_unsafe: bool = False) -> None:
     """Backbone (and classifier head, if present) weights from a ``method=classifier``
-    checkpoint, or a plain backbone ``state_dict`` file (e.g. converted ImageNet weights)."""
+    checkpoint, or a state_dict file in a third-party layout (``checkpoints.to_project_layout``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointMismatchError(f"backbone.checkpoint={path} does not exist; pass the .ckpt of a "
-                                      "method=classifier run (<run_dir>/checkpoints/last.ckpt) or a state_dict file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    has_prefix = any(k.startswith("backbone.") for k in state)
-    backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") or not has_prefix}
+    state = read_checkpoint(path, allow_unsafe, key="backbone.checkpoint", hint="pass the .ckpt of a method=classifier "
+                            "run (<run_dir>/checkpoints/last.ckpt) or a state_dict file")
+    state = to_project_layout(state, model.backbone.state_dict().keys(), source=str(path))
+    backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    _load_strict(model.backbone, backbone_state, path, "backbone")
+    load_state_strict(model.backbone, backbone_state, path, "backbone")
     if head_state and getattr(model, "loads_classifier_head", True):
-        _load_strict(model.head, head_state, path, "classifier head")
+        load_state_strict(model.head, head_state, path, "classifier head")
     elif not model.trains_backbone:
         log.warning("%s has no classifier head: logit-based detectors (MSP, ODIN, Energy) see an untrained head", path)
-
-
-def _load_strict(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines()
-        detail = "; ".join(line.strip() for line in lines[1:4])
-        raise CheckpointMismatchError(
-            f"{path} does not match the configured {what} ({detail}); pass the backbone/data it was trained "
-            "with (its config is in the run's .hydra/config.yaml)") from None
 
 
 def build_detectors(cfg: DictConfig) -> dict:
     return {name: instantiate(spec) for name, spec in (cfg.get("detectors") or {}).items() if spec is not None}
 
 
-def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
+def load_weights(model: torch.nn.Module, ckpt_path: str | Path, allow_unsafe: bool = False) -> None:
     """Load a Lightning checkpoint's weights; a mismatch names the differing keys and the fix."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    _load_strict(model, state["state_dict"], path, "model")
+    state = read_checkpoint(path, allow_unsafe, key="ckpt_path", hint="pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
+    if not isinstance(state.get("state_dict"), dict):
+        raise InvalidCheckpointError(f"not a valid checkpoint: {path} (no Lightning state_dict; pass "
+                                     "ckpt_path=<run_dir>/checkpoints/last.ckpt of a train.py run)")
+    load_state_strict(model, state["state_dict"], path, "model")
 
 
 def feature_cache(cfg: DictConfig, model) -> FeatureCache | None:
@@ -247,11 +238,11 @@ def train(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.log_hyperparams(to_dict(cfg))
     if cfg.get("ckpt_path"):
-        load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
+        load_weights(model, cfg.ckpt_path, bool(cfg.get(OPT_IN, False)))  # a clear error before Lightning's own
     apply_speedups(model, cfg, trainer.strategy.root_device)
     set_nan_check_every(model, cfg, trainer.strategy.root_device)
     if model.trains_backbone:
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not cfg.get(OPT_IN, False))
     # DDP: every rank scores its block of each split and the outputs are gathered before
     # detectors and metrics (evaluation.distributed); otherwise rank 0 scores everything
     distributed = distributed_world_size() > 1 and bool(cfg.evaluation.get("distributed", True))

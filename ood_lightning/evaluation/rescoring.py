@@ -9,23 +9,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ood_lightning.checkpoints import OPT_IN, read_checkpoint
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError
 from ood_lightning.evaluation.run import compute_metrics, print_results, score_everything, write_results_and_report
+from ood_lightning.pretrained import check_input_normalisation
 from ood_lightning.training import build_detectors, build_model, load_weights, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def stored_config(ckpt_path: str | Path) -> DictConfig:
+def stored_config(ckpt_path: str | Path, allow_unsafe: bool = False) -> DictConfig:
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, allow_unsafe, key="ckpt_path", hint="pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
     if "ood_lightning_config" not in ckpt:
         raise CheckpointMismatchError(f"checkpoint {path} has no stored ood-lightning config; was it written by train.py?")
     return OmegaConf.create(ckpt["ood_lightning_config"])
@@ -33,13 +32,15 @@ def stored_config(ckpt_path: str | Path) -> DictConfig:
 
 def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
-    trained = stored_config(cfg.ckpt_path)
+    allow_unsafe = bool(cfg.get(OPT_IN, False))
+    trained = stored_config(cfg.ckpt_path, allow_unsafe)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood
+    check_input_normalisation(trained.backbone, data)  # e.g. data=cifar10 for weights trained otherwise
     dm = OODDataModule(data, ood)
     dm.setup("test")
     model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
-    load_weights(model, cfg.ckpt_path)
+    load_weights(model, cfg.ckpt_path, allow_unsafe)
     ev = score_everything(model, dm, build_detectors(cfg), resolve_device(cfg.evaluation.device),
                           cfg.evaluation.fit_limit)
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
