@@ -43,6 +43,8 @@ SHOWN_KEYS = 5
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _OPERAND = re.compile(r"Unsupported operand (\d+)")
+_SIZE = re.compile(r"size mismatch for ([^:\s]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                   r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
 
 
 def read_checkpoint(path: str | Path, allow_unsafe: bool = False, *, key: str = "checkpoint", hint: str = "") -> dict:
@@ -139,15 +141,16 @@ def load_state_strict(module: torch.nn.Module, state: Mapping, path: str | Path,
                                  ".hydra/config.yaml)") -> None:
     """``module.load_state_dict(state)`` where every key must match; otherwise one line with the
     counts and the first few missing, unexpected and size-mismatched keys, then ``fix``."""
-    own = module.state_dict()
-    sizes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-             if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if sizes:  # load_state_dict would raise with every key; count them here instead
+    try:  # torch's own loading: it fills num_batches_tracked absent from old files, sizes lazy buffers
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # size mismatches; torch lists every key, so count and show a few
+        own = module.state_dict()
         missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in own]
+        sizes = [f"{k}: file [{a}] vs model [{b}]" for k, a, b in _SIZE.findall(str(err))]
+        sizes = sizes or [str(err).strip().splitlines()[-1].strip()[:200]]
     else:
-        result = module.load_state_dict(state, strict=False)  # fills num_batches_tracked absent from old files
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        missing, unexpected, sizes = list(result.missing_keys), list(result.unexpected_keys), []
         if not missing and not unexpected:
             return
     parts = []
@@ -156,8 +159,7 @@ def load_state_strict(module: torch.nn.Module, state: Mapping, path: str | Path,
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected key{'s' * (len(unexpected) > 1)} ({_first(unexpected)})")
     if sizes:
-        shown = [f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in sizes]
-        parts.append(f"{len(sizes)} size mismatch{'es' * (len(sizes) > 1)} ({_first(shown)})")
+        parts.append(f"{len(sizes)} size mismatch{'es' * (len(sizes) > 1)} ({_first(sizes)})")
     raise CheckpointMismatchError(f"{path} does not match the configured {what}: {'; '.join(parts)}; {fix}")
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.errors import ConfigError
+from ood_lightning.errors import CheckpointNotFoundError, ConfigError
 from ood_lightning.nn.backbones import CifarResNet
 from ood_lightning.pretrained import models_root
 from ood_lightning.training import build_backbone, build_model
@@ -118,6 +118,17 @@ def test_pretrained_preset_refuses_another_normalisation(override: list[str]) ->
     with pytest.raises(ConfigError, match=r"trained on inputs normalised with mean \[0.485,0.456,0.406\].*"
                                           r"pass data.mean=\[0.485,0.456,0.406\] data.std=\[0.229,0.224,0.225\]"):
         build_model(cfg, 10)
+
+
+def test_preset_without_the_weights_says_where_it_looked_and_where_to_get_them(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OOD_LIGHTNING_MODELS", str(tmp_path / "models"))
+    cfg = compose_cfg("train", ["data=cifar10", "backbone=cifar_resnet56_pretrained", "method=posthoc"], tmp_path)
+    with pytest.raises(CheckpointNotFoundError) as err:
+        build_model(cfg, 10)
+    text = str(err.value)
+    assert f"looked for {tmp_path}/models/cifar10-resnet-he2016/resnet56-4bfd9763.th" in text
+    assert f"the models root is {tmp_path}/models ($OOD_LIGHTNING_MODELS" in text
+    assert "akamaster/pytorch_resnet_cifar10" in text and "\n" not in text
 
 
 def test_rescoring_a_preset_checkpoint_with_cifar_normalisation_is_refused(tmp_path) -> None:
