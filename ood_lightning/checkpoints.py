@@ -99,7 +99,7 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, OSError):  # e.g. a seek past the end of a truncated zip archive
         return f"truncated or corrupt: {err.strerror or err}"
     first = re.split(r"\.\s|\n", text.strip(), maxsplit=1)[0].rstrip(".") if text.strip() else ""
-    return first if isinstance(err, RuntimeError) and first else f"unreadable: {type(err).__name__} {first}".strip()
+    return first if isinstance(err, RuntimeError) and first else f"not a torch.save file: {type(err).__name__} {first}".strip()
 
 
 def to_project_layout(state: Mapping, backbone_keys: Collection[str] = (), source: str = "state") -> dict:
