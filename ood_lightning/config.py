@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ood_lightning.data.registry import default_data_root
+from ood_lightning.pretrained import models_root
 
 
 def _epochs_at(max_epochs: int, fractions) -> ListConfig:
@@ -15,9 +16,11 @@ def _epochs_at(max_epochs: int, fractions) -> ListConfig:
 
 
 def register_resolvers() -> None:
-    """Idempotent: ``${ood_data_root:}`` and ``${epochs_at:max_epochs,[fractions]}``."""
+    """Idempotent: ``${ood_data_root:}``, ``${ood_models_root:}`` and ``${epochs_at:max_epochs,[fractions]}``."""
     if not OmegaConf.has_resolver("ood_data_root"):
         OmegaConf.register_new_resolver("ood_data_root", default_data_root)
+    if not OmegaConf.has_resolver("ood_models_root"):
+        OmegaConf.register_new_resolver("ood_models_root", models_root)
     if not OmegaConf.has_resolver("epochs_at"):
         OmegaConf.register_new_resolver("epochs_at", _epochs_at)
 

@@ -33,3 +33,15 @@ class CheckpointMismatchError(OODLightningError):
 
 class NonFiniteLossError(OODLightningError, FloatingPointError):
     pass
+
+
+class CheckpointNotFoundError(OODLightningError, FileNotFoundError):
+    pass
+
+
+class InvalidCheckpointError(OODLightningError):
+    """Truncated, corrupt or not a checkpoint at all: "not a valid checkpoint: <path> (<reason>)"."""
+
+
+class UnsafeCheckpointError(OODLightningError):
+    """The file holds objects that only full unpickling (which can run code) would rebuild."""

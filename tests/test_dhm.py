@@ -70,7 +70,7 @@ def test_every_bounded_layer_has_spectral_norm_at_most_c(dhm_run):
     from ood_lightning.assembly.build import build_model
 
     model = build_model(cfg, num_classes=2)
-    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     model.eval()
     layers = [m for m in model.backbone.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]

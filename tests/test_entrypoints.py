@@ -249,7 +249,7 @@ def test_demo_config_on_real_mnist_split(tmp_path):
     assert metrics["accuracy"] > 0.8
     assert set(metrics["results"]["msp"]) == {"heldout", "gaussian", "uniform", "rademacher", "blobs", "mean_far"}
     assert metrics["results"]["mahalanobis"]["gaussian"]["auroc"] > 0.9
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["ood_lightning_config"]["data"]["name"] == "mnist"
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["ood_lightning_config"]["data"]["name"] == "mnist"
 
 
 def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):

@@ -240,7 +240,7 @@ def test_tiny_run_writes_f1_and_auroc_for_vmdls_and_vmdls_b(tmp_path):
     assert len(scores["vmdls/id_test"]) == 256 and np.isfinite(scores["vmdls/diagonal"]).all()
     rows = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/kl" in rows and "train/reconstruction" in rows
-    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert bool(state["head.seen"].all()) and any(k.startswith("autoencoder.") for k in state)
 
 

@@ -14,12 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ood_lightning.analysis.ood_monitor import OODMonitor
+from ood_lightning.checkpoints import OPT_IN, load_state_strict, read_checkpoint, to_project_layout
 from ood_lightning.config import to_dict
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.errors import CheckpointMismatchError, ConfigError
+from ood_lightning.errors import CheckpointMismatchError, ConfigError, InvalidCheckpointError
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.spectral import apply_spectral_norm
+from ood_lightning.pretrained import check_input_normalisation
 from ood_lightning.scoring.api import Scorer
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,8 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     """``cfg.backbone`` without its weights: ``backbone.spectral_coeff`` (not a constructor
     argument) bounds every conv/linear to operator norm <= c (Gouk et al.)."""
     spec = OmegaConf.to_container(cfg.backbone, resolve=True)
-    spec.pop("checkpoint", None)
+    for key in ("checkpoint", "input_mean", "input_std"):  # facts about the weights, not constructor arguments
+        spec.pop(key, None)
     spectral_coeff = spec.pop("spectral_coeff", None)
     backbone = instantiate(spec)
     if spectral_coeff is not None:
@@ -53,9 +56,10 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> O
     """Backbone + method from the config (the method gets the backbone and class count);
     ``pretrained`` loads ``backbone.checkpoint`` when it is set."""
     checkpoint = cfg.backbone.get("checkpoint")
+    check_input_normalisation(cfg.backbone, cfg.data)
     model = instantiate(cfg.method, backbone=build_backbone(cfg), num_classes=num_classes)
     if checkpoint and pretrained:
-        load_pretrained(model, checkpoint)
+        load_pretrained(model, checkpoint, allow_unsafe=bool(cfg.get(OPT_IN, False)))
     elif pretrained and not model.trains_backbone:
         choice = choices().get("method", "posthoc")
         raise ConfigError(f"method={choice} is post-hoc (the backbone is not trained): pass "
@@ -104,52 +108,37 @@ def feature_cache(cfg: DictConfig, model: OODMethod) -> FeatureCache | None:
     return FeatureCache(Path(cfg.paths.cache_dir) / "features" / f"{path.parent.parent.name}-{path.stem}-{tag}")
 
 
-# -- checkpoints ------------------------------------------------------------------------------
-def load_pretrained(model: OODMethod, path: str | Path) -> None:
+# -- checkpoints (every read goes through ood_lightning.checkpoints: weights_only) ----------------
+def load_pretrained(model: OODMethod, path: str | Path, allow_unsafe: bool = False) -> None:
     """Backbone (and classifier head, if present) weights from a ``method=classifier``
-    checkpoint, or a plain backbone ``state_dict`` file (e.g. converted ImageNet weights)."""
+    checkpoint, or a state_dict file in a third-party layout (``checkpoints.to_project_layout``)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointMismatchError(f"backbone.checkpoint={path} does not exist; pass the .ckpt of a "
-                                      "method=classifier run (<run_dir>/checkpoints/last.ckpt) or a state_dict file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    has_prefix = any(k.startswith("backbone.") for k in state)
-    backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.") or not has_prefix}
+    state = read_checkpoint(path, allow_unsafe, key="backbone.checkpoint", hint="pass the .ckpt of a method=classifier "
+                            "run (<run_dir>/checkpoints/last.ckpt) or a state_dict file")
+    state = to_project_layout(state, model.backbone.state_dict().keys(), source=str(path))
+    backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    _load_strict(model.backbone, backbone_state, path, "backbone")
+    load_state_strict(model.backbone, backbone_state, path, "backbone")
     if head_state and model.loads_classifier_head:
-        _load_strict(model.head, head_state, path, "classifier head")
+        load_state_strict(model.head, head_state, path, "classifier head")
     elif not model.trains_backbone:
         log.warning("%s has no classifier head: logit-based detectors (MSP, ODIN, Energy) see an untrained head", path)
 
 
-def _load_strict(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        lines = str(err).strip().splitlines()
-        detail = "; ".join(line.strip() for line in lines[1:4])
-        raise CheckpointMismatchError(
-            f"{path} does not match the configured {what} ({detail}); pass the backbone/data it was trained "
-            "with (its config is in the run's .hydra/config.yaml)") from None
-
-
-def load_weights(model: torch.nn.Module, ckpt_path: str | Path) -> None:
+def load_weights(model: torch.nn.Module, ckpt_path: str | Path, allow_unsafe: bool = False) -> None:
     """Load a Lightning checkpoint's weights; a mismatch names the differing keys and the fix."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    _load_strict(model, state["state_dict"], path, "model")
+    state = read_checkpoint(path, allow_unsafe, key="ckpt_path", hint="pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
+    if not isinstance(state.get("state_dict"), dict):
+        raise InvalidCheckpointError(f"not a valid checkpoint: {path} (no Lightning state_dict; pass "
+                                     "ckpt_path=<run_dir>/checkpoints/last.ckpt of a train.py run)")
+    load_state_strict(model, state["state_dict"], path, "model")
 
 
-def stored_config(ckpt_path: str | Path) -> DictConfig:
+def stored_config(ckpt_path: str | Path, allow_unsafe: bool = False) -> DictConfig:
     """The resolved config a ``train.py`` checkpoint was trained with."""
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise CheckpointMismatchError(f"checkpoint {path} does not exist; pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, allow_unsafe, key="ckpt_path", hint="pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
     if "ood_lightning_config" not in ckpt:
         raise CheckpointMismatchError(f"checkpoint {path} has no stored ood-lightning config; was it written by train.py?")
     return OmegaConf.create(ckpt["ood_lightning_config"])

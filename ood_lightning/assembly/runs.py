@@ -30,11 +30,13 @@ from ood_lightning.assembly.runtime import (
     set_nan_check_every,
     share_rank_zero_state,
 )
+from ood_lightning.checkpoints import OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.results import compute_metrics, print_results, write_metrics, write_results
 from ood_lightning.evaluation.run_dir import clear_stale_results
 from ood_lightning.methods.base import OODMethod
+from ood_lightning.pretrained import check_input_normalisation
 from ood_lightning.scoring.loop import score_all
 from ood_lightning.scoring.ranks import SINGLE, Ranks
 
@@ -72,12 +74,13 @@ def train(cfg: DictConfig) -> dict:
     model = build_model(cfg, dm.num_classes)
     connect(dm, model)
     trainer, loggers = build_trainer(cfg, model, dm)
+    allow_unsafe = bool(cfg.get(OPT_IN, False))
     if cfg.get("ckpt_path"):
-        load_weights(model, cfg.ckpt_path)  # a clear mismatch error before Lightning's own
+        load_weights(model, cfg.ckpt_path, allow_unsafe)  # a clear error before Lightning's own
     apply_speedups(model, cfg, trainer.strategy.root_device)
     set_nan_check_every(model, cfg, trainer.strategy.root_device)
     if model.trains_backbone:
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not allow_unsafe)
     # DDP: every rank scores its block of each split and the outputs are gathered before
     # scorers and metrics (evaluation.distributed); otherwise rank 0 scores everything
     ranks = Ranks.of_process_group(bool(cfg.evaluation.get("distributed", True)))
@@ -103,14 +106,16 @@ def train(cfg: DictConfig) -> dict:
 def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
-    trained = stored_config(cfg.ckpt_path)
+    allow_unsafe = bool(cfg.get(OPT_IN, False))
+    trained = stored_config(cfg.ckpt_path, allow_unsafe)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood
+    check_input_normalisation(trained.backbone, data)  # e.g. data=cifar10 for weights trained otherwise
     dm = OODDataModule(data, ood)
     dm.setup("test")
     model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
     connect(dm, model)
-    load_weights(model, cfg.ckpt_path)
+    load_weights(model, cfg.ckpt_path, allow_unsafe)
     meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name}
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     return score_and_write(model, dm, cfg, out_dir, meta, resolve_device(cfg.evaluation.device))

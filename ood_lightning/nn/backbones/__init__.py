@@ -9,6 +9,14 @@ Every backbone subclasses :class:`~ood_lightning.nn.backbones.base.Backbone`. Co
 from __future__ import annotations
 
 from ood_lightning.nn.backbones.base import Backbone
+from ood_lightning.nn.backbones.cifar_resnet import (
+    CifarResNet,
+    cifar_resnet20,
+    cifar_resnet32,
+    cifar_resnet44,
+    cifar_resnet56,
+    cifar_resnet110,
+)
 from ood_lightning.nn.backbones.densenet import DenseNetBC, densenet100
 from ood_lightning.nn.backbones.residual_mlp import ResidualMLP
 from ood_lightning.nn.backbones.resnet import ResNet, resnet18, resnet34
@@ -17,11 +25,17 @@ from ood_lightning.nn.backbones.wide_resnet import WideResNet
 
 __all__ = [
     "Backbone",
+    "CifarResNet",
     "DenseNetBC",
     "ResNet",
     "ResidualMLP",
     "SmallCNN",
     "WideResNet",
+    "cifar_resnet20",
+    "cifar_resnet32",
+    "cifar_resnet44",
+    "cifar_resnet56",
+    "cifar_resnet110",
     "densenet100",
     "resnet18",
     "resnet34",

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from ood_lightning.checkpoints import read_checkpoint
 from ood_lightning.errors import ConfigError, DatasetNotFoundError
 from ood_lightning.nn.backbones.base import Backbone
 
@@ -42,7 +43,7 @@ class TorchvisionBackbone(Backbone):
                     f"{arch} weights not found at {path}: save torchvision's ImageNet state_dict there on an online "
                     f"machine (torch.save(torchvision.models.{arch}(weights='DEFAULT').state_dict(), '{path}')) "
                     "or pass backbone.weights_path=<file>")
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            model.load_state_dict(read_checkpoint(path, key="backbone.weights_path"))
         self.pretrained_head = model.fc if arch == "resnet50" else model.head
         if arch == "resnet50":
             model.fc = nn.Identity()

@@ -1,0 +1,162 @@
+"""The CIFAR ResNets of He et al. (2016, §4.2): parameter counts (Table 6 and a closed form), the
+option-A shortcut built by hand, the feature contract, and the published weights' accuracy
+through the framework's own data path with the pretrained preset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ood_lightning.assembly.build import build_backbone, build_model
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.errors import CheckpointNotFoundError, ConfigError
+from ood_lightning.nn.backbones import CifarResNet
+from ood_lightning.pretrained import models_root
+from tests.conftest import compose_cfg, needs_shared
+
+#: He et al. (2016) Table 6: parameters of the 10-class models (with their classifier)
+TABLE6 = {20: 0.27e6, 32: 0.46e6, 44: 0.66e6, 56: 0.85e6, 110: 1.7e6}
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+CIFAR = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616])
+MODELS = Path(models_root()) / "cifar10-resnet-he2016"
+
+
+def _backbone(depth: int, *overrides: str) -> nn.Module:
+    return build_backbone(compose_cfg("train", [f"backbone=cifar_resnet{depth}", "data=cifar10", *overrides], "/tmp/unused"))
+
+
+def _closed_form(depth: int, classes: int = 10) -> int:
+    """Count by hand: 3x3 convs without bias, BN (2 per channel), parameter-free shortcuts, linear head."""
+    n = (depth - 2) // 6
+    total = 3 * 16 * 9 + 2 * 16  # stem conv + BN
+    c_in = 16
+    for c in (16, 32, 64):
+        for i in range(n):
+            first = c_in if i == 0 else c
+            total += first * c * 9 + c * c * 9 + 2 * (2 * c)
+        c_in = c
+    return total + 64 * classes + classes
+
+
+@pytest.mark.parametrize("depth", sorted(TABLE6))
+def test_parameter_count_matches_table6_and_the_closed_form(depth: int) -> None:
+    with torch.device("meta"):
+        model = _backbone(depth)
+    params = sum(p.numel() for p in model.parameters()) + model.feature_dim * 10 + 10
+    assert params == _closed_form(depth)
+    assert round(params / 1e6, 2 if depth < 100 else 1) == pytest.approx(TABLE6[depth] / 1e6)
+    assert model.depth == depth
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == depth - 1  # + the linear head = 6n+2 weighted layers; no 1x1 projection convs
+    assert all(c.bias is None for c in convs)
+
+
+def test_features_contract_counts_no_stage_twice() -> None:
+    torch.manual_seed(0)
+    model = _backbone(20).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        stage3 = model.layer3(model.layer2(model.layer1(torch.relu(model.bn1(model.conv1(x))))))
+    assert list(feats) == ["block1", "block2", "penultimate"]
+    assert feats["block1"].shape == (3, 16, 32, 32) and feats["block2"].shape == (3, 32, 16, 16)
+    assert feats["penultimate"].shape == (3, 64) and model.feature_dim == 64
+    torch.testing.assert_close(feats["penultimate"], stage3.mean(dim=(2, 3)))
+    torch.testing.assert_close(model(x), feats["penultimate"])
+    # every other entry is a different stage: its pooled value is not the features again
+    for name in ("block1", "block2"):
+        pooled = feats[name].mean(dim=(2, 3))
+        assert pooled.shape != feats["penultimate"].shape or not torch.allclose(pooled, feats["penultimate"])
+
+
+def test_option_a_shortcut_subsamples_and_pads_zero_channels_on_both_sides() -> None:
+    """With the residual branch silenced (last BN scale and shift 0), a stage-2 entry block is
+    relu(shortcut(x)); the expected tensor is built by hand: x's 16 channels at every second
+    pixel, in channels 8..23 of 32, zeros elsewhere."""
+    block = CifarResNet(depth=20).layer2[0]
+    nn.init.zeros_(block.bn2.weight)
+    nn.init.zeros_(block.bn2.bias)
+    x = torch.rand(2, 16, 32, 32) - 0.3
+    expected = torch.zeros(2, 32, 16, 16)
+    for i in range(16):
+        for j in range(16):
+            expected[:, 8:24, i, j] = x[:, :, 2 * i, 2 * j]
+    with torch.no_grad():
+        out = block.eval()(x)
+    torch.testing.assert_close(out, expected.clamp(min=0))
+    assert sum(p.numel() for p in block.parameters()) == 16 * 32 * 9 + 32 * 32 * 9 + 4 * 32  # the shortcut adds none
+
+
+@pytest.mark.parametrize("depth", [21, 2, 0])
+def test_depth_not_6n_plus_2_is_a_config_error(depth: int) -> None:
+    with pytest.raises(ConfigError, match="6n\\+2"):
+        CifarResNet(depth=depth)
+
+
+def test_pretrained_preset_sets_the_weights_normalisation_in_any_order() -> None:
+    for order in (["data=cifar10", "backbone=cifar_resnet56_pretrained"], ["backbone=cifar_resnet56_pretrained", "data=cifar10"]):
+        cfg = compose_cfg("train", [*order, "method=posthoc"], "/tmp/unused")
+        assert (list(cfg.data.mean), list(cfg.data.std)) == IMAGENET
+        assert cfg.backbone.checkpoint == f"{models_root()}/cifar10-resnet-he2016/resnet56-4bfd9763.th"
+    cfg = compose_cfg("train", ["data=cifar10", "backbone=cifar_resnet20_pretrained"], "/tmp/unused")
+    assert cfg.backbone.checkpoint.endswith("cifar10-resnet-he2016/resnet20-12fca82f.th")
+    assert (list(cfg.data.mean), list(cfg.data.std)) == IMAGENET
+
+
+@pytest.mark.parametrize("override", [
+    [f"data.mean=[{','.join(map(str, CIFAR[0]))}]", f"data.std=[{','.join(map(str, CIFAR[1]))}]"],
+    ["data.mean=null", "data.std=null"],
+    ["data.std=[0.229,0.224,0.3]"],
+])
+def test_pretrained_preset_refuses_another_normalisation(override: list[str]) -> None:
+    """No data or weights are read: the check runs before the model is built."""
+    cfg = compose_cfg("train", ["data=cifar10", "backbone=cifar_resnet20_pretrained", "method=posthoc", *override],
+                      "/tmp/unused")
+    with pytest.raises(ConfigError, match=r"trained on inputs normalised with mean \[0.485,0.456,0.406\].*"
+                                          r"pass data.mean=\[0.485,0.456,0.406\] data.std=\[0.229,0.224,0.225\]"):
+        build_model(cfg, 10)
+
+
+def test_preset_without_the_weights_says_where_it_looked_and_where_to_get_them(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("OOD_LIGHTNING_MODELS", str(tmp_path / "models"))
+    cfg = compose_cfg("train", ["data=cifar10", "backbone=cifar_resnet56_pretrained", "method=posthoc"], tmp_path)
+    with pytest.raises(CheckpointNotFoundError) as err:
+        build_model(cfg, 10)
+    text = str(err.value)
+    assert f"looked for {tmp_path}/models/cifar10-resnet-he2016/resnet56-4bfd9763.th" in text
+    assert f"the models root is {tmp_path}/models ($OOD_LIGHTNING_MODELS" in text
+    assert "akamaster/pytorch_resnet_cifar10" in text and "\n" not in text
+
+
+def test_rescoring_a_preset_checkpoint_with_cifar_normalisation_is_refused(tmp_path) -> None:
+    """evaluate.py ckpt_path=... data=cifar10 would bring CIFAR's mean/std back: refused before any data is read."""
+    from ood_lightning.assembly.runs import rescore
+    from ood_lightning.config import to_dict
+
+    trained = compose_cfg("train", ["data=cifar10", "backbone=cifar_resnet20_pretrained"], tmp_path / "train")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "ood_lightning_config": to_dict(trained)}, ckpt)
+    cfg = compose_cfg("evaluate", [f"ckpt_path={ckpt}", "data=cifar10"], tmp_path / "eval")
+    with pytest.raises(ConfigError, match="trained on inputs normalised with mean"):
+        rescore(cfg)
+
+
+@needs_shared("cifar10-test.npz", "cifar10-train.npz")
+@pytest.mark.skipif(not (MODELS / "resnet20-12fca82f.th").is_file(),
+                    reason=f"pretrained ResNet-20 not found under {MODELS} (set OOD_LIGHTNING_MODELS to a folder with "
+                           "shared/models' files)")
+def test_published_resnet20_through_the_preset_is_accurate_on_the_offline_pack(tmp_path) -> None:
+    """~0.762 on the first 2,000 JPEG test images (He et al. publish 0.9173 on the lossless ones);
+    a wrong architecture or key mapping gives about chance (0.1), wrong normalisation ~0.746."""
+    cfg = compose_cfg("train", ["data=cifar10", "backbone=cifar_resnet20_pretrained", "method=posthoc", "ood=none"],
+                      tmp_path)
+    dm = OODDataModule(cfg.data, cfg.ood)
+    dm.setup("test")
+    model = build_model(cfg, dm.num_classes).eval()
+    images, labels = dm.test_set.images[:2000], dm.test_set.labels[:2000]
+    with torch.inference_mode():
+        preds = torch.cat([model(dm.preprocess(images[i:i + 500])).argmax(1) for i in range(0, 2000, 500)])
+    assert (preds == labels).float().mean().item() >= 0.72
