@@ -54,6 +54,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
         return None
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups)
+    meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()}}
     write_results(out_dir, results, metrics, extra=meta)
     report = model.report(out_dir, results, dm, device)
     if report:

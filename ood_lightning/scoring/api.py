@@ -152,6 +152,8 @@ class Results:
     has_classifier: bool = True
     #: every split's outputs of the one forward pass (for a method's report, e.g. a VAE's)
     outputs: dict[str, Outputs] = field(default_factory=dict, repr=False)
+    #: wall seconds per stage: ``features/<split>``, ``fit/<scorer>``, ``score/<scorer>``
+    timings: dict[str, float] = field(default_factory=dict)
 
     def scorers(self) -> list[str]:
         return list(dict.fromkeys(k.scorer for k in self.scores))

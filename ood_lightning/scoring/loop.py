@@ -9,6 +9,7 @@ except through the attributes :class:`~ood_lightning.scoring.api.Scorer` declare
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from functools import partial
 
@@ -90,17 +91,29 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
 
     scores: dict[Key, Tensor] = {}
     predictions: dict[Key, Tensor] = {}
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        return out
+
     with _progress(ranks) as progress:
         if any(s.needs_fit for s in scorers.values()):
-            data = FitData(train=outputs_of("id_train", dm.fit_dataloader(fit_limit), progress, fit_limit, fit_augmented),
-                           val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
-            for scorer in scorers.values():
-                scorer.fit(model, data)
-            del data
-        outs = {split: outputs_of(split, loader, progress) for split, loader in loaders.items()}
+            train = timed("features/id_train", outputs_of, "id_train", dm.fit_dataloader(fit_limit), progress,
+                          fit_limit, fit_augmented)
+            log.info("fitting %d scorers on %d ID training inputs%s", sum(s.needs_fit for s in scorers.values()),
+                     len(train), " (augmented)" if fit_augmented else "")
+            data = FitData(train=train, val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
+            for name, scorer in scorers.items():
+                timed(f"fit/{name}", scorer.fit, model, data)
+            del data, train
+        outs = {split: timed(f"features/{split}", outputs_of, split, loader, progress) for split, loader in loaders.items()}
         for name, scorer in scorers.items():
             if scorer.tunes_on_ood:
                 continue
+            start = time.perf_counter()
             for split, loader in loaders.items():
                 if scorer.per_batch:
                     value = score_batches(scorer, model, loader, preprocess, device, progress, f"{name}: {split}", ranks)
@@ -109,11 +122,12 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                 key = Key(name, split)
                 scores[key] = value.detach().float().cpu()
                 predictions[key] = _predictions(scorer, model, outs[split])
+            timings[f"score/{name}"] = time.perf_counter() - start
     for name, scorer in scorers.items():
         if scorer.tunes_on_ood:
-            _score_tuned_on_ood(name, scorer, model, outs, scores, predictions)
+            timed(f"fit+score/{name}", _score_tuned_on_ood, name, scorer, model, outs, scores, predictions)
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
-                   has_classifier=model.has_classifier, outputs=outs)
+                   has_classifier=model.has_classifier, outputs=outs, timings=timings)
 
 
 def _predictions(scorer: Scorer, model, outputs: Outputs) -> Tensor:
