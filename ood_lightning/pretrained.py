@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ood_lightning.data.registry import shared_root
 from ood_lightning.errors import ConfigError
 
 #: folder under the models root -> where its files come from (said when one is missing)
@@ -21,14 +22,7 @@ SOURCES = {
 def models_root() -> str:
     """``$OOD_LIGHTNING_MODELS``, else the project's sibling ``shared/models``, else ``./models``
     (as ``data.registry.default_data_root`` finds the data)."""
-    env = os.environ.get("OOD_LIGHTNING_MODELS")
-    if env:
-        return env
-    project = Path(__file__).resolve().parents[1]
-    for candidate in (project.parent / "shared" / "models", Path.cwd().parent / "shared" / "models"):
-        if candidate.is_dir():
-            return str(candidate)
-    return str(project / "models")
+    return shared_root("OOD_LIGHTNING_MODELS", "models")
 
 
 def where_to_get(path: str | os.PathLike) -> str:

@@ -222,11 +222,17 @@ def select_classes(data: ArrayData, classes: list[int], relabel: bool) -> ArrayD
 
 def default_data_root() -> str:
     """``$OOD_LIGHTNING_DATA``, else the project's sibling ``shared/data``, else ``./data``."""
-    env = os.environ.get("OOD_LIGHTNING_DATA")
+    return shared_root("OOD_LIGHTNING_DATA", "data")
+
+
+def shared_root(env_var: str, name: str) -> str:
+    """``$<env_var>``, else ``shared/<name>`` beside the project (or the working directory), else
+    ``<project>/<name>``: where offline data and models are found."""
+    env = os.environ.get(env_var)
     if env:
         return env
     project = Path(__file__).resolve().parents[2]
-    for candidate in (project.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+    for candidate in (project.parent / "shared" / name, Path.cwd().parent / "shared" / name):
         if candidate.is_dir():
             return str(candidate)
-    return str(project / "data")
+    return str(project / name)

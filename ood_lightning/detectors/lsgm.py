@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ood_lightning.errors import ConfigError
-from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, pool
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, layer_selection, pool
 
 PENULTIMATE = "penultimate"
 #: elements of one [chunk, k_i, k_{i+1}] block when a transition step falls back to logsumexp
@@ -223,12 +223,7 @@ class LSGM(Scorer):
         seed: int = 0,
         mixture_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(layers, str):
-            self.layers: str | tuple[str, ...] = "all" if layers == "all" else (layers,)
-        else:
-            self.layers = tuple(str(n) for n in layers)
-            if not self.layers:
-                raise ConfigError("detectors.<name>: LSGM needs at least one layer")
+        self.layers = layer_selection(layers, "detectors.<name>.layers")
         if n_components != "auto" and (isinstance(n_components, str) or int(n_components) < 1):
             raise ConfigError(f"detectors.<name>: LSGM n_components must be a positive int or 'auto', got {n_components!r}")
         checks = {"mixture": (mixture, ("dirichlet", "gmm")), "covariance_type": (covariance_type, ("full", "diag")),

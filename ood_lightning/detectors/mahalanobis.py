@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ood_lightning.errors import ConfigError
-from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, pool
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, layer_selection, pool
 
 PENULTIMATE = "penultimate"
 
@@ -63,12 +63,7 @@ class Mahalanobis(Scorer):
             raise ConfigError(f"detectors.<name>.epsilon: Mahalanobis epsilon must be >= 0, got {epsilon}")
         if not 0.0 <= shrinkage <= 1.0:
             raise ConfigError(f"detectors.<name>.shrinkage: Mahalanobis shrinkage must be in [0, 1], got {shrinkage}")
-        if isinstance(layers, str):
-            self.layers: str | tuple[str, ...] = "all" if layers == "all" else (layers,)
-        else:
-            self.layers = tuple(str(n) for n in layers)
-            if not self.layers:
-                raise ConfigError("detectors.<name>.layers: Mahalanobis needs at least one layer (or layers: all)")
+        self.layers = layer_selection(layers, "detectors.<name>.layers")
         self.epsilon = float(epsilon)
         self.layer_weights = layer_weights
         self.shrinkage = float(shrinkage)

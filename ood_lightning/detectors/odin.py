@@ -27,12 +27,11 @@ class ODIN(Scorer):
     needs_fit = False
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
-        if temperature <= 0:
-            raise ConfigError(f"detectors.odin.temperature must be > 0, got {temperature}")
-        if epsilon < 0:
-            raise ConfigError(f"detectors.odin.epsilon must be >= 0, got {epsilon}")
-        self.temperature = float(temperature)
-        self.epsilon = float(epsilon)
+        for key, value, ok, rule in (("temperature", temperature, temperature > 0, "> 0"),
+                                     ("epsilon", epsilon, epsilon >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"detectors.odin.{key} must be {rule}, got {value}")
+        self.temperature, self.epsilon = float(temperature), float(epsilon)
 
     @property
     def per_batch(self) -> bool:  # type: ignore[override]

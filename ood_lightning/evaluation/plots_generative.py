@@ -38,12 +38,7 @@ def save_image_panels(panels: Mapping[str, torch.Tensor], path: str | Path, nrow
         ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 #: the ELBO components shown, with their axis titles
@@ -64,12 +59,7 @@ def elbo_component_histograms(components: Mapping[str, Mapping[str, np.ndarray]]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         hist_panel(ax, {split: c[name] for split, c in components.items()}, COMPONENT_TITLES[name])
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def probe_distance_histograms(probes: Mapping, path: str | Path) -> Path:
@@ -83,6 +73,15 @@ def probe_distance_histograms(probes: Mapping, path: str | Path) -> Path:
         ax.axvline(0.0, color="red", linewidth=0.8)
         ax.set_xlabel("signed distance to the hyperplane (latent units)", fontsize=8)
     fig.suptitle("linear SVM on latent means (held-out inputs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _save(fig, path: Path, title: str | None) -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

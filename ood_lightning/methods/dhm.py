@@ -57,11 +57,8 @@ class DeepHybridModel(OODMethod):
         lambda_ = DEFAULT_LAMBDA if lambda_ is None else float(lambda_)
         if lambda_ < 0:
             raise ConfigError(f"lambda={lambda_}: the weight of the flow NLL must be >= 0")
-        self.lambda_ = lambda_
-        self.feature_norm = feature_norm
-        self.flow_optimizer_factory = flow_optimizer
-        self.flow_scheduler_factory = flow_scheduler
-        self.collapse_factor = collapse_factor
+        self.lambda_, self.feature_norm, self.collapse_factor = lambda_, feature_norm, collapse_factor
+        self.flow_optimizer_factory, self.flow_scheduler_factory = flow_optimizer, flow_scheduler
         #: AUROC of the DHM score against subsets of the OOD sets every validation epoch
         self.monitor_ood = dict(monitor_ood or {})
         self.score_batch_size = score_batch_size

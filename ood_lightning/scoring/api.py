@@ -9,11 +9,14 @@ attributes here, never probed with ``hasattr``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
+
+from ood_lightning.errors import ConfigError
 
 
 class FeatureModel(Protocol):
@@ -136,6 +139,17 @@ class Key(NamedTuple):
 
 
 ID_SPLITS = ("id_val", "id_test")
+
+
+def layer_selection(layers: str | Sequence[str], key: str) -> str | tuple[str, ...]:
+    """A multi-layer scorer's ``layers`` argument: ``"all"`` (every layer of the outputs), one name,
+    or a non-empty list of names; ``key`` names the config key in the error."""
+    if isinstance(layers, str):
+        return "all" if layers == "all" else (layers,)
+    names = tuple(str(n) for n in layers)
+    if not names:
+        raise ConfigError(f"{key}: at least one layer name (or all)")
+    return names
 
 
 @dataclass

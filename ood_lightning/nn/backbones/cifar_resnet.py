@@ -22,34 +22,35 @@ from torch import Tensor, nn
 from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.base import Backbone
 from ood_lightning.nn.backbones.init import kaiming_init
+from ood_lightning.nn.backbones.resnet import _BasicBlock
 
 #: channels of the three stages (the paper's {16, 32, 64} filters on 32/16/8 px maps)
 WIDTHS = (16, 32, 64)
 
 
-class _Block(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus the parameter-free shortcut, then ReLU."""
+class _OptionAShortcut(nn.Module):
+    """The parameter-free shortcut where a block changes shape: subsample by ``stride`` and
+    zero-pad the new channels, half on each side (He et al. 2016, option A)."""
 
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
         self.stride = stride
-        self.extra = planes - in_planes  # zero channels the shortcut adds, half on each side
+        self.extra = planes - in_planes
 
-    def shortcut(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.stride != 1:
             x = x[:, :, :: self.stride, :: self.stride]
         if self.extra:
             x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+
+class _Block(_BasicBlock):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the option-A shortcut, then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__(in_planes, planes, stride)
+        self.shortcut = _OptionAShortcut(in_planes, planes, stride)
 
 
 class CifarResNet(Backbone):
