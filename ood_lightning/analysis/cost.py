@@ -1,0 +1,60 @@
+"""What a run will cost, said early: seconds per training step after the first few steps,
+projected over the run, with what to do when a CPU run would take hours (issue: the first five
+minutes of a newcomer on a 2-core machine)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+#: the advice when a CPU run is projected past the threshold
+CPU_ADVICE = ("for a smoke run add debug=fast; on a GPU machine trainer=gpu; or a smaller backbone "
+              "(backbone=wrn28_2|cnn)")
+
+
+def human(seconds: float) -> str:
+    """``42 s``, ``7.5 min``, ``2.6 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class CostProjection(L.Callback):
+    """After ``steps`` training steps (the first one, which warms up, not counted), log seconds per
+    step, steps per epoch and the projected training time; past ``threshold_min`` minutes on a CPU
+    the line says what to do. ``steps: 0`` switches it off; so does an epoch of no more than
+    ``steps`` batches (debug=fast: nothing long to project)."""
+
+    def __init__(self, steps: int = 5, threshold_min: float = 30.0, clock: Callable[[], float] = time.perf_counter):
+        self.steps, self.threshold_min, self.clock = int(steps), float(threshold_min), clock
+        self._start: float | None = None
+        self._seen = 0
+        self.line: str | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if (self.steps <= 0 or self.line is not None or trainer.current_epoch > 0 or trainer.sanity_checking
+                or trainer.num_training_batches <= self.steps):
+            return
+        self._seen += 1
+        if self._seen == 1:  # the first step pays for allocation, compilation and caches
+            self._start = self.clock()
+            return
+        if self._seen - 1 < self.steps:
+            return
+        per_step = (self.clock() - self._start) / (self._seen - 1)
+        per_epoch = int(trainer.num_training_batches)
+        epochs = int(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else 1
+        total = per_step * per_epoch * epochs
+        device = trainer.strategy.root_device.type
+        self.line = (f"projected: {per_step:.2f} s/step x {per_epoch} steps/epoch = {human(per_step * per_epoch)}/epoch, "
+                     f"{human(total)} for {epochs} epochs on {device}")
+        if device == "cpu" and total > 60 * self.threshold_min:
+            self.line += f" - {CPU_ADVICE}"
+        log.warning("%s", self.line)

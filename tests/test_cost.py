@@ -1,0 +1,77 @@
+"""The cost projection line: its numbers from a fake clock, the CPU advice past the threshold."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ood_lightning.analysis.cost import CPU_ADVICE, CostProjection, human
+from tests.conftest import TINY, compose_cfg
+
+
+class _Trainer:
+    def __init__(self, batches: int, epochs: int, device: str = "cpu") -> None:
+        self.num_training_batches, self.max_epochs, self.current_epoch, self.sanity_checking = batches, epochs, 0, False
+
+        class _Strategy:
+            class root_device:  # noqa: N801
+                type = device
+
+        self.strategy = _Strategy
+
+
+class _Clock:
+    """Advances by ``step`` seconds per training step (the test moves it)."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _run(cb: CostProjection, trainer, steps: int) -> None:
+    for i in range(steps):
+        cb.clock.now += cb.clock.step  # this step's duration
+        cb.on_train_batch_end(trainer, None, None, None, i)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(42, "42 s"), (450, "7.5 min"), (9360, "2.6 h")])
+def test_human_durations(seconds, text):
+    assert human(seconds) == text
+
+
+def test_line_from_a_fake_clock_adds_up_and_advises_on_cpu(caplog):
+    cb = CostProjection(steps=5, threshold_min=30, clock=_Clock(39.0))
+    caplog.set_level(logging.INFO)
+    _run(cb, _Trainer(batches=242, epochs=3), 10)
+    # 39 s/step x 242 steps = 9438 s = 2.6 h/epoch; x 3 epochs = 28314 s = 7.9 h
+    assert cb.line.startswith("projected: 39.00 s/step x 242 steps/epoch = 2.6 h/epoch, 7.9 h for 3 epochs on cpu")
+    assert CPU_ADVICE in cb.line and "debug=fast" in cb.line and cb.line in caplog.text
+
+
+def test_short_runs_and_gpus_get_no_advice():
+    cb = CostProjection(steps=3, threshold_min=30, clock=_Clock(1.0))
+    _run(cb, _Trainer(batches=10, epochs=1), 5)
+    assert cb.line == "projected: 1.00 s/step x 10 steps/epoch = 10 s/epoch, 10 s for 1 epochs on cpu"
+    gpu = CostProjection(steps=3, clock=_Clock(100.0))
+    _run(gpu, _Trainer(batches=1000, epochs=200, device="cuda"), 5)
+    assert gpu.line.endswith("on cuda") and CPU_ADVICE not in gpu.line
+
+
+def test_no_line_for_an_epoch_shorter_than_the_measurement():
+    cb = CostProjection(steps=5, clock=_Clock(1.0))
+    _run(cb, _Trainer(batches=4, epochs=1), 4)  # debug=fast: 4 batches
+    assert cb.line is None
+
+
+def test_a_real_tiny_run_logs_the_projection(tmp_path, caplog):
+    from ood_lightning.assembly.runs import train
+
+    caplog.set_level(logging.INFO)
+    overrides = [o for o in TINY if o != "debug=fast"]
+    train(compose_cfg("train", [*overrides, "trainer.max_epochs=1", "detectors=none",
+                                "callbacks.cost_projection.threshold_min=0", "data.n_train=600", "data.batch_size=16"], tmp_path))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("projected:"))
+    assert "steps/epoch" in line and "for 1 epochs on cpu" in line and "debug=fast" in line
