@@ -17,11 +17,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
+from ood_lightning.analysis.cost import human
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.scoring.api import ID_SPLITS, FitData, Key, Outputs, Results, Scorer
-from ood_lightning.scoring.passes import extract, score_batches
+from ood_lightning.scoring.passes import extract, n_inputs, score_batches
 from ood_lightning.scoring.ranks import SINGLE, Ranks
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,21 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         return out
 
+    _log_plan(scorers, loaders, dm.fit_dataloader(fit_limit) if any(s.needs_fit for s in scorers.values()) else None)
     with _progress(ranks) as progress:
         if any(s.needs_fit for s in scorers.values()):
             train = timed("features/id_train", outputs_of, "id_train", dm.fit_dataloader(fit_limit), progress,
                           fit_limit, fit_augmented)
             log.info("fitting %d scorers on %d ID training inputs%s", sum(s.needs_fit for s in scorers.values()),
                      len(train), " (augmented)" if fit_augmented else "")
+            _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
             data = FitData(train=train, val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
             for name, scorer in scorers.items():
+                if scorer.needs_fit:
+                    log.info("fitting %s ...", name)
                 timed(f"fit/{name}", scorer.fit, model, data)
+                if scorer.needs_fit:
+                    log.info("fitted %s in %s", name, human(timings[f"fit/{name}"]))
             del data, train
         outs = {split: timed(f"features/{split}", outputs_of, split, loader, progress) for split, loader in loaders.items()}
         for name, scorer in scorers.items():
@@ -128,6 +135,31 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
             timed(f"fit+score/{name}", _score_tuned_on_ood, name, scorer, model, outs, scores, predictions)
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
                    has_classifier=model.has_classifier, outputs=outs, timings=timings)
+
+
+#: forward-pass equivalents of one input of a per-batch scorer (a gradient and a second forward pass)
+PER_BATCH_COST = 3
+
+
+def _log_plan(scorers: dict[str, Scorer], loaders: dict, fit_loader) -> None:
+    """The one line saying what the evaluation will do and how many passes that is."""
+    sizes = {split: n_inputs(ld) for split, ld in loaders.items()}
+    eval_inputs = sum(sizes.values())
+    fit_inputs = n_inputs(fit_loader) if fit_loader is not None else 0
+    per_batch = [n for n, s in scorers.items() if s.per_batch]
+    n_ood = len([s for s in sizes if s not in ID_SPLITS])
+    log.info("scoring %d OOD sets with %d scorers on %s inputs (%s to fit on, %s to score): one forward pass per "
+             "split%s", n_ood, len(scorers), f"{fit_inputs + eval_inputs:,}", f"{fit_inputs:,}", f"{eval_inputs:,}",
+             f", plus {len(per_batch)} per-batch scorer(s) with their own gradient passes ({', '.join(per_batch)}; "
+             f"about {PER_BATCH_COST} forward passes per input each)" if per_batch else "")
+
+
+def _log_projection(rate: float, scorers: dict[str, Scorer], loaders: dict) -> None:
+    """After the first pass: the forward passes still to come at its measured rate (fits not included)."""
+    eval_inputs = sum(n_inputs(ld) for ld in loaders.values())
+    passes = eval_inputs * (1 + PER_BATCH_COST * sum(s.per_batch for s in scorers.values()))
+    log.info("projected: %s for the remaining passes (%s forward-pass equivalents at the measured %.0f inputs/s; "
+             "an estimate, scorer fits not included)", human(passes / max(rate, 1e-9)), f"{passes:,}", rate)
 
 
 def _predictions(scorer: Scorer, model, outputs: Outputs) -> Tensor:
