@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
 from ood_lightning import references as R
 from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation.aggregate import SUMMARY_METRICS
 from ood_lightning.evaluation.metrics import ood_metrics
 from ood_lightning.evaluation.paper_compare import backbone_label, write_paper_compare
+from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,8 +200,10 @@ def _table(text: str) -> dict:
 def test_paper_view_of_one_run_gives_delta_and_setting_flags(tmp_path):
     run = tmp_path / "run"
     _fake_run(run, {"lde": {"gaussian": {"auroc": 0.95}, "svhn": {"auroc": 0.97}},
+                    "lde_unnormalized": {"svhn": {"auroc": 0.80}},
                     "msp": {"gaussian": {"auroc": 0.80, "fpr95": 0.4}}},
-              {"detectors": {"lde": {"flow": {"name": "glow"}}}},
+              {"detectors": {"lde": {"flow": {"name": "glow"}}, "lde_unnormalized": {"flow": "${detectors.lde.flow}"}},
+               "backbone": {"checkpoint": "${ood_models_root:}/r56.th"}},  # Hydra's unresolved config
               backbone="cifar_resnet56_pretrained", data="cifar10", method="lsgm")
     path, shown = write_paper_compare(run, "lde")
     text = path.read_text()
@@ -210,6 +212,7 @@ def test_paper_view_of_one_run_gives_delta_and_setting_flags(tmp_path):
     lde, msp = "lde (LDE (ours))", "msp (MSP)"
     assert set(rows) == {("1", lde, "gaussian", "auroc"), ("1", msp, "gaussian", "auroc"), ("1", lde, "svhn", "auroc"),
                          ("3", "lde (LDE, normalized latents)", "svhn", "auroc"),
+                         ("3", "lde_unnormalized (LDE, unnormalized latents)", "svhn", "auroc"),
                          *(("5", f"lde (LDE ({f}))", "svhn", "auroc") for f in ("RealNVP", "Glow", "Residual Flow"))}
     row = rows[("1", lde, "gaussian", "auroc")]
     assert (row["ours"], row["paper"], row["Δ"]) == ("95.00", "99.41", "-4.41")  # 95.00 - 99.41
@@ -219,13 +222,15 @@ def test_paper_view_of_one_run_gives_delta_and_setting_flags(tmp_path):
     # one of ours against each published row: Table 1, Table 3 and the three flows of Table 5
     assert rows[("1", lde, "svhn", "auroc")]["Δ"] == "+0.94"  # 97.00 - 96.06
     assert rows[("3", "lde (LDE, normalized latents)", "svhn", "auroc")]["Δ"] == "+0.52"  # - 96.48
+    unnormalized = rows[("3", "lde_unnormalized (LDE, unnormalized latents)", "svhn", "auroc")]
+    assert unnormalized["Δ"] == "-5.63" and unnormalized["setting match"].endswith("flow ✓")  # 80.00 - 85.63
     realnvp = rows[("5", "lde (LDE (RealNVP))", "svhn", "auroc")]
     assert realnvp["Δ"] == "+4.87" and realnvp["setting match"].endswith("flow ✗ glow vs realnvp")  # - 92.13
     assert rows[("5", "lde (LDE (Glow))", "svhn", "auroc")]["setting match"].endswith("flow ✓")
     assert rows[("5", "lde (LDE (Residual Flow))", "svhn", "auroc")]["Δ"] == "+0.11"  # - 96.89
-    assert "## Not run (23 of 30 rows)" in text
+    assert "## Not run (22 of 30 rows)" in text
     assert "- lde T1: MSP · cifar100 · auroc = 85.86 (not offline)\n" in text
-    assert "Not run (23 of 30 rows): listed in" in shown and "- lde T1" not in shown
+    assert "Not run (22 of 30 rows): listed in" in shown and "- lde T1" not in shown
 
 
 def test_paper_view_of_a_multirun_averages_seeds_per_setting(tmp_path):
@@ -292,9 +297,9 @@ def test_evaluate_entrypoint_writes_paper_compare_and_needs_run_dir(tmp_path):
     import evaluate
 
     _fake_run(tmp_path / "r", {"msp": {"gaussian": {"auroc": 0.8}}}, {}, backbone="resnet18", data="cifar10")
-    cfg = OmegaConf.create({"run_dir": str(tmp_path / "r"), "paper": "lde", "compare": None, "plot": None})
-    evaluate.evaluate(cfg)
-    assert "| lde | 1 | msp (MSP) | gaussian | auroc | 80.00 | 90.86 | -10.86 |" in \
+    assert compose_cfg("evaluate", [], tmp_path / "e0").paper is None  # off by default
+    evaluate.evaluate(compose_cfg("evaluate", [f"run_dir={tmp_path / 'r'}", "paper=lde"], tmp_path / "e1"))
+    assert "| lde | 1 | msp (MSP) | gaussian | auroc | 80.00 | 90.86 | -10.86 | OOD ✓, ID ✓, backbone ✓, metric ✓ |" in \
         (tmp_path / "r" / "paper_compare.md").read_text()
     with pytest.raises(ConfigError, match="pass run_dir="):
-        evaluate.evaluate(OmegaConf.create({"run_dir": None, "paper": "lde", "ckpt_path": None}))
+        evaluate.evaluate(compose_cfg("evaluate", ["paper=lde"], tmp_path / "e2"))
