@@ -3,6 +3,7 @@
     python evaluate.py run_dir=outputs/train/multirun/<date>
     python evaluate.py run_dir=<multirun> plot=lambda            # DHM Fig. 3 (plot=spectral_coeff: Fig. 4)
     python evaluate.py run_dir=<multirun> compare=[dhm,msp]      # Table 1: detectors side by side
+    python evaluate.py run_dir=<run or multirun> paper=lde       # ours beside a paper's numbers (or paper=all)
     python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt ood=[odin,noise] detectors=baselines
 """
 
@@ -19,6 +20,8 @@ from ood_lightning.evaluation.results import wide_console
 
 
 def evaluate(cfg: DictConfig):
+    if cfg.get("paper") and not cfg.get("run_dir"):
+        raise ConfigError("paper= compares a finished run with a paper: pass run_dir=<run or multirun dir> too")
     if cfg.get("run_dir"):
         from ood_lightning.evaluation.aggregate import write_summary
 
@@ -36,7 +39,8 @@ def evaluate(cfg: DictConfig):
 
 def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:
     """``compare=[...]``: Table-1 view (detectors side by side) in compare.md; ``plot=lambda|spectral_coeff``:
-    the sweep figure (+ its numbers as .csv) next to summary.md."""
+    the sweep figure (+ its numbers as .csv) next to summary.md; ``paper=<name|all>``: ours beside the
+    paper's published numbers in paper_compare.md."""
     from ood_lightning.evaluation.sweep_plots import plot_sweep, side_by_side
 
     if cfg.get("compare"):
@@ -44,6 +48,12 @@ def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:
                             title=f"{' vs '.join(cfg.compare)} (mean ± std over seeds; AuTC: lower is better)")
         path = Path(cfg.run_dir) / "compare.md"
         path.write_text(text)
+        wide_console().print(Markdown(text))
+        print(f"wrote {path}")
+    if cfg.get("paper"):
+        from ood_lightning.evaluation.paper_compare import write_paper_compare
+
+        path, text = write_paper_compare(cfg.run_dir, cfg.paper)
         wide_console().print(Markdown(text))
         print(f"wrote {path}")
     if cfg.get("plot"):
