@@ -27,7 +27,10 @@ def evaluate(cfg: DictConfig):
 
         md, csv_path, rows, failed = write_summary(cfg.run_dir)
         wide_console().print(Markdown(md.read_text()))
-        print(f"wrote {md} and {csv_path}")
+        from ood_lightning.evaluation.plots import auroc_heatmap
+
+        heatmap = auroc_heatmap(rows, Path(cfg.run_dir) / "summary_auroc.png")
+        print(f"wrote {md}, {csv_path} and {heatmap}")
         _sweep_outputs(cfg, rows)
         return rows
     if cfg.get("ckpt_path"):

@@ -7,16 +7,16 @@ from pathlib import Path
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 
-def log_results(loggers, metrics: dict, plot: Path, step: int) -> None:
-    """Every metric (``ood/<detector>/<set>/<metric>``) and the histogram plot to each logger."""
+def log_results(loggers, metrics: dict, plots: list[Path], step: int) -> None:
+    """Every metric (``ood/<detector>/<set>/<metric>``) and every figure of the run to each logger."""
     flat = {f"ood/{det}/{ood}/{k}": v for det, rows in metrics["results"].items() for ood, m in rows.items()
             for k, v in m.items()}
     if metrics.get("accuracy") is not None:
         flat["test/acc"] = metrics["accuracy"]
     for logger in loggers:
         logger.log_metrics(flat, step=step)
-        if plot.is_file():
-            log_image(logger, "ood/score_histograms", plot, step)
+        for plot in plots:
+            log_image(logger, f"ood/{plot.stem}", plot, step)
         logger.save()
 
 

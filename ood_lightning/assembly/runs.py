@@ -57,8 +57,8 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()}}
     write_results(out_dir, results, metrics, extra=meta)
     report = model.report(out_dir, results, dm, device)
-    if report:
-        write_metrics(out_dir, metrics, {**meta, **report})
+    artifacts = sorted(str(p.relative_to(out_dir)) for p in (Path(out_dir) / "plots").glob("*.png"))
+    write_metrics(out_dir, metrics, {**meta, **report, "artifacts": artifacts})
     print_results(metrics)
     log.info("results written to %s", out_dir)
     return metrics
@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
     metrics = score_and_write(model, dm, cfg, out_dir, meta, device, feature_cache(cfg, model), ranks)
     if metrics is None:
         return {}
-    log_results(loggers, metrics, out_dir / "plots" / "scores.png", trainer.global_step)
+    log_results(loggers, metrics, sorted((out_dir / "plots").glob("*.png")), trainer.global_step)
     return metrics
 
 

@@ -48,3 +48,64 @@ def score_histograms(scores: dict[str, dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def roc_curves(scores: dict[str, dict], path: str | Path) -> Path:
+    """One panel per OOD set: the ROC curve of every detector (ID = positive class), AUROC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sets = [s for s in dict.fromkeys(k for by in scores.values() for k in by) if s not in ("id_val", "id_test")]
+    cols = min(4, max(1, len(sets)))
+    rows = -(-len(sets) // cols) if sets else 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, ood in zip(axes.flat, sets):
+        for det, by in scores.items():
+            if ood not in by or "id_test" not in by:
+                continue
+            id_s, ood_s = np.asarray(by["id_test"], dtype=np.float64), np.asarray(by[ood], dtype=np.float64)
+            y, s = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.nan_to_num(np.r_[id_s, ood_s], neginf=-1e300)
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, linewidth=1.2, label=f"{det} ({100 * roc_auc_score(y, s):.1f})")
+        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.6, linestyle=":")
+        ax.set_title(f"ID test vs {ood}", fontsize=9)
+        ax.set_xlabel("FPR (OOD accepted)", fontsize=8)
+        ax.set_ylabel("TPR (ID accepted)", fontsize=8)
+        ax.legend(fontsize=6, loc="lower right")
+    for ax in list(axes.flat)[len(sets):]:
+        ax.remove()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def auroc_heatmap(rows: list[dict], path: str | Path, group: str | None = None) -> Path:
+    """Mean AUROC of a summary (detectors x OOD sets), each cell annotated with mean ± std;
+    ``group`` picks one setting of a sweep (default: the first)."""
+    path = Path(path)
+    group = group if group is not None else (rows[0]["group"] if rows else "-")
+    rows = [r for r in rows if r["group"] == group and "auroc_mean" in r]
+    dets = list(dict.fromkeys(r["detector"] for r in rows))
+    sets = list(dict.fromkeys(r["ood_set"] for r in rows))
+    mean = np.full((len(dets), len(sets)), np.nan)
+    std = np.zeros_like(mean)
+    for r in rows:
+        i, j = dets.index(r["detector"]), sets.index(r["ood_set"])
+        mean[i, j], std[i, j] = r["auroc_mean"], r.get("auroc_std", 0.0) or 0.0
+    fig, ax = plt.subplots(figsize=(1.2 * len(sets) + 2.5, 0.45 * len(dets) + 1.5))
+    im = ax.imshow(100 * mean, cmap="viridis", vmin=50, vmax=100, aspect="auto")
+    for i in range(len(dets)):
+        for j in range(len(sets)):
+            if np.isfinite(mean[i, j]):
+                ax.text(j, i, f"{100 * mean[i, j]:.1f}±{100 * std[i, j]:.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if mean[i, j] < 0.8 else "black")
+    ax.set_xticks(range(len(sets)), sets, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(dets)), dets, fontsize=8)
+    ax.set_title(f"AUROC ×100 (mean ± std over seeds; {group})", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

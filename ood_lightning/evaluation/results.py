@@ -69,7 +69,7 @@ def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: d
     arrays.update({f"preds/{key.label()}": v.numpy() for key, v in results.predictions.items()})
     arrays["labels/id_test"] = results.id_test_labels.numpy()
     atomic_write(run_dir / "scores.npz", lambda tmp: np.savez_compressed(tmp, **arrays))
-    from ood_lightning.evaluation.plots import score_histograms
+    from ood_lightning.evaluation.plots import roc_curves, score_histograms
 
     untuned = {}
     for key, v in results.scores.items():
@@ -77,6 +77,8 @@ def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: d
             untuned.setdefault(key.scorer, {})[key.split] = v
     if untuned:  # detectors=none: accuracy only, nothing to plot
         score_histograms(untuned, run_dir / "plots" / "scores.png")
+        if any(s not in ("id_val", "id_test") for by in untuned.values() for s in by):
+            roc_curves(untuned, run_dir / "plots" / "roc.png")
     return run_dir / "metrics.json"
 
 
