@@ -67,3 +67,60 @@ def test_resumed_run_equals_uninterrupted_run_bitwise(method, tmp_path):
         np.testing.assert_array_equal(resumed_scores[key], value, err_msg=key)
     # the stopped run really differs (one epoch fewer): the comparison above can fail
     assert stopped["results"] != straight["results"]
+
+
+# -- the pieces: a training order that is a function of (seed, epoch), RNG states in a checkpoint
+def test_cpu_batches_are_device_loader_order_and_resume_mid_epoch():
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    from ood_lightning.data.device_loader import EpochBatchSampler, EpochPermutation
+
+    n, b = 50, 8
+    truth = {e: EpochPermutation(n, b, drop_last=True, seed=7).indices(e).split(b) for e in (0, 1, 2)}
+    loader = DataLoader(range(n), batch_sampler=EpochBatchSampler(n, b, drop_last=True, seed=7))
+    _set_sampler_epoch(loader, 2)  # what Lightning calls before epoch 2 (it reaches batch_sampler.sampler)
+    assert [t.tolist() for t in loader] == [t.tolist() for t in truth[2]]
+    resumed = EpochBatchSampler(n, b, drop_last=True, seed=7)
+    resumed.resume_at(1, 2)  # a checkpoint taken after 2 batches of epoch 1
+    _set_sampler_epoch(DataLoader(range(n), batch_sampler=resumed), 1)
+    assert list(resumed) == [t.tolist() for t in truth[1][2:]]
+    assert list(resumed) == [t.tolist() for t in truth[2]]  # the next epoch is whole again
+    assert len(resumed) == len(truth[1]) == n // b
+
+
+def test_class_batches_reach_lightnings_set_epoch_and_resume_mid_epoch():
+    import torch
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    from ood_lightning.data.class_batch_sampler import ClassBatchSampler
+
+    labels = torch.arange(60) % 3
+    epochs = []
+    for e in (0, 1):
+        s = ClassBatchSampler(labels, 2, 4, seed=3)
+        s.set_epoch(e)
+        epochs.append(list(s))
+    assert epochs[0] != epochs[1]
+    fresh = ClassBatchSampler(labels, 2, 4, seed=3)
+    _set_sampler_epoch(DataLoader(range(60), batch_sampler=fresh), 1)  # a run resumed at epoch 1
+    assert list(fresh) == epochs[1]
+    fresh.resume_at(1, 3)
+    assert list(fresh) == epochs[1][3:]
+
+
+def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import torch
+
+    from ood_lightning import rng_state
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(rng_state.collect(), tmp_path / "rng.pt")
+    first = torch.rand(4), np.random.rand(4), random.random()
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    rng_state.restore(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = torch.rand(4), np.random.rand(4), random.random()
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]

@@ -22,6 +22,7 @@ from ood_lightning.assembly.build import (
     load_weights,
     stored_config,
 )
+from ood_lightning.assembly.checks import check_config
 from ood_lightning.assembly.loggers import log_results
 from ood_lightning.assembly.preemption import Preemption
 from ood_lightning.assembly.runtime import (
@@ -75,6 +76,7 @@ def train(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, preemption: Preemption) -> dict:
     clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
+    check_config(cfg)  # before any data is read
     check_accelerator(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -117,6 +119,7 @@ def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
+    check_config(cfg)  # before any data is read
     trained = stored_config(cfg.ckpt_path, allow_unsafe)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood
