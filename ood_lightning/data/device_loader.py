@@ -36,7 +36,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -127,17 +127,19 @@ class EpochPermutation(EpochOrder):
         yield from self.next_pass().split(self.batch_size)
 
 
-class EpochBatchSampler(EpochOrder):
+class EpochBatchSampler(BatchSampler, EpochOrder):
     """:class:`EpochPermutation`'s batches as index lists, the ``batch_sampler`` of a ``DataLoader``.
 
     Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` (not on the batch sampler),
     so ``sampler`` is the permutation itself. ``dist_sampler`` is accepted because Lightning
-    re-creates a custom batch sampler with ``sampler=DistributedSampler(...)`` under DDP; only
-    its ``num_replicas`` / ``rank`` are read (explicit ``num_replicas`` / ``rank`` win).
+    re-creates a custom batch sampler with ``sampler=DistributedSampler(...)`` under DDP (it
+    records the arguments of ``BatchSampler`` subclasses only, hence the base class); only its
+    ``num_replicas`` / ``rank`` are read (explicit ``num_replicas`` / ``rank`` win).
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False, seed: int = 0,
                  sampler=None, num_replicas: int | None = None, rank: int | None = None):
+        # BatchSampler.__init__ is not called: it validates a plain sampler we do not have
         world = num_replicas if num_replicas is not None else getattr(sampler, "num_replicas", 1)
         rank = rank if rank is not None else getattr(sampler, "rank", 0)
         self.sampler = EpochPermutation(n, batch_size, shuffle, drop_last, seed, rank, world)
