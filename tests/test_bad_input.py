@@ -96,6 +96,14 @@ def writable_again(tmp: Path) -> None:
     (tmp / "run").chmod(0o755)
 
 
+#: data that is not there: a config check that passes only because it runs before any data is read
+UNREAD = ["data=cifar10", "data.root=/nonexistent/ood-data"]
+#: a small DHM (one flow block) and the messages of the config-check rows
+DHM = [*TINY, "method=dhm", "method.flow.n_blocks=1", "method.flow.hidden=8"]
+NO_CUDA = ["evaluation.device=cuda but no CUDA device", "pass evaluation.device=cpu"]
+READ_ONLY = ["cannot write to the output folder", "hydra.run.dir=<a writable folder>"]
+NAN_LAMBDA = ["non-finite loss", "Lower the learning rate or the weight of the density term (lambda=0.0035"]
+TYPO = "error: unknown key max_epoch in trainer; did you mean max_epochs?"
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
@@ -121,20 +129,15 @@ CASES = [
          mnist_damaged(MNIST_FILES["train"][0], truncate)),
     Case("MNIST raw labels truncated", ["data=mnist"], ["t10k-labels-idx1-ubyte is corrupt"],
          mnist_damaged(MNIST_FILES["test"][1], lambda p: truncate(p, 0.9))),
-    Case("data.limit_train=0", [*TINY, "data.limit_train=0"], ["data.limit_train=0", "whole number of samples >= 1"]),
-    Case("data.limit_ood=0", [*TINY, "data.limit_ood=0"], ["data.limit_ood=0", "whole number of samples >= 1"]),
-    Case("negative limit", [*TINY, "data.limit_test=-5"], ["data.limit_test=-5", "whole number of samples >= 1"]),
-    Case("negative lambda", [*TINY, "method=dhm", "lambda=-1"], ["lambda=-1", "number >= 0"]),
-    Case("evaluation.device=cuda on a CPU machine", [*TINY, "evaluation.device=cuda"],
-         ["evaluation.device=cuda but no CUDA device", "evaluation.device=cpu"], marks=[no_cuda]),
-    Case("read-only output folder", TINY, ["cannot write to the output folder", "hydra.run.dir=<a writable folder>"],
-         read_only_run_dir, entry="cli:train.py", cleanup=writable_again),
-    Case("NaN loss of a method with a density term", [*TINY, "method=dhm", "method.optimizer.lr=1e30", "detectors=none"],
-         ["non-finite loss", "Lower the learning rate or the weight of the density term (lambda=0.0035"]),
-    Case("trainer key typo", [*TINY, "trainer.max_epoch=1"], "error: unknown key max_epoch in trainer; did you mean "
-         "max_epochs?", entry="cli:train.py"),
-    Case("trainer key typo with +", [*TINY, "+trainer.max_epoch=1"], "error: unknown key max_epoch in trainer; "
-         "did you mean max_epochs?"),
+    Case("data.limit_train=0", [*UNREAD, "data.limit_train=0"], ["data.limit_train=0", ">= 1, or null"]),
+    Case("data.limit_ood=0", [*UNREAD, "data.limit_ood=0"], ["data.limit_ood=0", ">= 1, or null"]),
+    Case("negative limit", [*TINY, "data.limit_test=-5"], ["data.limit_test=-5", ">= 1, or null"]),
+    Case("negative lambda", [*UNREAD, "method=dhm", "lambda=-1"], ["lambda=-1", "number >= 0"]),
+    Case("evaluation.device=cuda without CUDA", [*UNREAD, "evaluation.device=cuda"], NO_CUDA, marks=[no_cuda]),
+    Case("read-only run folder", TINY, READ_ONLY, read_only_run_dir, entry="cli:train.py", cleanup=writable_again),
+    Case("NaN loss with a density term", [*DHM, "method.optimizer.lr=1e30", "detectors=none"], NAN_LAMBDA),
+    Case("trainer key typo", [*TINY, "trainer.max_epoch=1"], TYPO, entry="cli:train.py"),
+    Case("trainer key typo with +", [*TINY, "+trainer.max_epoch=1"], TYPO),
 ]
 
 
