@@ -19,7 +19,7 @@ import pytest
 from ood_lightning.assembly.cli import run_safely
 from ood_lightning.assembly.runs import train
 from tests.conftest import ROOT, TINY, compose_cfg
-from tests.test_resume import _SMALL, METHODS
+from tests.test_resume import overrides_for
 
 
 class SigtermAt(L.Callback):
@@ -42,7 +42,7 @@ def _results(run_dir):
 
 @pytest.mark.parametrize("method", ["classifier", pytest.param("dhm", marks=pytest.mark.slow), "vmdls"])
 def test_sigterm_mid_epoch_resumes_bitwise(method, tmp_path):
-    overrides = [*TINY, *_SMALL, *METHODS[method]]
+    overrides = overrides_for(method)
     train(compose_cfg("train", overrides, tmp_path / "straight"))
 
     stop = f"+callbacks.sigterm={{_target_: {__name__}.SigtermAt, epoch: 1, batch: 0}}"
