@@ -33,6 +33,24 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermInSetup(L.Callback):
+    """SIGTERM while ``fit`` sets up, before Lightning has installed its own handler."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_before_lightnings_handler_is_not_lost(tmp_path):
+    stop = f"+callbacks.sigterm={{_target_: {__name__}.SigtermInSetup}}"
+    cfg = compose_cfg("train", [*TINY, "detectors=none", "logger=none", "callbacks.progress_bar=null", stop], tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run_safely(train, cfg)
+    assert exit_.value.code == 143
+    failed = json.loads((tmp_path / "failed.json").read_text())
+    assert failed["reason"] == "terminated" and failed["checkpoint"] == str(tmp_path / "checkpoints" / "terminated.ckpt")
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def _results(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics.pop("timings_s")

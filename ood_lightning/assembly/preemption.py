@@ -6,12 +6,14 @@ Inside ``fit``, Lightning's own SIGTERM handler (which calls the handler install
 stops training after the current batch with ``SIGTERMException``; :class:`Preemption` then
 saves ``checkpoints/terminated.ckpt`` in ``on_exception``, at that batch boundary, with the
 data module's position in the epoch and every RNG state, so the resumed run goes on from the
-next batch. Outside ``fit`` (loading data, scoring) the handler raises at once; the resume
+next batch. A SIGTERM inside ``fit`` but before Lightning installs its handler (setup, restoring
+a checkpoint) is passed on to it at ``on_train_start``. Outside ``fit`` (loading data, scoring) the handler raises at once; the resume
 command then points at the last checkpoint there is (``last.ckpt`` once training is done).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -50,6 +52,7 @@ class Preemption(L.Callback):
         self.resumed_from = resumed_from
         self.checkpoint: Path | None = None
         self._in_fit = False
+        self._pending = False  # SIGTERM came during fit (perhaps before Lightning's handler was there)
 
     # -- inside fit: Lightning stops after the batch; save where it stopped -----------------
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
@@ -58,6 +61,10 @@ class Preemption(L.Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             trainer.save_checkpoint(path, weights_only=False)  # the whole training state
             self.checkpoint = path
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if self._pending and not trainer.received_sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)  # again, now that Lightning's handler is installed
 
     @contextmanager
     def fitting(self) -> Iterator[None]:
@@ -72,6 +79,8 @@ class Preemption(L.Callback):
             raise self.error() from None
         finally:
             self._in_fit = False
+        if self._pending:  # after training ended: resume from its last checkpoint
+            raise self.error()
 
     # -- the process's handler ----------------------------------------------------------------
     def error(self) -> RunTerminated:
@@ -85,6 +94,7 @@ class Preemption(L.Callback):
 
     def _handle(self, signum, frame) -> None:
         if self._in_fit:  # Lightning's handler, called before this one, stops after the current batch
+            self._pending = True
             return
         raise self.error()
 
