@@ -5,10 +5,13 @@
     python train.py -m seed=0,1,2                     # multirun; aggregate with evaluate.py
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import ood_lightning.config  # noqa: F401  (registers the config resolvers)
+from ood_lightning.assembly.checks import check_cli_overrides
 from ood_lightning.assembly.cli import run_safely
 from ood_lightning.assembly.runs import train
 
@@ -19,4 +22,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    check_cli_overrides(sys.argv[1:])  # a typo in trainer.<key>: one line, before Hydra's own error
     main()

@@ -4,6 +4,15 @@
 class OODLightningError(Exception):
     """Base class: the message is the whole story (where we looked, what to pass)."""
 
+    #: the process's exit status when this error ends a single run
+    exit_code: int = 1
+    #: whether a multirun sweep carries on with its next job after this error
+    sweep_continues: bool = True
+
+    def failure_fields(self) -> dict:
+        """What ``failed.json`` records besides the error line (e.g. how to resume)."""
+        return {}
+
 
 class DatasetNotFoundError(OODLightningError, FileNotFoundError):
     pass
@@ -45,3 +54,19 @@ class InvalidCheckpointError(OODLightningError):
 
 class UnsafeCheckpointError(OODLightningError):
     """The file holds objects that only full unpickling (which can run code) would rebuild."""
+
+
+class RunTerminated(OODLightningError):
+    """SIGTERM (a scheduler's notice before preemption) ended the run: where and how to resume."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a terminated process
+    sweep_continues = False  # the scheduler is taking the machine: the next job would be killed too
+
+    def __init__(self, checkpoint, command: str):
+        self.checkpoint, self.command = checkpoint, command
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet (training had not started)"
+        super().__init__(f"terminated by SIGTERM; {where}; resume with: {command}")
+
+    def failure_fields(self) -> dict:
+        return {"reason": "terminated", "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+                "resume_command": self.command}

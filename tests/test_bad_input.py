@@ -10,6 +10,7 @@ interpreter, for what happens before the task function, e.g. Hydra's own set-up)
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import traceback
 import zipfile
 from collections.abc import Callable
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ood_lightning.assembly.cli import run_safely
 from ood_lightning.assembly.runs import train  # at import: Lightning's log handler binds to the session's stderr
-from tests.conftest import compose_cfg, run_script
+from tests.conftest import TINY, compose_cfg, run_script
 from tests.tiny_data import MNIST_FILES, write_mnist_raw, write_pack
 
 #: cheap settings every in-process row adds first (a row's own overrides come after and win)
@@ -74,6 +76,37 @@ def mnist_damaged(name: str, damage: Callable[[Path], None]) -> Callable[[Path],
     return prepare
 
 
+def read_only_run_dir(tmp: Path) -> list[str]:
+    """The run folder exists and cannot be written (root ignores the mode bits: make it immutable)."""
+    run = tmp / "run"
+    run.mkdir()
+    run.chmod(0o555)
+    try:
+        (run / "probe").touch()
+    except OSError:
+        return []
+    (run / "probe").unlink()
+    if subprocess.run(["chattr", "+i", str(run)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a folder read-only here (running as root without chattr)")
+    return []
+
+
+def writable_again(tmp: Path) -> None:
+    subprocess.run(["chattr", "-i", str(tmp / "run")], capture_output=True)
+    (tmp / "run").chmod(0o755)
+
+
+#: data that is not there: a config check that passes only because it runs before any data is read
+UNREAD = ["data=cifar10", "data.root=/nonexistent/ood-data"]
+#: a small DHM (one flow block) and the messages of the config-check rows
+DHM = [*TINY, "method=dhm", "method.flow.n_blocks=1", "method.flow.hidden=8"]
+NO_CUDA = ["evaluation.device=cuda but no CUDA device", "pass evaluation.device=cpu"]
+READ_ONLY = ["cannot write to the output folder", "hydra.run.dir=<a writable folder>"]
+NAN_LAMBDA = ["non-finite loss", "Lower the learning rate or the weight of the density term (lambda=0.0035"]
+TYPO = "error: unknown key max_epoch in trainer; did you mean max_epochs?"
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -82,6 +115,7 @@ class Case:
     prepare: Callable[[Path], list[str]] | None = None
     entry: str = "train"
     marks: list = field(default_factory=list)
+    cleanup: Callable[[Path], None] | None = None
 
 
 CASES = [
@@ -95,6 +129,15 @@ CASES = [
          mnist_damaged(MNIST_FILES["train"][0], truncate)),
     Case("MNIST raw labels truncated", ["data=mnist"], ["t10k-labels-idx1-ubyte is corrupt"],
          mnist_damaged(MNIST_FILES["test"][1], lambda p: truncate(p, 0.9))),
+    Case("data.limit_train=0", [*UNREAD, "data.limit_train=0"], ["data.limit_train=0", ">= 1, or null"]),
+    Case("data.limit_ood=0", [*UNREAD, "data.limit_ood=0"], ["data.limit_ood=0", ">= 1, or null"]),
+    Case("negative limit", [*TINY, "data.limit_test=-5"], ["data.limit_test=-5", ">= 1, or null"]),
+    Case("negative lambda", [*UNREAD, "method=dhm", "lambda=-1"], ["lambda=-1", "number >= 0"]),
+    Case("evaluation.device=cuda without CUDA", [*UNREAD, "evaluation.device=cuda"], NO_CUDA, marks=[no_cuda]),
+    Case("read-only run folder", TINY, READ_ONLY, read_only_run_dir, entry="cli:train.py", cleanup=writable_again),
+    Case("NaN loss with a density term", [*DHM, "method.optimizer.lr=1e30", "detectors=none"], NAN_LAMBDA),
+    Case("trainer key typo", [*TINY, "trainer.max_epoch=1"], TYPO, entry="cli:train.py"),
+    Case("trainer key typo with +", [*TINY, "+trainer.max_epoch=1"], TYPO),
 ]
 
 
@@ -118,13 +161,17 @@ def _run_in_process(entry: str, overrides: list[str], out: Path, capsys) -> tupl
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_bad_input_gives_one_clear_line(case: Case, tmp_path, capsys):
     overrides = [*FAST, f"paths.cache_dir={tmp_path / 'cache'}", *case.overrides]
-    if case.prepare is not None:
-        overrides += case.prepare(tmp_path)
-    if case.entry.startswith("cli:"):
-        res = run_script(case.entry.removeprefix("cli:"), *overrides, f"hydra.run.dir={tmp_path / 'run'}")
-        code, err = res.returncode, res.stderr
-    else:
-        code, err = _run_in_process(case.entry, overrides, tmp_path / "run", capsys)
+    try:
+        if case.prepare is not None:
+            overrides += case.prepare(tmp_path)
+        if case.entry.startswith("cli:"):
+            res = run_script(case.entry.removeprefix("cli:"), *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+            code, err = res.returncode, res.stderr
+        else:
+            code, err = _run_in_process(case.entry, overrides, tmp_path / "run", capsys)
+    finally:
+        if case.cleanup is not None:
+            case.cleanup(tmp_path)
     assert "Traceback" not in err, err[-3000:]
     assert code != 0, err[-3000:]
     for fragment in [case.expect] if isinstance(case.expect, str) else case.expect:

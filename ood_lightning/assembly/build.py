@@ -81,11 +81,14 @@ def build_detectors(cfg: DictConfig) -> dict[str, Scorer]:
     return {name: instantiate(spec) for name, spec in (cfg.get("detectors") or {}).items() if spec is not None}
 
 
-def build_trainer(cfg: DictConfig, model: OODMethod, dm: OODDataModule) -> tuple[L.Trainer, list]:
-    """The trainer with the configured loggers and callbacks, plus the method's OOD monitor
-    (given the data it needs here, so the model never reads the data module)."""
+def build_trainer(cfg: DictConfig, model: OODMethod, dm: OODDataModule,
+                  extra_callbacks: list[L.Callback] = ()) -> tuple[L.Trainer, list]:
+    """The trainer with the configured loggers and callbacks, the run's own (``extra_callbacks``,
+    e.g. the SIGTERM checkpoint), plus the method's OOD monitor (given the data it needs here,
+    so the model never reads the data module)."""
     loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
     callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v is not None]
+    callbacks += list(extra_callbacks)
     sets = model.monitor_ood.get("sets") or []
     if sets:
         names = list(dm.ood_sets) if sets == "all" else list(sets)

@@ -27,7 +27,7 @@ def run_safely(fn, cfg: DictConfig):
     except Exception as err:
         if isinstance(err, InstantiationException) and isinstance(err.__cause__, OODLightningError):
             err = err.__cause__  # a constructor's clear error, not Hydra's wrapper around it
-        write_failure(out_dir, err)
+        write_failure(out_dir, err, err.failure_fields() if isinstance(err, OODLightningError) else None)
         multirun = False
         try:
             multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -35,10 +35,10 @@ def run_safely(fn, cfg: DictConfig):
             pass
         if isinstance(err, OODLightningError):
             log.error("%s", err)
-            if multirun:
+            if multirun and err.sweep_continues:
                 return None
             print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+            raise SystemExit(err.exit_code) from None
         if multirun:
             log.exception("run failed (details in %s/failed.json); continuing the sweep", out_dir)
             return None

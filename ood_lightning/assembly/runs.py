@@ -22,7 +22,9 @@ from ood_lightning.assembly.build import (
     load_weights,
     stored_config,
 )
+from ood_lightning.assembly.checks import check_config
 from ood_lightning.assembly.loggers import log_results
+from ood_lightning.assembly.preemption import Preemption
 from ood_lightning.assembly.runtime import (
     apply_speedups,
     check_accelerator,
@@ -65,8 +67,16 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit the configured method, score it, write results; returns the metrics dict."""
+    """Fit the configured method, score it, write results; returns the metrics dict. SIGTERM ends
+    it with a checkpoint and the command that resumes it (``assembly.preemption``)."""
+    preemption = Preemption(cfg.paths.output_dir, cfg.get("ckpt_path"))
+    with preemption.installed():
+        return _train(cfg, preemption)
+
+
+def _train(cfg: DictConfig, preemption: Preemption) -> dict:
     clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
+    check_config(cfg)  # before any data is read
     check_accelerator(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -74,14 +84,15 @@ def train(cfg: DictConfig) -> dict:
     dm.setup("fit")
     model = build_model(cfg, dm.num_classes)
     connect(dm, model)
-    trainer, loggers = build_trainer(cfg, model, dm)
+    trainer, loggers = build_trainer(cfg, model, dm, extra_callbacks=[preemption])
     allow_unsafe = bool(cfg.get(OPT_IN, False))
     if cfg.get("ckpt_path"):
         load_weights(model, cfg.ckpt_path, allow_unsafe)  # a clear error before Lightning's own
     apply_speedups(model, cfg, trainer.strategy.root_device)
     set_nan_check_every(model, cfg, trainer.strategy.root_device)
     if model.trains_backbone:
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not allow_unsafe)
+        with preemption.fitting():
+            trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not allow_unsafe)
     # DDP: every rank scores its block of each split and the outputs are gathered before
     # scorers and metrics (evaluation.distributed); otherwise rank 0 scores everything
     ranks = Ranks.of_process_group(bool(cfg.evaluation.get("distributed", True)))
@@ -108,6 +119,7 @@ def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
+    check_config(cfg)  # before any data is read
     trained = stored_config(cfg.ckpt_path, allow_unsafe)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood

@@ -4,7 +4,8 @@ Triplet-style losses need several examples of several classes in every batch; a 
 loader gives that only by chance. :class:`ClassBatchSampler` draws, for every batch, B_C
 distinct classes and B_N examples of each (walking a shuffled per-class order, so an epoch
 sees every example about equally often). It is seeded, resumable per epoch
-(``set_epoch``, which Lightning calls), and DDP-aware: all ranks draw the same sequence of
+(``set_epoch``: Lightning calls it on ``batch_sampler.sampler``, which is therefore the
+sampler itself, so a resumed run draws the epoch it resumes at), and DDP-aware: all ranks draw the same sequence of
 batches and rank r keeps every W-th one, so shards are disjoint and each rank's batch keeps
 the class structure the loss needs.
 """
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler
 
+from ood_lightning.data.device_loader import EpochOrder
 from ood_lightning.errors import ConfigError
 
 
@@ -28,7 +30,7 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-class ClassBatchSampler(BatchSampler):
+class ClassBatchSampler(BatchSampler, EpochOrder):
     """Yields lists of ``classes_per_batch * samples_per_class`` dataset indices.
 
     Args:
@@ -62,9 +64,11 @@ class ClassBatchSampler(BatchSampler):
         self.samples_per_class = int(samples_per_class)
         self.batch_size = self.classes_per_batch * self.samples_per_class
         self.drop_last = drop_last
-        self.sampler = sampler
+        # Lightning sets the epoch through ``loader.batch_sampler.sampler.set_epoch`` only
+        self.sampler = self
         self.seed = int(seed)
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) the next pass leaves out
         self._num_batches = None if num_batches is None else int(num_batches)
         self._num_replicas = num_replicas if num_replicas is not None else getattr(sampler, "num_replicas", None)
         self._rank = rank if rank is not None else getattr(sampler, "rank", None)
@@ -89,12 +93,18 @@ class ClassBatchSampler(BatchSampler):
         """Make the next ``__iter__`` draw epoch ``epoch`` (Lightning calls this every epoch)."""
         self.epoch = int(epoch)
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """The next pass: epoch ``epoch`` less its first ``batches_done`` batches (drawn, not yielded)."""
+        self.epoch, self._skip = int(epoch), (int(epoch), int(batches_done))
+
     # -- drawing -------------------------------------------------------------------------
     def __iter__(self) -> Iterator[list[int]]:
         world, rank = self.num_replicas, self.rank
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
         rng = np.random.default_rng([self.seed, self.epoch])
+        skip, self._skip = self._skip, None
+        skip = skip[1] if skip is not None and skip[0] == self.epoch else 0
         self.epoch += 1  # a loop without set_epoch still gets a new draw next time
         order = [rng.permutation(m) for m in self._members]
         cursor = [0] * len(order)
@@ -111,4 +121,7 @@ class ClassBatchSampler(BatchSampler):
                 batch.append(members[cursor[k]: cursor[k] + self.samples_per_class])
                 cursor[k] += self.samples_per_class
             if step % world == rank:  # every rank draws the same sequence and keeps its share
+                if skip:
+                    skip -= 1
+                    continue
                 yield np.concatenate(batch).tolist()

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ood_lightning.data.device_loader import DeviceLoader
+from ood_lightning.data.device_loader import DeviceLoader, EpochBatchSampler, EpochOrder
 from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
 from ood_lightning.data.transforms import Preprocess, match_shape
 from ood_lightning.errors import ConfigError
@@ -89,6 +89,9 @@ class OODDataModule(L.LightningDataModule):
         #: labels -> a batch sampler for training, or None for shuffled batches (a method's own, set by the run)
         self.batch_sampler_factory: Callable[[torch.Tensor], Sampler | None] | None = None
         self._content_digests: dict[str, str] = {}
+        #: (epoch, training batches done in it), saved in checkpoints; where a resumed run starts
+        self._train_progress: tuple[int, int] = (0, 0)
+        self._resume_at: tuple[int, int] | None = None
 
     # -- loading -------------------------------------------------------------------------
     def _load(self, name: str, split: str, **kwargs) -> ArrayData:
@@ -219,12 +222,26 @@ class OODDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------
     def _loader(self, data: ArrayData, train: bool) -> DataLoader:
+        """One pass in order (evaluation, validation), or shuffled training batches whose order is a
+        function of (run seed, epoch) only (:class:`EpochBatchSampler`), so a resumed run continues it.
+        The loader's own generator keeps its iterators from drawing on the global RNG, whose stream
+        the checkpoint restores (``OODMethod.on_load_checkpoint``)."""
         c = self.cfg
         workers = int(c.get("num_workers", 0))
-        return DataLoader(TensorData(data), batch_size=int(c["batch_size"] if train else c.get("eval_batch_size", c["batch_size"])),
-                          shuffle=train, drop_last=train and len(data) > c["batch_size"], collate_fn=_keep_batch,
-                          num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        common = dict(collate_fn=_keep_batch, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+        if not train:
+            return DataLoader(TensorData(data), batch_size=int(c.get("eval_batch_size", c["batch_size"])),
+                              shuffle=False, **common)
+        return DataLoader(TensorData(data), batch_sampler=self._epoch_batches(data, int(c["batch_size"])), **common)
+
+    def _epoch_batches(self, data: ArrayData, batch_size: int) -> EpochBatchSampler:
+        """The training order of ``data.loader=cpu``: the permutation ``DeviceLoader`` draws (seed +
+        epoch; the run's seed, which ``L.seed_everything`` sets on every rank), as index lists."""
+        trainer = self.trainer
+        rank, world = (0, 1) if trainer is None else (trainer.global_rank, trainer.world_size)
+        return EpochBatchSampler(len(data), batch_size, shuffle=True, drop_last=len(data) > batch_size * world,
+                                 seed=torch.initial_seed(), num_replicas=world, rank=rank)
 
     def _trainer_device(self) -> torch.device | None:
         trainer = self.trainer
@@ -261,14 +278,35 @@ class OODDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader | DeviceLoader:
         """Shuffled batches, or the batches of ``batch_sampler_factory(labels)`` when it gives a
-        sampler (the method's own, handed over by the run's assembly, e.g. VMDLS's B_C classes x B_N)."""
+        sampler (the method's own, handed over by the run's assembly, e.g. VMDLS's B_C classes x B_N).
+        A run resumed mid-epoch starts at the batch its checkpoint stopped after (:meth:`load_state_dict`)."""
         sampler = self.batch_sampler_factory(self.train_set.labels) if self.batch_sampler_factory else None
         if sampler is None:
-            return self._trainer_loader(self.train_set, train=True)
-        workers = int(self.cfg.get("num_workers", 0))
-        return DataLoader(TensorData(self.train_set), batch_sampler=sampler,
-                          collate_fn=_keep_batch, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+            loader = self._trainer_loader(self.train_set, train=True)
+            order = loader.sampler if isinstance(loader, DeviceLoader) else loader.batch_sampler
+        else:
+            workers = int(self.cfg.get("num_workers", 0))
+            loader = DataLoader(TensorData(self.train_set), batch_sampler=sampler,
+                                collate_fn=_keep_batch, num_workers=workers, persistent_workers=workers > 0,
+                                pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
+            order = sampler
+        if self._resume_at is not None:
+            if isinstance(order, EpochOrder):
+                order.resume_at(*self._resume_at)
+            else:
+                log.warning("%s cannot start mid-epoch: the resumed epoch repeats its first batches",
+                            type(order).__name__)
+            self._resume_at = None
+        return loader
+
+    # -- where training is, for a checkpoint taken mid-epoch (e.g. on SIGTERM) ---------------
+    def state_dict(self) -> dict:
+        epoch, batches = self._train_progress
+        return {"train_epoch": epoch, "train_batches": batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_progress = (int(state["train_epoch"]), int(state["train_batches"]))
+        self._resume_at = self._train_progress
 
     def val_dataloader(self) -> DataLoader | DeviceLoader:
         return self._trainer_loader(self.val_set, train=False)
@@ -289,4 +327,7 @@ class OODDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y = batch
         training = self.trainer is not None and self.trainer.training
+        if training:  # batches trained on in this epoch (a training batch is moved just before its step)
+            epoch, done = self._train_progress
+            self._train_progress = (self.trainer.current_epoch, done + 1 if epoch == self.trainer.current_epoch else 1)
         return self.preprocess(x, train=training), y

@@ -20,6 +20,11 @@ the same number of batches (collectives stay in step). With ``drop_last`` the ta
 does not fill a sample per rank and a whole batch is dropped; without it the permutation
 is padded by wrapping around (a few samples seen twice), again as ``DistributedSampler``.
 
+The CPU path (``data.loader=cpu``) draws the same order: :class:`EpochBatchSampler` hands the
+permutation's batches to a ``DataLoader`` as index lists, so a run resumed from a checkpoint sees
+the batches an uninterrupted run would have seen (a shuffling ``DataLoader`` draws its order from
+the global RNG, which Lightning's checkpoint does not hold).
+
 Evaluation (``scoring/passes.py``) does not shuffle and needs every sample exactly once
 in order: :func:`shard_range` gives each rank a contiguous block instead.
 """
@@ -31,6 +36,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.data import BatchSampler, Sampler
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -42,7 +48,23 @@ def shard_range(n: int, rank: int, world_size: int) -> range:
     return range(min(n, rank * per_rank), min(n, (rank + 1) * per_rank))
 
 
-class EpochPermutation:
+class EpochOrder(Sampler):
+    """A training order that is a function of (seed, epoch) alone, so a resumed run can continue it.
+
+    Lightning calls ``set_epoch(e)`` before every epoch; ``resume_at(e, k)`` makes the next pass
+    epoch ``e`` without its first ``k`` batches (a run resumed from a mid-epoch checkpoint,
+    e.g. one saved on SIGTERM). ``len`` stays the whole epoch's, as Lightning counts the
+    resumed epoch's batches from ``k``.
+    """
+
+    def set_epoch(self, epoch: int) -> None:
+        raise NotImplementedError
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        raise NotImplementedError
+
+
+class EpochPermutation(EpochOrder):
     """Batches of indices into ``range(n)`` for one rank: seeded shuffling per epoch, DDP shards.
 
     ``set_epoch(e)`` fixes the next pass's epoch; each pass then advances it by one.
@@ -59,6 +81,7 @@ class EpochPermutation:
         self.n, self.batch_size, self.shuffle, self.drop_last = int(n), int(batch_size), bool(shuffle), bool(drop_last)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) the next pass leaves out
         # samples per rank: like DistributedSampler (drop the uneven tail, or pad by wrapping around)
         per_rank = self.n // self.world_size if self.drop_last else math.ceil(self.n / self.world_size)
         if per_rank == 0:
@@ -72,8 +95,20 @@ class EpochPermutation:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        self.epoch, self._skip = int(epoch), (int(epoch), int(batches_done))
+
     def __len__(self) -> int:
         return self.num_batches
+
+    def next_pass(self) -> Tensor:
+        """This pass's indices (less what a mid-epoch resume already trained on); advances the epoch."""
+        index = self.indices()
+        skip, self._skip = self._skip, None
+        if skip is not None and skip[0] == self.epoch:
+            index = index[skip[1] * self.batch_size:]
+        self.epoch += 1
+        return index
 
     def indices(self, epoch: int | None = None) -> Tensor:
         """This rank's sample indices for ``epoch`` (default: the current one), on the CPU."""
@@ -89,9 +124,39 @@ class EpochPermutation:
         return mine[: self.num_batches * self.batch_size] if self.drop_last else mine
 
     def __iter__(self) -> Iterator[Tensor]:
-        index = self.indices()
-        self.epoch += 1
-        yield from index.split(self.batch_size)
+        yield from self.next_pass().split(self.batch_size)
+
+
+class EpochBatchSampler(BatchSampler, EpochOrder):
+    """:class:`EpochPermutation`'s batches as index lists, the ``batch_sampler`` of a ``DataLoader``.
+
+    Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` (not on the batch sampler),
+    so ``sampler`` is the permutation itself. ``dist_sampler`` is accepted because Lightning
+    re-creates a custom batch sampler with ``sampler=DistributedSampler(...)`` under DDP (it
+    records the arguments of ``BatchSampler`` subclasses only, hence the base class); only its
+    ``num_replicas`` / ``rank`` are read (explicit ``num_replicas`` / ``rank`` win).
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, drop_last: bool = False, seed: int = 0,
+                 sampler=None, num_replicas: int | None = None, rank: int | None = None):
+        # BatchSampler.__init__ is not called: it validates a plain sampler we do not have
+        world = num_replicas if num_replicas is not None else getattr(sampler, "num_replicas", 1)
+        rank = rank if rank is not None else getattr(sampler, "rank", 0)
+        self.sampler = EpochPermutation(n, batch_size, shuffle, drop_last, seed, rank, world)
+        self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        self.sampler.resume_at(epoch, batches_done)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            yield batch.tolist()
 
 
 class DeviceLoader:
@@ -121,9 +186,7 @@ class DeviceLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        index = self.sampler.indices()
-        self.sampler.epoch += 1
-        index = index.to(self.device, non_blocking=True)  # one copy per epoch, then only device indexing
+        index = self.sampler.next_pass().to(self.device, non_blocking=True)  # one copy per epoch, then only device indexing
         for batch in index.split(self.batch_size):
             yield self.images[batch], self.labels[batch]
 

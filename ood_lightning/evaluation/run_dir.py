@@ -49,11 +49,13 @@ def clear_stale_results(out_dir: str | os.PathLike) -> Path | None:
     return stale
 
 
-def write_failure(out_dir: str | os.PathLike, err: BaseException) -> Path:
-    """``failed.json``: the error's one line and the traceback (call from inside ``except``)."""
+def write_failure(out_dir: str | os.PathLike, err: BaseException, extra: dict | None = None) -> Path:
+    """``failed.json``: the error's one line and the traceback (call from inside ``except``), plus
+    ``extra`` fields (e.g. a terminated run's ``reason`` and ``resume_command``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}, indent=2)
+    record = {"error": f"{type(err).__name__}: {err}", **(extra or {}), "traceback": traceback.format_exc()}
+    text = json.dumps(record, indent=2)
     return atomic_write_text(out_dir / FAILED_FILE, text)
 
 

@@ -13,11 +13,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from ood_lightning import rng_state
 from ood_lightning.errors import NonFiniteLossError
 from ood_lightning.methods.nonfinite import NonFinite, NonFiniteGuard
 from ood_lightning.scoring.api import Results, Scorer
 
 log = logging.getLogger(__name__)
+
+#: the checkpoint entry holding the generators' states (``rng_state.collect``)
+RNG_KEY = "ood_lightning_rng"
 
 
 class OODMethod(L.LightningModule):
@@ -130,9 +134,18 @@ class OODMethod(L.LightningModule):
             late = (f" (found {found.steps_late} steps later: nan_check_every={self.nan_check_every} reads the loss "
                     "on the host every that many steps; the checkpoint holds the weights after those steps, "
                     "nan_check_every=1 saves them before the bad update)")
+        fix = "Lower the learning rate"
+        if self.lambda_:  # the density term (e.g. a flow's NLL) is the usual culprit
+            fix += f" or the weight of the density term (lambda={self.lambda_:g}, e.g. lambda={self.lambda_ / 10:g})"
         raise NonFiniteLossError(f"non-finite loss at epoch {found.epoch}, step {found.step}: {values}; "
-                                 f"checkpoint saved to {path}{late}. Lower the learning rate or check the data.")
+                                 f"checkpoint saved to {path}{late}. {fix}, or check the data.")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.run_config is not None:
             checkpoint["ood_lightning_config"] = self.run_config
+        # a resumed run continues every random stream (noise, augmentation, sampling) bitwise
+        checkpoint[RNG_KEY] = rng_state.collect()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if RNG_KEY in checkpoint:  # older checkpoints resume with the seed's fresh streams
+            rng_state.restore(checkpoint[RNG_KEY])

@@ -117,6 +117,9 @@ def reconstruction_weighted(loglik: Tensor, w: Tensor, reference: float | Tensor
 
 
 # ---------------------------------------------------------------------------------- modules
+#: checkpoint entry of the current epoch's z sums and counts (for a mid-epoch resume)
+_EPOCH_Z = "vmdls_epoch_z"
+
 class StochasticHead(nn.Module):
     """μ(g) and log σ²(g): two linear maps from the backbone features to the latent space."""
 
@@ -386,6 +389,18 @@ class VMDLS(OODMethod):
         schedulers = self.lr_schedulers()
         for sch in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers is not None else []:
             sch.step()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # the epoch's z sums so far (not in the state_dict): a run resumed mid-epoch, e.g. after
+        # SIGTERM, ends the epoch with the class means the uninterrupted run would have had
+        checkpoint[_EPOCH_Z] = {"sum": self._z_sum.detach().cpu().clone(), "count": self._z_count.detach().cpu().clone()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if _EPOCH_Z in checkpoint:
+            self._z_sum.copy_(checkpoint[_EPOCH_Z]["sum"])
+            self._z_count.copy_(checkpoint[_EPOCH_Z]["count"])
 
     def configure_optimizers(self):
         main = [p for name, p in self.named_parameters() if not name.startswith("autoencoder.")]
