@@ -242,15 +242,12 @@ def test_react_scores_clipped_features_by_hand() -> None:
     assert det.score(head, test).item() == pytest.approx(np.log(np.exp(logits).sum()), rel=1e-6)
 
 
-def test_react_subsamples_large_training_sets_deterministically() -> None:
+def test_react_threshold_is_numpys_exact_percentile_beyond_torch_quantiles_limit() -> None:
     gen = torch.Generator().manual_seed(8)
-    feats = torch.rand(2000, 50, generator=gen)  # 100k values, uniform on [0, 1)
-    train = Outputs(logits=torch.zeros(2000, 2), features=feats)
-    a = ReAct(percentile=90.0, max_samples=20_000).fit(None, train)  # type: ignore[arg-type]
-    b = ReAct(percentile=90.0, max_samples=20_000).fit(None, train)  # type: ignore[arg-type]
-    assert a.threshold == b.threshold
-    assert a.threshold == pytest.approx(np.percentile(feats.numpy(), 90.0), abs=0.01)
-    assert a.threshold != pytest.approx(np.percentile(feats.numpy(), 90.0), abs=1e-7)  # it did subsample
+    feats = torch.rand(2**24 // 64 + 7, 64, generator=gen)  # > 2**24 values: torch.quantile refuses these
+    train = Outputs(logits=torch.zeros(len(feats), 2), features=feats)
+    det = ReAct(percentile=90.0).fit(None, train)  # type: ignore[arg-type]
+    assert det.threshold == pytest.approx(float(np.percentile(feats.numpy().astype(np.float64), 90.0)), rel=1e-12)
 
 
 def test_react_score_before_fit_raises(mlp64: TinyMLP) -> None:
