@@ -11,16 +11,20 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from ood_lightning.detectors import (
+    KNN,
     MSP,
     ODIN,
     Detector,
     Energy,
     Mahalanobis,
+    MaxLogit,
     Outputs,
     ReAct,
+    ViM,
     fit_logistic_weights,
     pool,
 )
+from ood_lightning.scoring.api import Scorer
 
 
 class TinyMLP(nn.Module):
@@ -402,7 +406,7 @@ def test_fit_logistic_weights_favours_the_informative_layer() -> None:
 # ----------------------------------------------------------------------------- config / sanity
 
 
-@pytest.mark.parametrize("preset", ["baselines", "fast", "godin", "lde", "lsgm", "none"])
+@pytest.mark.parametrize("preset", ["baselines", "fast", "godin", "lde", "lsgm", "none", "all"])
 def test_every_detector_preset_builds_detectors(preset: str) -> None:
     """What train.py builds from conf/detectors/<preset>.yaml: Detector instances, none missing."""
     from ood_lightning.training import build_detectors
@@ -411,7 +415,7 @@ def test_every_detector_preset_builds_detectors(preset: str) -> None:
     cfg = compose_cfg("train", [f"detectors={preset}"], "/tmp/unused")
     built = build_detectors(cfg)
     assert set(built) == {k for k, v in (cfg.detectors or {}).items() if v is not None}
-    assert all(isinstance(det, Detector) for det in built.values())
+    assert all(isinstance(det, (Detector, Scorer)) for det in built.values())
     assert (preset == "none") == (not built)
 
 
@@ -420,7 +424,7 @@ def test_baseline_preset_has_the_papers_settings() -> None:
     from tests.conftest import compose_cfg
 
     built = build_detectors(compose_cfg("train", ["detectors=baselines"], "/tmp/unused"))
-    assert {type(d) for d in built.values()} == {MSP, ODIN, Energy, ReAct, Mahalanobis}
+    assert {type(d) for d in built.values()} == {MSP, ODIN, Energy, ReAct, Mahalanobis, KNN, ViM, MaxLogit}
     assert built["odin"].temperature == 1000.0 and built["odin"].epsilon == 0.0014  # Liang et al.'s CIFAR setting
     assert built["react"].percentile == 90.0  # Sun et al.
     assert built["mahalanobis"].layers == ("penultimate",) and not built["mahalanobis"].needs_inputs

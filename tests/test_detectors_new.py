@@ -456,3 +456,24 @@ def test_per_class_detectors_refuse_a_class_without_fit_samples() -> None:
     train = outs(model, np.random.default_rng(0).normal(size=(8, 3)), [0, 1, 0, 1, 0, 1, 0, 1])
     with pytest.raises(ConfigError, match=r"detectors\.rmds: classes \[2\]"):
         fit(RMDS(), model, train)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_all_preset_builds_every_new_detector_with_the_documented_defaults() -> None:
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["data=cifar10", "detectors=all"], "/tmp/unused")
+    built = {name: instantiate(spec) for name, spec in cfg.detectors.items()}
+    new = {KNN, ViM, MaxLogit, Entropy, GEN, KLMatching, TemperatureScaling, GradNorm, DICE, ASH, SCALE, SHE, RMDS,
+           FDBD, NNGuide}
+    assert new <= {type(d) for d in built.values()}
+    assert built["knn"].k == 50 and built["vim"].dim == "auto" and built["dice"].sparsity == 0.9
+    assert [built[f"ash_{v}"].variant for v in "pbs"] == ["p", "b", "s"] and built["scale"].percentile == 85.0
+    assert built["gen"].gamma == 0.1 and built["gen"].top_m == 100 and built["nnguide"].k == 10
+    assert built["odin"].input_std == pytest.approx([0.2470, 0.2435, 0.2616])  # ${data.std}: ε in pixel units
+    stripes = compose_cfg("train", ["data=stripes", "detectors=baselines"], "/tmp/unused")
+    assert instantiate(stripes.detectors.odin).input_std is None  # data without a std: inputs as they are
