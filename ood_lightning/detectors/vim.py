@@ -14,8 +14,9 @@ from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
 def default_dim(feature_dim: int) -> int:
-    """The authors' principal dimension: 1000 for D >= 2048, 512 for D >= 768 (their
-    benchmark.py and paper); below that D/2, OpenOOD's 256 for ResNet-18's 512."""
+    """The principal dimension d: the authors' benchmark.py uses 1000 for D >= 2048 and 512
+    otherwise (their models have D = 2048 or ViT's 768); below 768, 512 is impossible or
+    leaves almost no residual, so D/2, as OpenOOD's 256 for ResNet-18's 512-d features."""
     if feature_dim >= 2048:
         return 1000
     if feature_dim >= 768:
