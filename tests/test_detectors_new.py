@@ -400,6 +400,24 @@ def test_odin_step_is_epsilon_sign_over_the_channel_std() -> None:
         ODIN(input_std=[0.2, 0.2, 0.2]).perturb(model, x)
 
 
+def test_mahalanobis_preprocessing_step_is_epsilon_sign_over_the_channel_std() -> None:
+    rng = np.random.default_rng(6)
+    x_fit = rng.normal(size=(60, 8))
+    y = np.arange(60) % 2
+    model = Linear(np.eye(8)[:2])
+    det = fit(Mahalanobis(epsilon=0.01, input_std=[0.5, 0.25]), model, outs(model, x_fit, y))
+    x = torch.tensor(rng.normal(size=(4, 2, 2, 2)), requires_grad=True)
+    f = x.flatten(1)
+    mu, p = det.means["penultimate"], det.precisions["penultimate"]
+    closest = torch.stack([((f - m) @ p * (f - m)).sum(-1) for m in mu], 1).amin(1)
+    (grad,) = torch.autograd.grad(-closest.sum(), x)  # the score moves each input towards its closest mean
+    std = torch.tensor([0.5, 0.25], dtype=torch.float64).view(1, 2, 1, 1)
+    x_tilde = (x + 0.01 * grad.sign() / std).detach()
+    expected = score(det, model, outs(model, x_tilde.flatten(1)))
+    got = det.score_batch(model, x.detach()) if isinstance(det, Scorer) else det.score_inputs(model, x.detach())
+    torch.testing.assert_close(got, expected)
+
+
 # ----------------------------------------------------------------------------- Mahalanobis with dead units (item 4)
 
 
@@ -439,6 +457,7 @@ def test_mahalanobis_dead_unit_does_not_dominate_the_score() -> None:
     (lambda: NNGuide(k=0), "detectors.nnguide.k"),
     (lambda: NNGuide(bank_fraction=0), "detectors.nnguide.bank_fraction"),
     (lambda: ODIN(input_std=[0.5, 0.0]), "detectors.odin.input_std"),
+    (lambda: Mahalanobis(input_std=[]), "detectors.mahalanobis.input_std"),
 ])
 def test_bad_parameters_name_their_key(make, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

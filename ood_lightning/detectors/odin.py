@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ood_lightning.detectors.base import Detector, FeatureModel, Outputs
-from ood_lightning.errors import ConfigError
+from ood_lightning.detectors.input_step import check_std, sign_step
 
 
 class ODIN(Detector):
@@ -34,11 +34,9 @@ class ODIN(Detector):
             raise ValueError(f"ODIN temperature must be > 0, got {temperature}")
         if epsilon < 0:
             raise ValueError(f"ODIN epsilon must be >= 0, got {epsilon}")
-        if input_std is not None and (len(input_std) == 0 or any(not float(s) > 0 for s in input_std)):
-            raise ConfigError(f"detectors.odin.input_std must be null or a list of per-channel stds > 0, got {input_std}")
         self.temperature = float(temperature)
         self.epsilon = float(epsilon)
-        self.input_std = None if input_std is None else [float(s) for s in input_std]
+        self.input_std = check_std(input_std, "odin")
 
     @property
     def needs_inputs(self) -> bool:  # type: ignore[override]
@@ -67,14 +65,7 @@ class ODIN(Detector):
             # Summed NLL: each sample's input gradient is that of its own -log softmax_ŷ.
             loss = F.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_in)
-        step = grad.sign().to(x.dtype)
-        if self.input_std is not None:
-            if x.ndim < 2 or x.shape[1] != len(self.input_std):
-                raise ConfigError(f"detectors.odin.input_std has {len(self.input_std)} channel(s) but the inputs have "
-                                  f"shape {tuple(x.shape)}: pass the ID data's std (${{data.std}})")
-            std = torch.tensor(self.input_std, dtype=x.dtype, device=x.device)
-            step = step / std.view(1, -1, *([1] * (x.ndim - 2)))
-        return x.detach() - self.epsilon * step
+        return x.detach() - self.epsilon * sign_step(grad, self.input_std, "odin").to(x.dtype)
 
     def score_inputs(self, model: FeatureModel, x: Tensor) -> Tensor:
         if self.epsilon == 0:
