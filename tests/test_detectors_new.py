@@ -34,6 +34,7 @@ from ood_lightning.detectors import (
     TemperatureScaling,
     ViM,
 )
+from ood_lightning.detectors.head import has_linear_head
 from ood_lightning.detectors.knn import kth_neighbour_distance
 from ood_lightning.detectors.temperature_scaling import fit_inverse_temperature
 from ood_lightning.errors import ConfigError
@@ -267,6 +268,20 @@ def test_detectors_that_read_the_head_refuse_a_classify_that_is_not_the_head() -
 
     with pytest.raises(ConfigError, match=r"detectors\.dice reads the weights.*NoneType"):
         DICE().fit(NoHead(), FitData(train=train))
+    # the declared capability the evaluation checks to skip these scorers for such methods
+    assert all(cls.needs_linear_head for cls in (ViM, DICE, FDBD, GradNorm))
+    assert not any(cls.needs_linear_head for cls in (KNN, ASH, SCALE, SHE, RMDS, NNGuide, MaxLogit))
+    assert has_linear_head(Linear(np.eye(2))) and not has_linear_head(model) and not has_linear_head(NoHead())
+
+    class Bottleneck(Linear):  # as VMDLS: the head reads a 1-d latent mean of the 2-d features
+        def __init__(self) -> None:
+            super().__init__(np.ones((2, 1)))
+            self.mu = nn.Linear(2, 1).double()
+
+        def classify(self, features: Tensor) -> Tensor:
+            return self.head(self.mu(features))
+
+    assert not has_linear_head(Bottleneck())
 
 
 # ----------------------------------------------------------------------------- DICE

@@ -23,6 +23,8 @@ class DICE(Scorer):
     p: 90); the paper uses 0.7 on ImageNet. Needs a linear head (model.head).
     """
 
+    needs_linear_head = True
+
     def __init__(self, sparsity: float = 0.9) -> None:
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"detectors.dice.sparsity must be in [0, 1), got {sparsity}")

@@ -21,6 +21,8 @@ class FDBD(Scorer):
     Hyperparameter-free; needs a linear head (model.head) and at least two classes.
     """
 
+    needs_linear_head = True
+
     def __init__(self) -> None:
         self.train_mean: Tensor | None = None
         self.weight: Tensor | None = None

@@ -24,6 +24,7 @@ class GradNorm(Scorer):
     """
 
     needs_fit = False
+    needs_linear_head = True
 
     def __init__(self, temperature: float = 1.0) -> None:
         if not temperature > 0:

@@ -14,6 +14,30 @@ from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel
 
 
+def has_linear_head(model: FeatureModel) -> bool:
+    """Whether ``model.classify`` is ``model.head``, an nn.Linear, on penultimate features:
+    checked on a fixed random probe, so the evaluation can skip (with a warning) the
+    ``needs_linear_head`` scorers for methods without one, as it skips classifier scorers
+    for methods without a classifier."""
+    try:
+        head = model.head  # type: ignore[attr-defined]
+    except AttributeError:
+        return False
+    if not isinstance(head, nn.Linear):
+        return False
+    w = head.weight
+    probe = torch.randn(4, head.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probe = probe.to(w.device, w.dtype)
+    try:
+        with torch.no_grad():
+            ref = model.classify(probe).double()
+    except RuntimeError:  # classify expects another input size: it is not the head on these features
+        return False
+    with torch.no_grad():
+        lin = head(probe).double()
+    return ref.shape == lin.shape and torch.allclose(ref, lin, rtol=1e-3, atol=1e-3 * (1.0 + float(lin.abs().max())))
+
+
 def linear_head(model: FeatureModel, detector: str, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(W [C, D], b [C]) of ``model.head``, checked against ``model.classify`` on ``features``."""
     try:

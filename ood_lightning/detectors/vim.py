@@ -36,6 +36,8 @@ class ViM(Scorer):
     :func:`default_dim`); needs a linear head (model.head).
     """
 
+    needs_linear_head = True
+
     def __init__(self, dim: int | str = "auto") -> None:
         if dim != "auto" and (isinstance(dim, str) or int(dim) != dim or dim < 1):
             raise ConfigError(f"detectors.vim.dim must be 'auto' or an integer >= 1, got {dim!r}")

@@ -100,6 +100,10 @@ class Scorer:
     tunes_on_ood: bool = False
     #: reads a classifier's logits or features; skipped for models without a classifier (a VAE)
     needs_classifier: bool = True
+    #: reads the weights of ``model.head`` (an nn.Linear with ``classify == head`` on the penultimate
+    #: features: ViM, DICE, fDBD, GradNorm); skipped for other heads (G-ODIN, VMDLS), see
+    #: :func:`ood_lightning.detectors.head.has_linear_head`
+    needs_linear_head: bool = False
 
     def fit(self, model: FeatureModel, data: FitData) -> Scorer:
         """Estimate whatever the score needs (default: nothing)."""
