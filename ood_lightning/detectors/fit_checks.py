@@ -36,7 +36,7 @@ def require_samples(n: int, need: int, detector: str, key: str | None, why: str)
         raise ConfigError(f"{name}: {why} needs at least {need} fit samples, got {n}: {fix}")
 
 
-def per_class_counts(labels: Tensor, num_classes: int, detector: str, need: int = 1) -> Tensor:
+def per_class_counts(labels: Tensor, num_classes: int, detector: str, need: int = 1, what: str = "fit sample") -> Tensor:
     """Samples per class 0..C-1, refusing a class with fewer than ``need`` (its statistics are undefined)."""
     labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -45,6 +45,7 @@ def per_class_counts(labels: Tensor, num_classes: int, detector: str, need: int 
     counts = torch.bincount(labels.cpu(), minlength=num_classes)
     short = [c for c in range(num_classes) if counts[c] < need]
     if short:
-        raise ConfigError(f"detectors.{detector}: classes {short[:10]} have fewer than {need} fit sample(s) "
-                          f"(counts {counts[short[:10]].tolist()}): raise evaluation.fit_limit")
+        raise ConfigError(f"detectors.{detector}: classes {short[:10]} have fewer than {need} {what}(s) "
+                          f"(counts {counts[short[:10]].tolist()}): raise evaluation.fit_limit"
+                          + (" or train the classifier longer" if what != "fit sample" else ""))
     return counts

@@ -27,7 +27,7 @@ class SHE(Scorer):
         labels = train.labels.to(f.device).long()
         correct = train.logits.argmax(-1).to(f.device) == labels
         c = train.logits.shape[1]
-        counts = per_class_counts(labels[correct], c, "she").to(f.device)  # correct ones per class
+        counts = per_class_counts(labels[correct], c, "she", what="correctly classified fit sample").to(f.device)  # correct ones per class
         sums = torch.zeros(c, f.shape[1], dtype=f.dtype, device=f.device).index_add_(0, labels[correct], f[correct])
         self.patterns = sums / counts[:, None].to(f.dtype)
         return self
