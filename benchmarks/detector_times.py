@@ -82,7 +82,8 @@ def pytorch_ood(model, dm, fit_limit: int, device) -> dict:
     makers = {
         "msp": lambda: P.MaxSoftmax(net), "energy": lambda: P.EnergyBased(net), "maxlogit": lambda: P.MaxLogit(net),
         "entropy": lambda: P.Entropy(net), "gen": lambda: P.GEN(net, gamma=0.1),
-        "odin": lambda: P.ODIN(net, eps=0.0014, temperature=1000.0, norm_std=list(dm.cfg.get("std") or [1.0])),
+        # ODIN perturbs the preprocessed (float) input, as ours
+        "odin": lambda: P.ODIN(model, eps=0.0014, temperature=1000.0, norm_std=list(dm.cfg.get("std") or [1.0])),
         "react": lambda: P.ReAct(backbone=net.maps, head=net.head_of_maps, percentile=0.9),
         "mahalanobis": lambda: P.Mahalanobis(net.features), "knn": lambda: P.KNN(net.features, k=50),
         "vim": lambda: P.ViM(net.features, d=head.in_features // 2, w=head.weight, b=head.bias),
@@ -107,7 +108,9 @@ def pytorch_ood(model, dm, fit_limit: int, device) -> dict:
             det.fit(fit_loader)
         for loader in loaders.values():
             for x, _ in loader:
-                if name in ("odin", "gradnorm"):  # they need gradients
+                if name == "odin":  # it needs gradients, w.r.t. the preprocessed input
+                    det.predict(net.preprocess(x.to(device)))
+                elif name == "gradnorm":  # it needs gradients
                     det.predict(x.to(device))
                 else:
                     with torch.no_grad():
