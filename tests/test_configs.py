@@ -101,7 +101,7 @@ def _detector_entries() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize(("preset", "name"), _detector_entries())
 def test_every_detector_entry_fits_and_scores_a_tiny_model(preset: str, name: str, tmp_path: Path) -> None:
-    spec = compose_cfg("train", [f"detectors={preset}"], tmp_path).detectors[name]
+    spec = compose_cfg("train", [f"detectors={preset}", "data=moons"], tmp_path).detectors[name]  # vector inputs
     scorer = instantiate(spec)
     assert isinstance(scorer, Scorer)
     model = _TinyClassifier().eval()

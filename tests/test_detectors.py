@@ -11,11 +11,14 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from ood_lightning.detectors import (
+    KNN,
     MSP,
     ODIN,
     Energy,
     Mahalanobis,
+    MaxLogit,
     ReAct,
+    ViM,
     fit_logistic_weights,
 )
 from ood_lightning.scoring.api import FitData, Outputs, Scorer, pool
@@ -240,15 +243,12 @@ def test_react_scores_clipped_features_by_hand() -> None:
     assert det.score(head, test).item() == pytest.approx(np.log(np.exp(logits).sum()), rel=1e-6)
 
 
-def test_react_subsamples_large_training_sets_deterministically() -> None:
+def test_react_threshold_is_numpys_exact_percentile_beyond_torch_quantiles_limit() -> None:
     gen = torch.Generator().manual_seed(8)
-    feats = torch.rand(2000, 50, generator=gen)  # 100k values, uniform on [0, 1)
-    train = Outputs(logits=torch.zeros(2000, 2), features=feats)
-    a = ReAct(percentile=90.0, max_samples=20_000).fit(None, FitData(train))
-    b = ReAct(percentile=90.0, max_samples=20_000).fit(None, FitData(train))
-    assert a.threshold == b.threshold
-    assert a.threshold == pytest.approx(np.percentile(feats.numpy(), 90.0), abs=0.01)
-    assert a.threshold != pytest.approx(np.percentile(feats.numpy(), 90.0), abs=1e-7)  # it did subsample
+    feats = torch.rand(2**24 // 64 + 7, 64, generator=gen)  # > 2**24 values: torch.quantile refuses these
+    train = Outputs(logits=torch.zeros(len(feats), 2), features=feats)
+    det = ReAct(percentile=90.0).fit(None, FitData(train))
+    assert det.threshold == pytest.approx(float(np.percentile(feats.numpy().astype(np.float64), 90.0)), rel=1e-12)
 
 
 def test_react_score_before_fit_raises(mlp64: TinyMLP) -> None:
@@ -403,7 +403,7 @@ def test_fit_logistic_weights_favours_the_informative_layer() -> None:
 # ----------------------------------------------------------------------------- config / sanity
 
 
-@pytest.mark.parametrize("preset", ["baselines", "fast", "godin", "none"])
+@pytest.mark.parametrize("preset", ["baselines", "fast", "godin", "none", "all"])
 def test_every_detector_preset_builds_detectors(preset: str) -> None:
     """What train.py builds from conf/detectors/<preset>.yaml: Scorer instances, none missing."""
     from ood_lightning.assembly.build import build_detectors
@@ -421,7 +421,7 @@ def test_baseline_preset_has_the_papers_settings() -> None:
     from tests.conftest import compose_cfg
 
     built = build_detectors(compose_cfg("train", ["detectors=baselines"], "/tmp/unused"))
-    assert {type(d) for d in built.values()} == {MSP, ODIN, Energy, ReAct, Mahalanobis}
+    assert {type(d) for d in built.values()} == {MSP, ODIN, Energy, ReAct, Mahalanobis, KNN, ViM, MaxLogit}
     assert built["odin"].temperature == 1000.0 and built["odin"].epsilon == 0.0014  # Liang et al.'s CIFAR setting
     assert built["react"].percentile == 90.0  # Sun et al.
     assert built["mahalanobis"].layers == ("penultimate",) and not built["mahalanobis"].per_batch

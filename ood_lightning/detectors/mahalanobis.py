@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ood_lightning.detectors.input_step import check_std, sign_step
 from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, layer_selection, pool
 
@@ -42,12 +43,16 @@ class Mahalanobis(Scorer):
     Args:
         layers: layer names from ``Outputs.layers`` (``"penultimate"`` may also mean
             ``Outputs.features``), or ``"all"`` for every layer present at fit time.
-        epsilon: input-perturbation step in normalised-input units; > 0 turns on the
-            paper's input pre-processing and makes ``per_batch`` True.
+        epsilon: input-perturbation step; > 0 turns on the paper's input pre-processing
+            (and makes ``per_batch`` True). In pixel units when ``input_std`` is given (the
+            sign step is divided by the per-channel std, as the reference code).
+        input_std: the ID data's per-channel std (``${data.std}``), or None.
         layer_weights: per-layer weights (sequence aligned with the layers, or a
             name -> weight mapping); ``None`` means 1 for every layer (no OOD data used).
         shrinkage: s in Σ ← (1−s)Σ + s·(tr Σ / D)·I, for few samples or dead units.
 
+    Σ is inverted with the pseudo-inverse, as the reference code: a unit that is constant
+    (dead) on the fit data gets zero precision, so it adds nothing to any score.
     Statistics are kept in float64 (squared distances in high dimension are large and
     differ by little), and scores are returned in float64 for the same reason.
     """
@@ -58,6 +63,7 @@ class Mahalanobis(Scorer):
         epsilon: float = 0.0,
         layer_weights: Sequence[float] | Mapping[str, float] | None = None,
         shrinkage: float = 0.0,
+        input_std: Sequence[float] | None = None,
     ) -> None:
         if epsilon < 0:
             raise ConfigError(f"detectors.<name>.epsilon: Mahalanobis epsilon must be >= 0, got {epsilon}")
@@ -67,6 +73,7 @@ class Mahalanobis(Scorer):
         self.epsilon = float(epsilon)
         self.layer_weights = layer_weights
         self.shrinkage = float(shrinkage)
+        self.input_std = check_std(input_std, "mahalanobis")
         self.classes: Tensor | None = None
         self.means: dict[str, Tensor] = {}
         self.covariances: dict[str, Tensor] = {}
@@ -177,7 +184,7 @@ class Mahalanobis(Scorer):
         total: Tensor | float = 0.0
         with torch.no_grad():
             for name, grad in zip(names, grads):
-                x_tilde = x.detach() + self.epsilon * grad.sign().to(x.dtype)
+                x_tilde = x.detach() + self.epsilon * sign_step(grad, self.input_std, "mahalanobis").to(x.dtype)
                 f = _layer(model.forward_features(x_tilde), name)
                 total = total + self.weights[name] * self._layer_score(name, f)
         return total  # type: ignore[return-value]

@@ -6,10 +6,13 @@ ID inputs respond more strongly than OOD ones, which widens the gap in max softm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ood_lightning.detectors.input_step import check_std, sign_step
 from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
@@ -17,21 +20,25 @@ from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 class ODIN(Scorer):
     """Score = max softmax(model(x̃)/T) with x̃ = x − ε·sign(−∇ₓ log softmax_ŷ(x)/T).
 
-    ``epsilon`` is in *normalised-input units*: inputs reach the model already
-    standardised by the dataset mean/std, so ε = 0.0014 here equals 0.0014·std_c in pixel
-    space per channel (the original code divides the gradient sign by the std instead).
+    ``epsilon`` is in *pixel units* when ``input_std`` is given (the configs pass
+    ``${data.std}``): inputs reach the model standardised by the per-channel std, so the
+    step on them is ε·sign(∇)/std_c, as in the reference code, and ε = 0.0014 is the
+    paper's 0.0014. With ``input_std=None`` (data without a std) the step is ε·sign(∇)
+    on the model's inputs as they are.
     With ``epsilon == 0`` no gradient is computed and the score is temperature-scaled MSP,
     which can then be read from cached outputs (``per_batch`` is False).
     """
 
     needs_fit = False
 
-    def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
+    def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014,
+                 input_std: Sequence[float] | None = None) -> None:
         for key, value, ok, rule in (("temperature", temperature, temperature > 0, "> 0"),
                                      ("epsilon", epsilon, epsilon >= 0, ">= 0")):
             if not ok:
                 raise ConfigError(f"detectors.odin.{key} must be {rule}, got {value}")
         self.temperature, self.epsilon = float(temperature), float(epsilon)
+        self.input_std = check_std(input_std, "odin")
 
     @property
     def per_batch(self) -> bool:  # type: ignore[override]
@@ -60,7 +67,7 @@ class ODIN(Scorer):
             # Summed NLL: each sample's input gradient is that of its own -log softmax_ŷ.
             loss = F.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_in)
-        return x.detach() - self.epsilon * grad.sign().to(x.dtype)
+        return x.detach() - self.epsilon * sign_step(grad, self.input_std, "odin").to(x.dtype)
 
     def score_batch(self, model: FeatureModel, x: Tensor) -> Tensor:
         if self.epsilon == 0:

@@ -14,32 +14,45 @@ from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
+def exact_percentile(values: Tensor, percentile: float) -> float:
+    """numpy.percentile(values, percentile) (linear interpolation) of all values, exactly.
+
+    Two order statistics by ``torch.kthvalue`` (no sort copy, no 2**24 limit of
+    ``torch.quantile``), interpolated in float64: the 90th percentile of 20000 x 128
+    activations is one selection over 2.56M values.
+    """
+    flat = values.detach().reshape(-1)
+    if flat.numel() == 0:
+        raise ConfigError("detectors.react got no activations to take a percentile of: raise evaluation.fit_limit")
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+    pos = (flat.numel() - 1) * percentile / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, flat.numel() - 1)
+    v_lo = float(torch.kthvalue(flat, lo + 1).values)
+    v_hi = float(torch.kthvalue(flat, hi + 1).values) if hi != lo else v_lo
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
 class ReAct(Scorer):
     """Score = energy(model.classify(min(features, c))), c = ``percentile`` of ID activations.
 
-    ``max_samples`` caps how many activations enter ``torch.quantile`` (which refuses
-    inputs above 2**24 elements); larger training sets are subsampled with a fixed seed.
+    c is taken on the ID *training* fit set (``evaluation.fit_limit`` samples of the
+    training split, as the paper's "activations estimated on ID training data"): every
+    penultimate unit of every fit sample, flattened, exactly (:func:`exact_percentile`,
+    numpy's linear interpolation; no subsampling).
     """
 
-    def __init__(self, percentile: float = 90.0, temperature: float = 1.0, max_samples: int = 1_000_000) -> None:
+    def __init__(self, percentile: float = 90.0, temperature: float = 1.0) -> None:
         if not 0.0 <= percentile <= 100.0:
             raise ConfigError(f"detectors.react.percentile must be in [0, 100], got {percentile}")
         if temperature <= 0:
             raise ConfigError(f"detectors.react.temperature must be > 0, got {temperature}")
         self.percentile = float(percentile)
         self.temperature = float(temperature)
-        self.max_samples = int(max_samples)
         self.threshold: float | None = None
 
     def fit(self, model: FeatureModel, data: FitData) -> ReAct:
-        flat = data.train.features.detach().reshape(-1)
-        if flat.numel() > self.max_samples:
-            # Seeded sampling (with replacement: no O(N) permutation of billions of indices).
-            gen = torch.Generator().manual_seed(0)
-            idx = torch.randint(flat.numel(), (self.max_samples,), generator=gen)
-            flat = flat[idx.to(flat.device)]
-        q = torch.quantile(flat.double().cpu(), self.percentile / 100.0)
-        self.threshold = float(q)
+        self.threshold = exact_percentile(data.train.features, self.percentile)
         return self
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:

@@ -35,6 +35,9 @@ class OODMethod(L.LightningModule):
     trains_backbone: bool = True
     #: False for unsupervised methods (VAE): no accuracy or open-set F1 is reported
     has_classifier: bool = True
+    #: ``classify`` is ``head``, an nn.Linear on the penultimate features (what ViM, DICE, fDBD and
+    #: GradNorm read); False for methods whose classify does more (VMDLS, G-ODIN)
+    has_linear_head: bool = True
     #: weight of the method's density term in its loss (DHM's λ); None for methods without one
     lambda_: float | None = None
 

@@ -60,6 +60,8 @@ class GeneralizedODIN(Classifier):
     optimiser's own ``weight_decay``.
     """
 
+    has_linear_head = False
+
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Any, scheduler: Any = None,
                  h_weight_decay: float = 0.0, label_smoothing: float = 0.0) -> None:
         super().__init__(backbone, num_classes, optimizer, scheduler, label_smoothing=label_smoothing)

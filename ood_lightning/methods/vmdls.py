@@ -246,6 +246,8 @@ class VMDLS(OODMethod):
     (disjoint) graphs, then one step of each optimiser; the main scheduler steps per epoch.
     """
 
+    has_linear_head = False
+
     #: the classifier head of a ``method=classifier`` checkpoint does not fit this head
     loads_classifier_head = False
 

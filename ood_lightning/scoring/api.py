@@ -28,6 +28,10 @@ class FeatureModel(Protocol):
     def classify(self, features: Tensor) -> Tensor:
         """Classifier head: penultimate features [B, D] -> logits [B, C]."""
 
+    @property
+    def head(self) -> torch.nn.Module | None:
+        """The classifier head module (``classify`` is this linear map where ``has_linear_head``)."""
+
     def __call__(self, x: Tensor) -> Tensor:
         """Logits [B, C]."""
 
@@ -103,6 +107,10 @@ class Scorer:
     tunes_on_ood: bool = False
     #: reads a classifier's logits or features; skipped for models without a classifier (a VAE)
     needs_classifier: bool = True
+    #: reads the weights of ``model.head`` (an nn.Linear with ``classify == head`` on the penultimate
+    #: features: ViM, DICE, fDBD, GradNorm); skipped for methods that declare
+    #: ``OODMethod.has_linear_head = False`` (G-ODIN, VMDLS)
+    needs_linear_head: bool = False
 
     def fit(self, model: FeatureModel, data: FitData) -> Scorer:
         """Estimate whatever the score needs (default: nothing)."""

@@ -47,6 +47,12 @@ def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, 
                         "classifier (its own scores are reported); pass detectors=none to silence this",
                         skipped, type(model).__name__)
         detectors = {n: d for n, d in detectors.items() if not d.needs_classifier}
+    if not model.has_linear_head:
+        skipped = sorted(n for n, d in detectors.items() if d.needs_linear_head)
+        if skipped:
+            log.warning("skipping detectors %s: they read the weights of a linear classifier head, and %s's "
+                        "classify is not one", skipped, type(model).__name__)
+        detectors = {n: d for n, d in detectors.items() if not d.needs_linear_head}
     own = model.scorers()
     clash = sorted(set(own) & set(detectors))
     if clash:
