@@ -15,6 +15,7 @@ from rich.markdown import Markdown
 
 import ood_lightning.config  # noqa: F401  (registers the config resolvers)
 from ood_lightning.assembly.cli import run_safely
+from ood_lightning.console import quiet_known_noise
 from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation.results import wide_console
 
@@ -66,6 +67,7 @@ def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig):
+    quiet_known_noise()
     return run_safely(evaluate, cfg)
 
 

@@ -14,10 +14,12 @@ import ood_lightning.config  # noqa: F401  (registers the config resolvers)
 from ood_lightning.assembly.checks import check_cli_overrides
 from ood_lightning.assembly.cli import run_safely
 from ood_lightning.assembly.runs import train
+from ood_lightning.console import quiet_known_noise
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig):
+    quiet_known_noise()
     return run_safely(train, cfg)
 
 
