@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ood_lightning.data.registry import default_data_root
+from ood_lightning.data.schema import register_schema
 from ood_lightning.pretrained import models_root
 
 
@@ -16,6 +17,12 @@ def _epochs_at(max_epochs: int, fractions) -> ListConfig:
 
 
 def register_resolvers() -> None:
+    """Idempotent: the project's resolvers and the data schema (``data/schema``)."""
+    register_schema()
+    _register_resolvers()
+
+
+def _register_resolvers() -> None:
     """Idempotent: ``${ood_data_root:}``, ``${ood_models_root:}`` and ``${epochs_at:max_epochs,[fractions]}``."""
     if not OmegaConf.has_resolver("ood_data_root"):
         OmegaConf.register_new_resolver("ood_data_root", default_data_root)

@@ -241,3 +241,18 @@ def test_corrupt_decoded_pack_cache_is_rebuilt_and_logged_with_its_path(tmp_path
     packs.load_pack.cache_clear()
     np.testing.assert_array_equal(np.load(cache), first.images)  # rebuilt in place
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.name]
+
+
+def test_data_keys_have_one_schema_with_defaults_and_typos_are_named(tmp_path):
+    from ood_lightning.data.schema import DataConfig, data_config
+    from tests.conftest import compose_cfg
+
+    filled = data_config({"name": "stripes", "root": "."})
+    assert filled["batch_size"] == DataConfig.batch_size and filled["augment"] == {"crop_padding": 0, "hflip": False}
+    with pytest.raises(ConfigError, match=r"unknown key data.limit_tran; did you mean data.limit_train\?"):
+        OODDataModule({"name": "stripes", "root": ".", "limit_tran": 5})
+    with pytest.raises(Exception, match="limit_tran"):  # at composition, before anything runs
+        compose_cfg("train", ["data.limit_tran=5"], tmp_path)
+    for name in ("cifar10", "mnist6", "moons", "stripes", "svhn"):  # every data file extends the schema
+        cfg = compose_cfg("train", [f"data={name}"], tmp_path)
+        assert set(cfg.data) == set(DataConfig.__dataclass_fields__), name

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ood_lightning.data.device_loader import DeviceLoader, EpochBatchSampler, EpochOrder
 from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
+from ood_lightning.data.schema import data_config, ood_set_config
 from ood_lightning.data.transforms import Preprocess, match_shape
 from ood_lightning.errors import ConfigError
 
@@ -77,12 +78,12 @@ class OODDataModule(L.LightningDataModule):
 
     def __init__(self, data: Mapping, ood: Mapping | None = None):
         super().__init__()
-        self.cfg = _plain(data)
-        self.ood_cfg = {k: _plain(v) for k, v in _plain(ood).items() if v is not None}
+        self.cfg = data_config(_plain(data))
+        self.ood_cfg = {k: ood_set_config(_plain(v)) for k, v in _plain(ood).items() if v is not None}
         c = self.cfg
-        aug = c.get("augment") or {}
-        self.preprocess = Preprocess(c.get("mean"), c.get("std"), aug.get("crop_padding", 0),
-                                     aug.get("hflip", False), c.get("dequantize", False))
+        aug = c["augment"]
+        self.preprocess = Preprocess(c["mean"], c["std"], aug["crop_padding"],
+                                     aug["hflip"], c["dequantize"])
         self.train_set = self.val_set = self.test_set = None
         self.ood_sets: dict[str, ArrayData] = {}
         self.class_names: tuple[str, ...] = ()
@@ -96,17 +97,17 @@ class OODDataModule(L.LightningDataModule):
     # -- loading -------------------------------------------------------------------------
     def _load(self, name: str, split: str, **kwargs) -> ArrayData:
         c = self.cfg
-        return load_dataset(name, split=split, root=c["root"], download=c.get("download", False),
-                            cache_dir=c.get("cache_dir"), **kwargs)
+        return load_dataset(name, split=split, root=c["root"], download=c["download"],
+                            cache_dir=c["cache_dir"], **kwargs)
 
     def _id_split(self, split: str) -> ArrayData:
         c = self.cfg
-        kwargs = dict(c.get("kwargs") or {})
-        kwargs.setdefault("seed", int(c.get("split_seed", 0)))
+        kwargs = dict(c["kwargs"])
+        kwargs.setdefault("seed", int(c["split_seed"]))
         if split in ("train", "test") and f"n_{split}" in c:
             kwargs["n"] = c[f"n_{split}"]
         data = self._load(c["name"], split, **kwargs)
-        if c.get("known_classes") is not None:
+        if c["known_classes"] is not None:
             data = select_classes(data, c["known_classes"], relabel=True)
             if len(data) == 0:
                 raise ConfigError(f"data.known_classes={c['known_classes']} leaves no {split} samples of {c['name']!r}")
@@ -116,19 +117,19 @@ class OODDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         c = self.cfg
-        seed = int(c.get("split_seed", 0))
+        seed = int(c["split_seed"])
         full = self._id_split("train")
         self.class_names = full.classes
-        val_size = c.get("val_size", 0.1)
+        val_size = c["val_size"]
         n_val = int(round(val_size * len(full))) if isinstance(val_size, float) and val_size < 1 else int(val_size)
         if not 0 < n_val < len(full):
             raise ConfigError(f"data.val_size={val_size} must leave both a validation and a training set ({len(full)} samples)")
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
         self.val_set = full.subset(perm[:n_val].sort().values)
         self.train_set = full.subset(perm[n_val:].sort().values)
-        self.train_set = _fixed_subset(self.train_set, c.get("limit_train"), seed + 1)
-        self.val_set = _fixed_subset(self.val_set, c.get("limit_val"), seed + 2)
-        self.test_set = _fixed_subset(self._id_split("test"), c.get("limit_test"), seed + 3)
+        self.train_set = _fixed_subset(self.train_set, c["limit_train"], seed + 1)
+        self.val_set = _fixed_subset(self.val_set, c["limit_val"], seed + 2)
+        self.test_set = _fixed_subset(self._id_split("test"), c["limit_test"], seed + 3)
         self._check_channels()
         for name, spec in self.ood_cfg.items():
             self.ood_sets[name] = self._load_ood(name, spec)
@@ -137,7 +138,7 @@ class OODDataModule(L.LightningDataModule):
                  ", ".join(f"{k} ({len(v)})" for k, v in self.ood_sets.items()) or "none")
 
     def _check_channels(self) -> None:
-        want = self.cfg.get("channels")
+        want = self.cfg["channels"]
         shape = self.train_set.sample_shape
         if want is not None and len(shape) == 3 and shape[0] != want:
             raise ConfigError(f"data.channels={want} but {self.cfg['name']!r} has {shape[0]}-channel images; set data.channels={shape[0]}")
@@ -150,10 +151,10 @@ class OODDataModule(L.LightningDataModule):
         kwargs.setdefault("shape", shape)
         if len(shape) == 3:
             kwargs.setdefault("image_size", shape[-1])
-        data = self._load(spec["dataset"], spec.get("split", "test"), **kwargs)
-        classes = spec.get("classes")
+        data = self._load(spec["dataset"], spec["split"], **kwargs)
+        classes = spec["classes"]
         if classes == "unknown":
-            known = self.cfg.get("known_classes")
+            known = self.cfg["known_classes"]
             if known is None:
                 raise ConfigError(f"OOD set {name!r} takes the held-out classes, but data.known_classes is null; "
                                   "choose a class split (e.g. data=mnist6 or data=cifar6) or other OOD sets "
@@ -163,16 +164,16 @@ class OODDataModule(L.LightningDataModule):
             data = select_classes(data, classes, relabel=False)
         if len(data) == 0:
             raise ConfigError(f"OOD set {name!r} is empty (dataset {spec['dataset']!r}, classes {classes})")
-        limit = spec.get("limit")
-        limit = self.cfg.get("limit_ood") if limit is None else limit  # the set's own limit wins
-        data = _fixed_subset(data, limit, int(self.cfg.get("split_seed", 0)) + 4)
-        images = match_shape(data.images, shape, name, spec.get("convert"))
+        limit = spec["limit"]
+        limit = self.cfg["limit_ood"] if limit is None else limit  # the set's own limit wins
+        data = _fixed_subset(data, limit, int(self.cfg["split_seed"]) + 4)
+        images = match_shape(data.images, shape, name, spec["convert"])
         return ArrayData(images, torch.full((len(data),), -1, dtype=torch.int64))
 
     # -- facts the model needs -----------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        known = self.cfg.get("known_classes")
+        known = self.cfg["known_classes"]
         if known is not None:
             return len(known)
         return int(self.train_set.labels.max()) + 1
@@ -211,7 +212,7 @@ class OODDataModule(L.LightningDataModule):
         everything that changes them: the split's decoded data itself (:meth:`content_digest`),
         and what is applied to it later (fit subset size and seed, normalisation, augmentation)."""
         keys = ("split_seed", "mean", "std", "augment", "dequantize")
-        spec = {k: self.cfg.get(k) for k in keys}
+        spec = {k: self.cfg[k] for k in keys}
         spec["content"] = self.content_digest(split)
         if split in self.ood_cfg:
             spec, dataset = {**spec, "ood": self.ood_cfg[split]}, self.ood_cfg[split]["dataset"]
@@ -227,11 +228,11 @@ class OODDataModule(L.LightningDataModule):
         The loader's own generator keeps its iterators from drawing on the global RNG, whose stream
         the checkpoint restores (``OODMethod.on_load_checkpoint``)."""
         c = self.cfg
-        workers = int(c.get("num_workers", 0))
+        workers = int(c["num_workers"])
         common = dict(collate_fn=_keep_batch, num_workers=workers, persistent_workers=workers > 0,
                       pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
         if not train:
-            return DataLoader(TensorData(data), batch_size=int(c.get("eval_batch_size", c["batch_size"])),
+            return DataLoader(TensorData(data), batch_size=int(c["eval_batch_size"] or c["batch_size"]),
                               shuffle=False, **common)
         return DataLoader(TensorData(data), batch_sampler=self._epoch_batches(data, int(c["batch_size"])), **common)
 
@@ -249,7 +250,7 @@ class OODDataModule(L.LightningDataModule):
 
     def loader_kind(self, data: ArrayData) -> str:
         """``gpu`` or ``cpu``: what ``data.loader`` resolves to for ``data`` with the attached trainer."""
-        choice = str(self.cfg.get("loader", "auto")).lower()
+        choice = str(self.cfg["loader"]).lower()
         if choice not in _LOADERS:
             raise ConfigError(f"data.loader={choice!r}: choose one of {', '.join(_LOADERS)}")
         device = self._trainer_device()
@@ -269,7 +270,7 @@ class OODDataModule(L.LightningDataModule):
         if self.loader_kind(data) == "cpu":
             return self._loader(data, train)
         c, trainer = self.cfg, self.trainer
-        batch_size = int(c["batch_size"] if train else c.get("eval_batch_size", c["batch_size"]))
+        batch_size = int(c["batch_size"] if train else (c["eval_batch_size"] or c["batch_size"]))
         # the run's seed (L.seed_everything sets it on every rank); epochs add to it
         return DeviceLoader(data.images, data.labels, batch_size, shuffle=train,
                             drop_last=train and len(data) > batch_size * trainer.world_size,
@@ -285,7 +286,7 @@ class OODDataModule(L.LightningDataModule):
             loader = self._trainer_loader(self.train_set, train=True)
             order = loader.sampler if isinstance(loader, DeviceLoader) else loader.batch_sampler
         else:
-            workers = int(self.cfg.get("num_workers", 0))
+            workers = int(self.cfg["num_workers"])
             loader = DataLoader(TensorData(self.train_set), batch_sampler=sampler,
                                 collate_fn=_keep_batch, num_workers=workers, persistent_workers=workers > 0,
                                 pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(0))
@@ -316,7 +317,7 @@ class OODDataModule(L.LightningDataModule):
 
     def fit_dataloader(self, limit: int | None = None) -> DataLoader:
         """ID training data without augmentation (a fixed subset of ``limit``), for fitting detectors."""
-        return self._loader(_fixed_subset(self.train_set, limit, int(self.cfg.get("split_seed", 0)) + 5), train=False)
+        return self._loader(_fixed_subset(self.train_set, limit, int(self.cfg["split_seed"]) + 5), train=False)
 
     def eval_dataloaders(self) -> dict[str, DataLoader]:
         """Every evaluation split by name: ``id_val``, ``id_test`` and each OOD set."""
