@@ -145,3 +145,26 @@ def test_scoring_time_rows() -> None:
     rows = scoring_time(train, test, n_components=(2, 3), repeats=1, mixture="gmm", max_iter=100)
     assert [(r["n_components"], r["n_layers"]) for r in rows] == [(2, 1), (2, 2), (3, 1), (3, 2)]
     assert all(r["n_inputs"] == 20 and r["seconds_per_input"] > 0 for r in rows)
+
+
+def test_the_per_layer_ablation_reuses_lsgm_s_mixtures_on_the_same_outputs(monkeypatch):
+    """method=lsgm fits LSGM and gmm_per_layer on one training pass: the mixtures are fitted once."""
+    from ood_lightning.scoring.api import Outputs
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 3, generator=g), torch.randn(300, 2, generator=g)
+    train = Outputs(logits=torch.zeros(300, 2), features=b, layers={"a": a, "penultimate": b}, labels=torch.arange(300) % 2)
+    fits = []
+    real = LSGM._fit_new_layer
+    monkeypatch.setattr(LSGM, "_fit_new_layer", lambda self, *args: fits.append(args[0]) or real(self, *args))
+    joint = LSGM(n_components=3, mixture="gmm", max_iter=20).fit_outputs(train)
+    ablation = LSGM(n_components=3, mixture="gmm", max_iter=20, joint=False).fit_outputs(train)
+    assert fits == ["a", "penultimate"]  # two layers, fitted once for both scorers
+    other = LSGM(n_components=2, mixture="gmm", max_iter=20, joint=False).fit_outputs(train)  # other settings: refit
+    assert fits == ["a", "penultimate", "a", "penultimate"]
+    test = Outputs(logits=torch.zeros(5, 2), features=b[:5], layers={"a": a[:5], "penultimate": b[:5]})
+    # the ablation equals the sum of the same per-layer mixtures' log-likelihoods
+    expected = sum(torch.logsumexp(m.log_emissions(f) + m.log_weights, 1) for m, f in
+                   zip(joint.models.values(), (a[:5], b[:5])))
+    torch.testing.assert_close(ablation.score(None, test), expected)
+    assert other.models["a"] is not joint.models["a"]

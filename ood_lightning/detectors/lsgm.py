@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -177,6 +178,11 @@ def _device_of(t: Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "mps" else t.device
 
 
+#: id(layer features) -> (weak reference to them, {settings: fitted mixture}), for as long as the
+#: features live (one evaluation); by identity, as tensors compare elementwise
+_FITTED: dict[int, tuple[weakref.ref, dict]] = {}
+
+
 class LSGM(Scorer):
     """Latent Sequential Gaussian Mixture: joint log-likelihood of an input's layer trace.
 
@@ -285,6 +291,20 @@ class LSGM(Scorer):
         return GaussianMixture(**common, **self.mixture_kwargs)
 
     def _fit_layer(self, name: str, h: Tensor, k: int) -> _LayerModel:
+        """The layer's mixture; fitted once per feature tensor and settings, so the per-layer-GMM
+        ablation fitted beside LSGM on the same outputs reuses LSGM's mixtures instead of refitting."""
+        settings = (k, self.mixture, self.covariance_type, self.reg_covar, self.max_iter, self.seed, self.standardize,
+                    self.pca_dim, self.min_weight, tuple(sorted(self.mixture_kwargs.items())))
+        key = id(h)
+        ref, fitted = _FITTED.get(key, (None, None))
+        if ref is None or ref() is not h:  # a new tensor (ids are reused once a tensor is gone)
+            fitted = {}
+            _FITTED[key] = (weakref.ref(h, lambda _: _FITTED.pop(key, None)), fitted)
+        if settings not in fitted:
+            fitted[settings] = self._fit_new_layer(name, h, k)
+        return fitted[settings]
+
+    def _fit_new_layer(self, name: str, h: Tensor, k: int) -> _LayerModel:
         x = h.detach().to("cpu", torch.float64)
         if x.shape[0] < 2:
             raise ConfigError(f"detectors.<name>: LSGM needs at least 2 training samples, layer {name!r} has {x.shape[0]}")
