@@ -17,7 +17,7 @@ from ood_lightning.errors import CheckpointMismatchError, ConfigError
 from tests.conftest import TINY, compose_cfg, needs_shared, run_script, sklearn_auroc
 
 pytestmark = pytest.mark.slow
-DETECTORS = {"msp", "odin", "energy", "react", "mahalanobis", "mahalanobis_ensemble"}
+DETECTORS = {"msp", "odin", "energy", "react", "mahalanobis", "mahalanobis_ensemble", "knn", "vim", "maxlogit"}
 
 
 @pytest.fixture(scope="module")

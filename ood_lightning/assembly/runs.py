@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from ood_lightning.assembly.build import (
     build_data,
@@ -123,6 +123,8 @@ def rescore(cfg: DictConfig) -> dict:
     trained = stored_config(cfg.ckpt_path, allow_unsafe)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood
+    with open_dict(cfg):  # the detectors' ${data.*} (e.g. ODIN's input std) resolve against the data scored
+        cfg.data, cfg.ood = data, ood
     check_input_normalisation(trained.backbone, data)  # e.g. data=cifar10 for weights trained otherwise
     dm = OODDataModule(data, ood)
     dm.setup("test")
