@@ -31,6 +31,14 @@ def kth_neighbour_distance(queries: Tensor, bank: Tensor, k: int, query_chunk: i
     return torch.cat(out).sqrt()
 
 
+def unit_queries(outputs: Outputs, bank: Tensor | None, name: str) -> tuple[Tensor, Tensor]:
+    """L2-normalised penultimate features of ``outputs`` and the fitted ``bank`` on their device."""
+    if bank is None:
+        raise RuntimeError(f"{name}.score called before fit")
+    z = F.normalize(as_float(outputs.features), dim=-1)
+    return z, bank.to(z.device, z.dtype)
+
+
 class KNN(Scorer):
     """Score = −‖z − z_(k)‖₂, z = f/‖f‖₂ the L2-normalised penultimate features and z_(k)
     the k-th nearest normalised ID training feature (exact search, no index).
@@ -55,8 +63,5 @@ class KNN(Scorer):
         return self
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
-        if self.bank is None:
-            raise RuntimeError("KNN.score called before fit")
-        z = F.normalize(as_float(outputs.features), dim=-1)
-        bank = self.bank.to(z.device, z.dtype)
+        z, bank = unit_queries(outputs, self.bank, "KNN")
         return -kth_neighbour_distance(z, bank, self.k)

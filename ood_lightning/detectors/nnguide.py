@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ood_lightning.detectors.energy import energy_score
 from ood_lightning.detectors.fit_checks import as_float, require_samples, train_outputs
+from ood_lightning.detectors.knn import unit_queries
 from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
@@ -43,10 +44,7 @@ class NNGuide(Scorer):
         return self
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
-        if self.bank is None:
-            raise RuntimeError("NNGuide.score called before fit")
-        z = F.normalize(as_float(outputs.features), dim=-1)
-        bank = self.bank.to(z.device, z.dtype)
+        z, bank = unit_queries(outputs, self.bank, "NNGuide")
         top = z.new_empty(len(z), 0)
         for b in bank.split(self.chunk):
             both = torch.cat([top, z @ b.T], dim=1)
