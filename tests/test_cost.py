@@ -33,6 +33,7 @@ class _Clock:
 
 def _run(cb: CostProjection, trainer, steps: int) -> None:
     for i in range(steps):
+        cb.on_train_batch_start(trainer, None, None, i)
         cb.clock.now += cb.clock.step  # this step's duration
         cb.on_train_batch_end(trainer, None, None, None, i)
 
@@ -47,17 +48,21 @@ def test_line_from_a_fake_clock_adds_up_and_advises_on_cpu(caplog):
     caplog.set_level(logging.INFO)
     _run(cb, _Trainer(batches=242, epochs=3), 10)
     # 39 s/step x 242 steps = 9438 s = 2.6 h/epoch; x 3 epochs = 28314 s = 7.9 h
-    assert cb.line.startswith("projected: 39.00 s/step x 242 steps/epoch = 2.6 h/epoch, 7.9 h for 3 epochs on cpu")
+    assert cb.line.startswith("projected: 39.00 s/step x 242 steps/epoch = 2.6 h/epoch, 7.9 h for 3 epochs on cpu "
+                              "(5 steps)")
     assert CPU_ADVICE in cb.line and "debug=fast" in cb.line and cb.line in caplog.text
+    # a 39 s first step gives a first line at once, from that step (the user's DHM command on 2 cores)
+    assert cb.early.startswith("projected: 39.00 s/step") and "from the first step" in cb.early
 
 
 def test_short_runs_and_gpus_get_no_advice():
     cb = CostProjection(steps=3, threshold_min=30, clock=_Clock(1.0))
     _run(cb, _Trainer(batches=10, epochs=1), 5)
-    assert cb.line == "projected: 1.00 s/step x 10 steps/epoch = 10 s/epoch, 10 s for 1 epochs on cpu"
+    assert cb.line == "projected: 1.00 s/step x 10 steps/epoch = 10 s/epoch, 10 s for 1 epochs on cpu (3 steps)"
+    assert cb.early is None  # a 1 s first step: no early line
     gpu = CostProjection(steps=3, clock=_Clock(100.0))
     _run(gpu, _Trainer(batches=1000, epochs=200, device="cuda"), 5)
-    assert gpu.line.endswith("on cuda") and CPU_ADVICE not in gpu.line
+    assert gpu.line.endswith("on cuda (3 steps)") and CPU_ADVICE not in gpu.line
 
 
 def test_no_line_for_an_epoch_shorter_than_the_measurement():

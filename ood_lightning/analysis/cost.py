@@ -29,14 +29,24 @@ def human(seconds: float) -> str:
 class CostProjection(L.Callback):
     """After ``steps`` training steps (the first one, which warms up, not counted), log seconds per
     step, steps per epoch and the projected training time; past ``threshold_min`` minutes on a CPU
-    the line says what to do. ``steps: 0`` switches it off; so does an epoch of no more than
-    ``steps`` batches (debug=fast: nothing long to project)."""
+    the line says what to do. When the first step alone takes ``early_after_s`` seconds or more (a
+    WRN-28-10 on a 2-core CPU), a first projection from that step comes at once, marked as such, so a
+    newcomer learns the cost within the first minute. ``steps: 0`` switches it off; so does an epoch
+    of no more than ``steps`` batches (debug=fast: nothing long to project)."""
 
-    def __init__(self, steps: int = 5, threshold_min: float = 30.0, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, steps: int = 5, threshold_min: float = 30.0, early_after_s: float = 10.0,
+                 clock: Callable[[], float] = time.perf_counter):
         self.steps, self.threshold_min, self.clock = int(steps), float(threshold_min), clock
+        self.early_after_s = float(early_after_s)
+        self._fit_start: float | None = None
         self._start: float | None = None
         self._seen = 0
+        self.early: str | None = None
         self.line: str | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._fit_start is None:
+            self._fit_start = self.clock()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (self.steps <= 0 or self.line is not None or trainer.current_epoch > 0 or trainer.sanity_checking
@@ -45,16 +55,22 @@ class CostProjection(L.Callback):
         self._seen += 1
         if self._seen == 1:  # the first step pays for allocation, compilation and caches
             self._start = self.clock()
+            first = self._start - (self._fit_start if self._fit_start is not None else self._start)
+            if first >= self.early_after_s:
+                self.early = self._project(trainer, first, "from the first step, which includes warm-up")
             return
         if self._seen - 1 < self.steps:
             return
-        per_step = (self.clock() - self._start) / (self._seen - 1)
+        self.line = self._project(trainer, (self.clock() - self._start) / (self._seen - 1), f"{self._seen - 1} steps")
+
+    def _project(self, trainer: L.Trainer, per_step: float, basis: str) -> str:
         per_epoch = int(trainer.num_training_batches)
         epochs = int(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else 1
         total = per_step * per_epoch * epochs
         device = trainer.strategy.root_device.type
-        self.line = (f"projected: {per_step:.2f} s/step x {per_epoch} steps/epoch = {human(per_step * per_epoch)}/epoch, "
-                     f"{human(total)} for {epochs} epochs on {device}")
+        line = (f"projected: {per_step:.2f} s/step x {per_epoch} steps/epoch = {human(per_step * per_epoch)}/epoch, "
+                f"{human(total)} for {epochs} epochs on {device} ({basis})")
         if device == "cpu" and total > 60 * self.threshold_min:
-            self.line += f" - {CPU_ADVICE}"
-        log.warning("%s", self.line)
+            line += f" - {CPU_ADVICE}"
+        log.warning("%s", line)
+        return line
