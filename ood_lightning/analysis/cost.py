@@ -72,5 +72,7 @@ class CostProjection(L.Callback):
                 f"{human(total)} for {epochs} epochs on {device} ({basis})")
         if device == "cpu" and total > 60 * self.threshold_min:
             line += f" - {CPU_ADVICE}"
-        log.warning("%s", line)
+            log.warning("%s", line)
+        else:
+            log.info("%s", line)
         return line
