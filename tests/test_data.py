@@ -4,7 +4,6 @@ statistics; class splits, shape conversion and batched transforms do what they s
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +16,13 @@ from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
 from ood_lightning.data.transforms import Preprocess, match_shape, random_crop, random_hflip
 from ood_lightning.errors import ConfigError, DatasetNotFoundError
 from tests.conftest import SHARED_DATA, compose_cfg, needs_shared
-
-
-def _write_pack(path: Path, images: np.ndarray, labels: np.ndarray) -> list[bytes]:
-    blobs = []
-    for img in images:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=90)
-        blobs.append(buf.getvalue())
-    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    np.savez(path, jpeg=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, labels=labels,
-             classes=np.array(["a", "b"]))
-    return blobs
+from tests.tiny_data import write_pack
 
 
 def test_pack_decodes_like_pil_and_is_cached(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
-    blobs = _write_pack(tmp_path / "toy-test.npz", images, np.array([0, 1, 0, 1, 0, 1]))
+    blobs = write_pack(tmp_path / "toy-test.npz", images, np.array([0, 1, 0, 1, 0, 1]))
     packs.load_pack.cache_clear()
     pack = packs.load_pack(str(tmp_path / "toy-test.npz"), str(tmp_path / "cache"))
     expected = np.stack([np.asarray(Image.open(io.BytesIO(b))) for b in blobs]).transpose(0, 3, 1, 2)
@@ -221,7 +209,7 @@ def test_ood_set_of_another_shape_names_the_fix():
 def test_corrupt_decoded_pack_cache_is_rebuilt_and_logged_with_its_path(tmp_path, damage, caplog):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
-    _write_pack(tmp_path / "toy-test.npz", images, np.array([0, 1, 0, 1, 0, 1]))
+    write_pack(tmp_path / "toy-test.npz", images, np.array([0, 1, 0, 1, 0, 1]))
     packs.load_pack.cache_clear()
     first = packs.load_pack(str(tmp_path / "toy-test.npz"), str(tmp_path / "cache"))
     (cache,) = (tmp_path / "cache").glob("toy-test-*.npy")
