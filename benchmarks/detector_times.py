@@ -23,11 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ood_lightning.assembly.build import build_detectors, build_model, connect, load_weights, stored_config  # noqa: E402
-from ood_lightning.scoring.passes import extract  # noqa: E402
-
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
 from ood_lightning.evaluation import metrics as M  # noqa: E402
 from ood_lightning.scoring.api import FitData  # noqa: E402
+from ood_lightning.scoring.passes import extract  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 
 
