@@ -142,4 +142,6 @@ def main(ckpt: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(f"usage: {__doc__.split(chr(10) + chr(10))[1].strip()}")
     main(*sys.argv[1:3])
