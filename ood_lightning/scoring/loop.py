@@ -106,10 +106,11 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         return out
 
-    _log_plan(scorers, loaders, dm.fit_dataloader(fit_limit) if any(s.needs_fit for s in scorers.values()) else None)
+    fit_loader = dm.fit_dataloader(fit_limit) if any(s.needs_fit for s in scorers.values()) else None
+    _log_plan(scorers, loaders, fit_loader)
     with _progress(ranks) as progress:
-        if any(s.needs_fit for s in scorers.values()):
-            train = timed("features/id_train", outputs_of, "id_train", dm.fit_dataloader(fit_limit), progress,
+        if fit_loader is not None:
+            train = timed("features/id_train", outputs_of, "id_train", fit_loader, progress,
                           fit_limit, fit_augmented)
             log.info("fitting %d scorers on %d ID training inputs%s", sum(s.needs_fit for s in scorers.values()),
                      len(train), " (augmented)" if fit_augmented else "")
