@@ -80,3 +80,16 @@ def check_reported_metrics(written: dict, scores, ood: str, detectors, num_class
         assert 0 < np.mean(y_pred == num_classes) < 1  # the threshold rejects some inputs and accepts others
         f1 = f1_score(y_true, y_pred, average="macro")  # over the labels present in truth or predictions
         assert m["macro_f1"] == pytest.approx(f1, abs=1e-12), det
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny tensors (threads only contend on a busy 2-core box);
+    module scope, so the module's other fixtures run under it too. Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -85,13 +85,7 @@ def finite_diff_grad(fn, x: Tensor, h: float = 1e-5) -> Tensor:
     return grad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """These tensors are tiny: intra-op threads only add sync cost (10-50x on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

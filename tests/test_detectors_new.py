@@ -87,12 +87,7 @@ def lse(x) -> float:
     return float(x.max() + np.log(np.exp(x - x.max()).sum()))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- logit scores

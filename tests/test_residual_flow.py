@@ -15,14 +15,7 @@ from ood_lightning.errors import ConfigError
 from ood_lightning.nn.flows import LipSwish, ResidualFlow
 from ood_lightning.nn.spectral import converge_spectral_norms, spectral_norms
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matrices: threads only contend on shared cores (module scope, so fixtures get it too)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _flow(dim: int, stiff: bool = True, **kwargs) -> ResidualFlow:

@@ -17,12 +17,7 @@ from ood_lightning.nn.spectral import apply_spectral_norm, converge_spectral_nor
 COEFF = 0.9
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _conv_net() -> nn.Sequential:
