@@ -55,6 +55,27 @@ def test_line_from_a_fake_clock_adds_up_and_advises_on_cpu(caplog):
     assert cb.early.startswith("projected: 39.00 s/step") and "from the first step" in cb.early
 
 
+def test_a_slow_first_forward_pass_gives_an_estimate_before_the_backward(caplog):
+    cb = CostProjection(steps=5, threshold_min=30, early_after_s=10.0, clock=_Clock(0.0))
+    caplog.set_level(logging.INFO)
+    trainer = _Trainer(batches=242, epochs=3)
+    cb.on_train_batch_start(trainer, None, None, 0)
+    cb.clock.now += 13.0  # the first forward pass of a WRN-28-10 on 2 cores
+    cb.on_before_backward(trainer, None, None)
+    # 3 x 13 s = 39 s/step, as the measured lines would compute it
+    assert cb.from_forward.startswith("projected: 39.00 s/step x 242 steps/epoch = 2.6 h/epoch, 7.9 h for 3 epochs")
+    assert "3 x the first forward pass" in cb.from_forward and "debug=fast" in cb.from_forward
+    assert cb.line is None and cb.early is None  # the measured lines come later
+    cb.clock.now += 1.0
+    cb.on_before_backward(trainer, None, None)  # a second backward (manual optimisation): no second estimate
+    assert caplog.text.count("3 x the first forward pass") == 1
+    fast = CostProjection(steps=5, early_after_s=10.0, clock=_Clock(0.0))
+    fast.on_train_batch_start(trainer, None, None, 0)
+    fast.clock.now += 3.0  # 3 x 3 s < 10 s: not worth an estimate
+    fast.on_before_backward(trainer, None, None)
+    assert fast.from_forward is None
+
+
 def test_short_runs_and_gpus_get_no_advice():
     cb = CostProjection(steps=3, threshold_min=30, clock=_Clock(1.0))
     _run(cb, _Trainer(batches=10, epochs=1), 5)

@@ -30,8 +30,10 @@ class CostProjection(L.Callback):
     """After ``steps`` training steps (the first one, which warms up, not counted), log seconds per
     step, steps per epoch and the projected training time; past ``threshold_min`` minutes on a CPU
     the line says what to do. When the first step alone takes ``early_after_s`` seconds or more (a
-    WRN-28-10 on a 2-core CPU), a first projection from that step comes at once, marked as such, so a
-    newcomer learns the cost within the first minute. ``steps: 0`` switches it off; so does an epoch
+    WRN-28-10 on a 2-core CPU), a first projection from that step comes at once, marked as such; and
+    when the first *forward* pass alone takes a third of that, an estimate from it comes before the
+    backward pass (a backward pass costs about two forward passes), so a newcomer learns the cost
+    within the first minute. ``steps: 0`` switches it off; so does an epoch
     of no more than ``steps`` batches (debug=fast: nothing long to project)."""
 
     def __init__(self, steps: int = 5, threshold_min: float = 30.0, early_after_s: float = 10.0,
@@ -42,11 +44,21 @@ class CostProjection(L.Callback):
         self._start: float | None = None
         self._seen = 0
         self.early: str | None = None
+        self.from_forward: str | None = None
         self.line: str | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._fit_start is None:
             self._fit_start = self.clock()
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module, loss) -> None:
+        if (self.steps <= 0 or self._seen > 0 or self.from_forward is not None or self._fit_start is None
+                or trainer.current_epoch > 0 or trainer.sanity_checking or trainer.num_training_batches <= self.steps):
+            return
+        forward = self.clock() - self._fit_start
+        if 3 * forward >= self.early_after_s:
+            self.from_forward = self._project(
+                trainer, 3 * forward, "an estimate: 3 x the first forward pass, which includes warm-up")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if (self.steps <= 0 or self.line is not None or trainer.current_epoch > 0 or trainer.sanity_checking
