@@ -193,3 +193,24 @@ def test_flow_runs_in_float32_under_bf16_autocast(model) -> None:
     torch.testing.assert_close(nll_mixed, nll_want, rtol=1e-6, atol=1e-6)
     assert math.isfinite(float(nll_mixed))
 
+
+
+# -- the authors' feature path, as options (docs/fidelity.md item 3) --------------------------------
+def test_head_input_and_norm_log_term_options(model, tmp_path) -> None:
+    """``head_input=normalized``: the head sees ĥ = h / max|h| in the loss and in evaluation
+    (``classify``); ``norm_log_coeff=1``: log p gains +log max|h| (the authors' code)."""
+    x, y = _batch()
+    with torch.no_grad():
+        h = model.backbone(x)
+        hn = h / h.abs().amax(1, keepdim=True)
+        base = _exact_log_density(model, h)[0]
+        assert torch.equal(model.classify(h), model.head(h))  # default: raw features
+        try:
+            model.head_input, model.norm_log_coeff = "normalized", 1.0
+            torch.testing.assert_close(model.classify(h), model.head(hn))
+            torch.testing.assert_close(model.losses(x, y)["ce"], F.cross_entropy(model.head(hn), y))
+            torch.testing.assert_close(model.log_density(h), base + h.abs().amax(1).log(), rtol=1e-5, atol=1e-5)
+        finally:
+            model.head_input, model.norm_log_coeff = "raw", 0.0
+    with pytest.raises(Exception, match="method.head_input must be 'raw' or 'normalized'"):  # Hydra wraps it
+        build_model(compose_cfg("train", [*DHM, "method.head_input=both"], tmp_path), num_classes=2)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ood_lightning.analysis.collapse import CollapseMonitor
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.base import OODMethod
-from ood_lightning.nn.feature_norm import normalize_features
+from ood_lightning.nn.feature_norm import NORMS, normalize_features
 from ood_lightning.nn.modes import eval_mode
 from ood_lightning.nn.spectral import BoundedBatchNorm, apply_spectral_norm, is_spectrally_bounded
 from ood_lightning.scoring.api import Outputs, Scorer
@@ -44,7 +44,8 @@ class DeepHybridModel(OODMethod):
 
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable, flow_optimizer: Callable,
                  flow: Callable[[int], nn.Module], lambda_: float | None = None, spectral_coeff: float | None = 3.0,
-                 spectral_bn: bool = True, feature_norm: str = "linf", scheduler: Callable | None = None,
+                 spectral_bn: bool = True, feature_norm: str = "linf", head_input: str = "raw",
+                 norm_log_coeff: float = 0.0, scheduler: Callable | None = None,
                  flow_scheduler: Callable | None = None, collapse_factor: float = 10.0,
                  monitor_ood: dict | None = None, score_batch_size: int = 512, inputs: dict | None = None):
         super().__init__(backbone, num_classes, optimizer, scheduler, inputs=inputs)
@@ -60,6 +61,9 @@ class DeepHybridModel(OODMethod):
         if lambda_ < 0:
             raise ConfigError(f"lambda={lambda_}: the weight of the flow NLL must be >= 0")
         self.lambda_, self.feature_norm, self.collapse_factor = lambda_, feature_norm, collapse_factor
+        if head_input not in ("raw", "normalized"):
+            raise ConfigError(f"method.head_input must be 'raw' or 'normalized', got {head_input!r}")
+        self.head_input, self.norm_log_coeff = head_input, float(norm_log_coeff)
         self.flow_optimizer_factory, self.flow_scheduler_factory = flow_optimizer, flow_scheduler
         #: AUROC of the DHM score against subsets of the OOD sets every validation epoch
         self.monitor_ood = dict(monitor_ood or {})
@@ -69,18 +73,29 @@ class DeepHybridModel(OODMethod):
     def density_input(self, features: Tensor) -> Tensor:
         return normalize_features(features, self.feature_norm)
 
+    def classify(self, features: Tensor) -> Tensor:
+        """The head on the raw features (ours) or on the normalised ones (``head_input=normalized``,
+        the authors' ``common_features=True``)."""
+        return self.head(self.density_input(features) if self.head_input == "normalized" else features)
+
     def flow_terms(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """``(log N(z; 0, I), log|det ∂z/∂ĥ|)`` [B] of the normalised features ĥ, in float32 with
         autocast off: under bf16-mixed the log-det series and slogdet would otherwise run on bf16
         Linear outputs (8 mantissa bits), far coarser than the NLL differences λ weighs."""
         with torch.autocast(features.device.type, enabled=False):
-            z, logdet = self.flow(self.density_input(features.float()))
+            h = features.float()
+            z, logdet = self.flow(self.density_input(h))
             log_prior = -0.5 * (z.pow(2).sum(1) + z.shape[1] * math.log(2 * math.pi))
+            if self.norm_log_coeff and self.feature_norm != "none":
+                # the authors' code starts the flow's log-det at -log‖h‖∞ in their x->z convention
+                # (logp = logpz - logdet), i.e. adds +log‖h‖ to log p: norm_log_coeff=1
+                p = NORMS[self.feature_norm]
+                logdet = logdet + self.norm_log_coeff * h.norm(p=p, dim=1).clamp_min(1e-8).log()
         return log_prior, logdet
 
     def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         h = self.backbone(x)
-        logits = self.head(h)
+        logits = self.classify(h)
         log_prior, logdet = self.flow_terms(h)
         nll = -(log_prior + logdet).mean()
         ce = F.cross_entropy(logits, y)
