@@ -214,3 +214,13 @@ def test_head_input_and_norm_log_term_options(model, tmp_path) -> None:
             model.head_input, model.norm_log_coeff = "raw", 0.0
     with pytest.raises(Exception, match="method.head_input must be 'raw' or 'normalized'"):  # Hydra wraps it
         build_model(compose_cfg("train", [*DHM, "method.head_input=both"], tmp_path), num_classes=2)
+
+
+def test_sync_batchnorm_replacing_the_bounded_layers_is_refused(tmp_path) -> None:
+    """``trainer.sync_batchnorm`` swaps every BatchNorm for a plain SyncBatchNorm (Lightning's
+    conversion): the bound would silently be gone, so fitting stops with one clear error."""
+    m = build_model(compose_cfg("train", DHM, tmp_path), num_classes=2)
+    m.on_fit_start()  # bounded BN: fine
+    m.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(m.backbone)
+    with pytest.raises(Exception, match="sync_batchnorm=false"):
+        m.on_fit_start()
