@@ -281,3 +281,15 @@ def test_bounded_batchnorm_options_and_errors() -> None:
     with pytest.raises(ConfigError, match="spectral_bn=false"):
         apply_spectral_norm(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), COEFF)
     assert apply_spectral_norm(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), COEFF, batchnorm=False)
+
+
+@pytest.mark.parametrize("spectral_bn", [True, False])
+def test_backbone_spectral_coeff_bounds_batchnorm_unless_switched_off(spectral_bn: bool, tmp_path) -> None:
+    from ood_lightning.assembly.build import build_backbone
+    from ood_lightning.nn.spectral import BoundedBatchNorm
+    from tests.conftest import TINY, compose_cfg
+
+    cfg = compose_cfg("train", [*TINY, "backbone.spectral_coeff=0.5", f"backbone.spectral_bn={spectral_bn}"], tmp_path)
+    bns = [m for m in build_backbone(cfg).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, BoundedBatchNorm) == spectral_bn for m in bns)
+    assert all(m.spectral_coeff == 0.5 for m in bns if spectral_bn)
