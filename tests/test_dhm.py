@@ -98,6 +98,16 @@ def test_every_bounded_layer_has_spectral_norm_at_most_c(dhm_run):
         assert sigma <= 1.0 * 1.02, (module, sigma)
         checked += 1
     assert checked >= 3
+    # BatchNorm (method.spectral_bn, default): the eval-mode per-channel slope bn(1) - bn(0), measured by its forward
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == 2  # backbone.widths=[8,16]: one per block
+    for bn in bns:
+        shape = (1, bn.num_features, 1, 1)
+        with torch.no_grad():
+            slope = (bn(torch.ones(shape)) - bn(torch.zeros(shape))).abs().max().item()
+        assert slope <= 1.0 * (1 + 1e-5), (bn, slope)
+    raw = [(bn.weight.abs() / (bn.running_var + bn.eps).sqrt()).max().item() for bn in bns]
+    assert max(raw) > 1.0, f"the BN bound should be active in this run (free scales {raw})"
 
 
 def test_lambda_zero_reduces_the_loss_to_cross_entropy():

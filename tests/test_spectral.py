@@ -3,6 +3,7 @@ training, layers below coeff are untouched, eval is frozen, and the conv bound i
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -196,3 +197,99 @@ def test_options_none_and_idempotence() -> None:
         apply_spectral_norm(_mlp(), -1.0)
     unseen = apply_spectral_norm(nn.Sequential(nn.Conv2d(1, 1, 3)), COEFF)
     assert math.isnan(spectral_norms(unseen)["0"])  # until the conv has seen an input
+
+
+# -- BatchNorm --------------------------------------------------------------------------------
+def _bn_net() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1),
+                         nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 8), nn.BatchNorm1d(8))
+
+
+def _bn_scales(bn: nn.Module) -> torch.Tensor:
+    """Per-channel slope of an eval-mode BN, measured through its forward: bn(1) − bn(0)."""
+    shape = (1, bn.num_features) + (1, 1) * isinstance(bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        return (bn(torch.ones(shape)) - bn(torch.zeros(shape))).flatten()
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_trained_batchnorm_scales_stay_within_coeff(batchnorm: bool) -> None:
+    """After training, every BN's eval-mode scale (measured by its forward), conv (dense operator)
+    and linear has norm <= c; with batchnorm=False the BN scales are free (> c here)."""
+    torch.manual_seed(0)
+    net, x = _bn_net(), torch.randn(16, 3, 5, 5)
+    shapes = _input_shapes(net, x)
+    with torch.no_grad():  # BN scales far above the bound
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.fill_(5.0)
+    keys = set(net.state_dict())
+    apply_spectral_norm(net, COEFF, batchnorm=batchnorm)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(10):
+        loss = -net(x).pow(2).mean()  # rewards larger scales
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bn_norms = [float(_bn_scales(m).abs().max()) for m in bns]
+    if not batchnorm:
+        assert min(bn_norms) > 2 * COEFF, bn_norms
+        return
+    assert max(bn_norms) <= COEFF * (1 + 1e-5), bn_norms
+    assert min(bn_norms) >= COEFF * (1 - 1e-5), "the bound should be active on BN layers that want to grow"
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert max(_true_norm(m, shapes.get(m)) for m in layers) <= COEFF * 1.01
+    reported = spectral_norms(net)
+    for name, m in net.named_modules():
+        if m in bns:
+            assert reported[name] == pytest.approx(float(_bn_scales(m).abs().max()), rel=1e-5)
+    bn_keys = {k for k in keys if k.split(".")[0] in ("1", "4", "7")}  # the BN layers keep nn.BatchNorm's keys
+    assert bn_keys <= set(net.state_dict())
+
+
+def test_bounded_batchnorm_trains_with_batch_statistics_like_batchnorm() -> None:
+    """Training normalises with the batch's statistics and updates the running ones exactly as
+    nn.BatchNorm2d; only γ is divided by max(1, max|γ|/sqrt(running_var+ε)/c) (DUE's rule)."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        plain.weight.copy_(torch.tensor([4.0, -0.5, 2.0]))
+        plain.bias.copy_(torch.tensor([0.1, 0.2, 0.3]))
+        plain.running_var.copy_(torch.tensor([1.0, 4.0, 0.25]))
+    bounded = apply_spectral_norm(copy.deepcopy(plain), COEFF)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    # hand-computed: max |γ|/sqrt(rv+ε) = 2/sqrt(0.25+1e-5) ≈ 4 (channel 2) -> factor 4/0.9
+    factor = max(abs(g) / math.sqrt(v + 1e-5) for g, v in [(4.0, 1.0), (-0.5, 4.0), (2.0, 0.25)]) / COEFF
+    mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), unbiased=False, keepdim=True)
+    want = (x - mean) / (var + 1e-5).sqrt() * (plain.weight.detach() / factor).view(1, 3, 1, 1) \
+        + plain.bias.detach().view(1, 3, 1, 1)
+    torch.testing.assert_close(bounded(x), want, rtol=1e-5, atol=1e-5)
+    plain(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(bounded, name), getattr(plain, name))
+
+
+def test_bounded_batchnorm_options_and_errors() -> None:
+    net = _bn_net()
+    apply_spectral_norm(net, COEFF)
+    apply_spectral_norm(net, 0.5)  # already bounded: kept
+    assert net[1].spectral_coeff == COEFF and isinstance(net[1], nn.BatchNorm2d)
+    fresh = apply_spectral_norm(_bn_net(), COEFF, batchnorm=False)
+    fresh.load_state_dict(net.state_dict())  # bounding BN adds no state: loads into a BN-free network
+    with pytest.raises(ConfigError, match="spectral_bn=false"):
+        apply_spectral_norm(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), COEFF)
+    assert apply_spectral_norm(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), COEFF, batchnorm=False)
+
+
+@pytest.mark.parametrize("spectral_bn", [True, False])
+def test_backbone_spectral_coeff_bounds_batchnorm_unless_switched_off(spectral_bn: bool, tmp_path) -> None:
+    from ood_lightning.assembly.build import build_backbone
+    from ood_lightning.nn.spectral import BoundedBatchNorm
+    from tests.conftest import TINY, compose_cfg
+
+    cfg = compose_cfg("train", [*TINY, "backbone.spectral_coeff=0.5", f"backbone.spectral_bn={spectral_bn}"], tmp_path)
+    bns = [m for m in build_backbone(cfg).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, BoundedBatchNorm) == spectral_bn for m in bns)
+    assert all(m.spectral_coeff == 0.5 for m in bns if spectral_bn)

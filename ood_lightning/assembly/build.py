@@ -41,14 +41,16 @@ def build_data(cfg: DictConfig) -> OODDataModule:
 
 def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     """``cfg.backbone`` without its weights: ``backbone.spectral_coeff`` (not a constructor
-    argument) bounds every conv/linear to operator norm <= c (Gouk et al.)."""
+    argument) bounds every conv/linear to operator norm <= c (Gouk et al.) and, unless
+    ``backbone.spectral_bn=false``, every BatchNorm's scale to <= c (DUE)."""
     spec = OmegaConf.to_container(cfg.backbone, resolve=True)
     for key in ("checkpoint", "input_mean", "input_std"):  # facts about the weights, not constructor arguments
         spec.pop(key, None)
     spectral_coeff = spec.pop("spectral_coeff", None)
+    spectral_bn = bool(spec.pop("spectral_bn", True))
     backbone = instantiate(spec)
     if spectral_coeff is not None:
-        apply_spectral_norm(backbone, float(spectral_coeff))
+        apply_spectral_norm(backbone, float(spectral_coeff), batchnorm=spectral_bn)
     return backbone
 
 

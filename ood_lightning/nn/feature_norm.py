@@ -1,7 +1,9 @@
 """Feature normalisation before a density head: none, l1, l2 or l∞ (DHM's default).
 
 Dividing by a norm bounds the features the flow sees, which keeps the flow's task well
-posed while the extractor moves; l∞ is what Cao & Zhang use.
+posed while the extractor moves. l∞ is Schlumbom & Frank's choice (§3: a step Cao & Zhang
+do not specify, found vital; §4.5 compares the norms); their code divides the pooled
+features by max|h| (``F.normalize(p=inf)``).
 """
 
 from __future__ import annotations

@@ -25,8 +25,15 @@ access of the weight (one per training forward for ordinary layers), none in eva
 trained model evaluates deterministically. They are warm-started exactly (SVD) for matrices
 and with ``n_init_iterations`` iterations for conv operators, so the bound holds from step one.
 
-BatchNorm is left alone, as in DUE: its Lipschitz constant (max |γ| / sqrt(running_var + eps))
-is not bounded, so a network with BN is bi-Lipschitz only approximately.
+BatchNorm (``batchnorm=True``, the default) is bounded too, as in DUE's spectral batch norm and
+the DHM authors' code: in eval mode BN is the per-channel affine map x ↦ γ(x − μ)/sqrt(σ² + ε) + β,
+whose Lipschitz constant is max |γ| / sqrt(running_var + ε); γ is divided by max(1, that / coeff).
+The factor is computed from the *running* variance in both modes (DUE's rule): training still
+normalises with the batch statistics, so the bound is exact for the eval-mode network and
+approximate for a training batch. Without it ``spectral_coeff`` bounds nothing about a network
+with BN, whose scales are free. ``batchnorm=False`` leaves BN free (our earlier behaviour).
+The BN layers keep their class's state (same state_dict keys); their class becomes the
+``Bounded*`` subclass in place, so references to them and their parameters stay valid.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from ood_lightning.errors import ConfigError
@@ -228,11 +236,79 @@ def spectral_norm_bound(module: nn.Linear | nn.Conv2d, coeff: float, n_power_ite
     return module
 
 
-def apply_spectral_norm(module: nn.Module, coeff: float | None, n_power_iterations: int = 1,
-                        mode: Mode = "operator", n_init_iterations: int = 50) -> nn.Module:
-    """Bound every ``nn.Conv2d`` and ``nn.Linear`` in ``module`` (in place); ``coeff=None`` is a no-op.
+class BoundedBatchNorm(_BatchNorm):
+    """BatchNorm whose scale max |γ| / sqrt(running_var + ε) is limited to ``spectral_coeff``.
 
-    Layers that already carry a parametrized weight (e.g. a residual flow's own bound) are skipped.
+    Mixed in front of ``nn.BatchNorm1d/2d/3d`` (the ``Bounded*`` classes below);
+    :func:`bound_batchnorm` turns an existing layer into one in place.
+    """
+
+    spectral_coeff: float
+
+    def bound_factor(self) -> Tensor:
+        """max(1, max_c |γ_c| / sqrt(running_var_c + ε) / coeff), from the running variance (DUE)."""
+        weight = torch.ones_like(self.running_var) if self.weight is None else self.weight
+        lipschitz = (weight.float() * (self.running_var.float() + self.eps).rsqrt()).abs().max()
+        return torch.clamp(lipschitz / self.spectral_coeff, min=1.0)
+
+    def bounded_weight(self) -> Tensor:
+        weight = torch.ones_like(self.running_var) if self.weight is None else self.weight
+        return weight / self.bound_factor().to(weight.dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        weight = self.bounded_weight()  # before this batch updates the running statistics
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(input, self.running_mean, self.running_var, weight, self.bias, self.training, factor,
+                            self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, spectral_coeff={self.spectral_coeff}"
+
+
+class BoundedBatchNorm1d(BoundedBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class BoundedBatchNorm2d(BoundedBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class BoundedBatchNorm3d(BoundedBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+_BOUNDED_BN = {nn.BatchNorm1d: BoundedBatchNorm1d, nn.BatchNorm2d: BoundedBatchNorm2d,
+               nn.BatchNorm3d: BoundedBatchNorm3d}
+
+
+def bound_batchnorm(bn: nn.Module, coeff: float) -> nn.Module:
+    """Bound ``bn``'s scale to ``coeff`` in place (its class becomes the ``Bounded*`` one); returns ``bn``."""
+    if coeff <= 0:
+        raise ConfigError(f"spectral norm coeff must be > 0 (or None to switch it off), got {coeff}")
+    if isinstance(bn, BoundedBatchNorm):
+        return bn
+    cls = _BOUNDED_BN.get(type(bn))
+    if cls is None or not bn.track_running_stats:
+        raise ConfigError(f"spectral BatchNorm bound: expected nn.BatchNorm1d/2d/3d with running statistics, got "
+                          f"{type(bn).__name__} (track_running_stats={getattr(bn, 'track_running_stats', None)}); "
+                          "pass spectral_bn=false to leave BatchNorm free")
+    bn.__class__ = cls
+    bn.spectral_coeff = float(coeff)
+    return bn
+
+
+def apply_spectral_norm(module: nn.Module, coeff: float | None, n_power_iterations: int = 1,
+                        mode: Mode = "operator", n_init_iterations: int = 50, batchnorm: bool = True) -> nn.Module:
+    """Bound every ``nn.Conv2d`` and ``nn.Linear`` in ``module`` (in place), and with ``batchnorm``
+    every BatchNorm's scale; ``coeff=None`` is a no-op.
+
+    Layers that already carry a parametrized weight (e.g. a residual flow's own bound) or are
+    already bounded BatchNorms are skipped.
     """
     if coeff is None:
         return module
@@ -241,7 +317,14 @@ def apply_spectral_norm(module: nn.Module, coeff: float | None, n_power_iteratio
     for layer in list(module.modules()):
         if isinstance(layer, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(layer, "weight"):
             spectral_norm_bound(layer, coeff, n_power_iterations, mode, n_init_iterations)
+        elif batchnorm and isinstance(layer, _BatchNorm):
+            bound_batchnorm(layer, coeff)
     return module
+
+
+def is_spectrally_bounded(module: nn.Module) -> bool:
+    """Whether any layer of ``module`` already carries a spectral bound (weight or BatchNorm)."""
+    return any(parametrize.is_parametrized(m, "weight") or isinstance(m, BoundedBatchNorm) for m in module.modules())
 
 
 def _bound_of(layer: nn.Module) -> SpectralNormBound | None:
@@ -268,7 +351,8 @@ def converge_spectral_norms(module: nn.Module, n_iterations: int = 200) -> nn.Mo
 
 @torch.no_grad()
 def spectral_norms(module: nn.Module, n_iterations: int = 200) -> dict[str, float]:
-    """Largest singular value of every bounded layer's *effective* weight, for tests and monitoring.
+    """Largest singular value of every bounded layer's *effective* weight, for tests and monitoring
+    (bounded BatchNorm: its largest eval-mode scale).
 
     Linear (and matrix-mode conv): exact, ``torch.linalg.matrix_norm(W, 2)`` of the (reshaped)
     weight. Operator-mode conv: ``n_iterations`` power iterations on the recorded input shape,
@@ -277,6 +361,10 @@ def spectral_norms(module: nn.Module, n_iterations: int = 200) -> dict[str, floa
     """
     norms: dict[str, float] = {}
     for name, layer in module.named_modules():
+        if isinstance(layer, BoundedBatchNorm):  # eval-mode map: per-channel scale γ' / sqrt(running_var + ε)
+            scale = layer.bounded_weight().float() * (layer.running_var.float() + layer.eps).rsqrt()
+            norms[name] = float(scale.abs().max())
+            continue
         bound = _bound_of(layer)
         if bound is None:
             continue

@@ -100,18 +100,21 @@ def _logabsdet(a: Tensor) -> Tensor:
 
 
 class ResidualBlock(nn.Module):
-    """``y = x + g(x)``, ``g = Linear → (LipSwish → Linear) × n_hidden_layers``, each Linear bounded to ``coeff``."""
+    """``y = x + g(x)``, ``g = Linear → (LipSwish → Linear) × n_hidden_layers``, each Linear bounded to ``coeff``;
+    ``activation_first`` puts a LipSwish before the first Linear too (Chen et al.'s ``build_nnet``, the DHM
+    authors' block: LipSwish → Linear → LipSwish → Linear with one hidden layer)."""
 
     eval_probes: Tensor
 
     def __init__(self, dim: int, hidden: int, n_hidden_layers: int, coeff: float, n_power_iterations: int,
                  geom_p: float, n_exact_terms: int, probe: Probe, exact_max_dim: int, exact_chunk_size: int | None,
-                 eval_n_terms: int, eval_probes: Tensor, grad_estimator: GradEstimator = "neumann") -> None:
+                 eval_n_terms: int, eval_probes: Tensor, grad_estimator: GradEstimator = "neumann",
+                 activation_first: bool = False) -> None:
         super().__init__()
         widths = [dim, *[hidden] * n_hidden_layers, dim]
         layers: list[nn.Module] = []
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
-            if i > 0:
+            if i > 0 or activation_first:
                 layers.append(LipSwish())
             layers.append(spectral_norm_bound(nn.Linear(w_in, w_out), coeff, n_power_iterations, mode="matrix"))
         self.g = nn.Sequential(*layers)
@@ -218,7 +221,8 @@ class ResidualFlow(nn.Module):
     """Stack of invertible residual blocks (optionally ActNorm before each) onto a N(0, I) base.
 
     ``g`` has ``n_hidden_layers`` hidden layers of width ``hidden`` (2: Linear-LipSwish-Linear-
-    LipSwish-Linear); each Linear is bounded to ``coeff`` with ``n_power_iterations`` per step.
+    LipSwish-Linear; with ``activation_first`` and 1, the DHM authors' LipSwish-Linear-LipSwish-Linear);
+    each Linear is bounded to ``coeff`` with ``n_power_iterations`` per step.
 
     Flow contract: ``forward(x) -> (z, logdet)`` with ``logdet = log|det ∂z/∂x|`` [B];
     ``log_prob(x) = log N(z; 0, I) + logdet``. See the module docstring for the log-det estimators.
@@ -229,7 +233,7 @@ class ResidualFlow(nn.Module):
                  base: Literal["normal"] = "normal", geom_p: float = 0.5, n_exact_terms: int = 2,
                  probe: Probe = "rademacher", exact_max_dim: int = 1024, exact_chunk_size: int | None = None,
                  eval_n_terms: int = 20, eval_n_probes: int = 4, eval_seed: int = 0,
-                 grad_estimator: GradEstimator = "neumann") -> None:
+                 grad_estimator: GradEstimator = "neumann", activation_first: bool = False) -> None:
         super().__init__()
         if not 0 < coeff < 1:
             raise ConfigError(f"residual flow coeff must be in (0, 1) for the blocks to be invertible, got {coeff}")
@@ -254,7 +258,7 @@ class ResidualFlow(nn.Module):
             ResidualBlock(dim, hidden, n_hidden_layers, coeff, n_power_iterations, geom_p, n_exact_terms, probe,
                           exact_max_dim, exact_chunk_size, eval_n_terms,
                           _probes((eval_n_probes, dim), probe, dtype=torch.get_default_dtype(), generator=generator),
-                          grad_estimator)
+                          grad_estimator, activation_first)
             for _ in range(n_blocks)
         )
 

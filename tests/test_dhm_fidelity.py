@@ -1,0 +1,226 @@
+"""DHM as its paper and authors' code specify it, checked against independent truths:
+
+- the preset's residual block (the authors' LipSwish → Linear → LipSwish → Linear, hidden 640,
+  Lipschitz 0.9, 5 power iterations), and its Linear layers' spectral norms after training;
+- the flow and its NLL in float32 under bf16 autocast;
+- tests that fail on a wrong DHM (issue 18, item 9): the score's sign flipped, ``h.detach()``
+  before the flow, ``ce - λ·nll``, the log-det's sign flipped in the NLL. The truth is a log
+  density computed here from the blocks' residual maps with a dense Jacobian (torch.func),
+  a standard normal from ``torch.distributions`` and an l∞ normalisation written out.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import nn
+
+from ood_lightning.assembly.build import build_model
+from ood_lightning.methods.dhm import FlowDensity
+from ood_lightning.nn.flows.residual import LipSwish
+from ood_lightning.nn.spectral import converge_spectral_norms
+from ood_lightning.scoring.api import Outputs
+from tests.conftest import TINY, compose_cfg
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+LAMBDA = 0.5
+DHM = [*TINY, "method=dhm", "method.flow.n_blocks=2", "method.flow.hidden=32", f"lambda={LAMBDA}"]
+
+
+# -- the preset's flow --------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides", [["method=dhm"], ["experiment=dhm_cifar10"]])
+def test_dhm_preset_uses_the_authors_residual_block(overrides, tmp_path) -> None:
+    """P-Schlumbom/deep-hybrid-models README: --n_blocks 10 --dims 640 --actnorm False, nf_coeff 0.9,
+    n-lipschitz-iters 5; Chen et al.'s build_nnet: activation before each Linear."""
+    flow = compose_cfg("train", overrides, tmp_path).method.flow
+    assert (flow.name, flow.n_blocks, flow.hidden, flow.n_hidden_layers, flow.activation_first, flow.coeff,
+            flow.n_power_iterations, flow.actnorm) == ("residual", 10, 640, 1, True, 0.9, 5, False)
+    ours = compose_cfg("train", [*overrides, "method/flow=residual"], tmp_path).method.flow
+    assert (ours.n_hidden_layers, ours.activation_first, ours.coeff, ours.n_power_iterations) == (2, False, 0.97, 1)
+
+
+def test_preset_block_structure_and_bound_after_training(tmp_path) -> None:
+    flow_cfg = compose_cfg("train", ["method=dhm", "method.flow.n_blocks=2"], tmp_path).method.flow
+    torch.manual_seed(0)
+    flow = instantiate(flow_cfg)(8)
+    for block in flow.blocks:
+        kinds = [LipSwish if isinstance(m, LipSwish) else nn.Linear if isinstance(m, nn.Linear) else type(m)
+                 for m in block.g]  # a bounded Linear is a parametrized subclass of nn.Linear
+        assert kinds == [LipSwish, nn.Linear, LipSwish, nn.Linear]
+        assert [(m.in_features, m.out_features) for m in block.g if isinstance(m, nn.Linear)] == [(8, 640), (640, 8)]
+        assert all(m.parametrizations.weight[0].n_power_iterations == 5 for m in block.g if isinstance(m, nn.Linear))
+    linears = [m for m in flow.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():  # raw weights far above the bound
+        for m in linears:
+            m.parametrizations.weight.original.mul_(5)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4)  # the paper's flow learning rate
+    for _ in range(3):
+        loss = -flow.log_prob(torch.randn(32, 8) * 0.1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    flow.eval()
+    norms = [torch.linalg.matrix_norm(m.weight.detach().double(), ord=2).item() for m in linears]
+    assert max(norms) <= 0.9 * (1 + 1e-3), norms
+    assert min(norms) >= 0.9 * 0.99, norms  # the bound is active
+
+
+# -- a tiny DHM and the independent log density ----------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = compose_cfg("train", DHM, Path("/tmp/unused"))
+    m = build_model(cfg, num_classes=2)
+    assert m.flow.actnorms is None and m.feature_norm == "linf" and m.lambda_ == LAMBDA
+    with torch.no_grad():  # a flow far from the identity, so the log-det is large (≈ −3 nats per block)
+        for block in m.flow.blocks:
+            first, last = [layer for layer in block.g if isinstance(layer, nn.Linear)]
+            first.parametrizations.weight.original.copy_(torch.eye(32, 16))
+            last.parametrizations.weight.original.copy_(-torch.eye(16, 32))
+    converge_spectral_norms(m.flow)
+    m.backbone(torch.rand(4, 1, 9, 9))  # the convs' bounds learn their input shape
+    return m.eval()
+
+
+def _exact_log_density(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(ĥ), log|det ∂z/∂ĥ|) per sample: ĥ = h / max|h|, z = blocks' x + g(x) composed,
+    log N(z; 0, I) + log|det| of the dense Jacobian of z(ĥ)."""
+    hn = h / h.abs().amax(1, keepdim=True)
+
+    def z_of(v: torch.Tensor) -> torch.Tensor:
+        for block in model.flow.blocks:
+            v = v + block.g(v)
+        return v
+
+    base = torch.distributions.Normal(0.0, 1.0)
+    log_p, log_det = [], []
+    for v in hn:
+        ld = torch.linalg.slogdet(torch.func.jacrev(z_of)(v)).logabsdet
+        log_p.append(base.log_prob(z_of(v)).sum() + ld)
+        log_det.append(ld)
+    return torch.stack(log_p), torch.stack(log_det)
+
+
+def _batch():
+    torch.manual_seed(1)
+    return torch.rand(6, 1, 9, 9), torch.tensor([0, 1, 0, 1, 1, 0])
+
+
+def test_flow_log_density_matches_the_exact_jacobian(model) -> None:
+    """Catches the log-det's sign flipped in the NLL (mutation d) and a wrong base density."""
+    x, y = _batch()
+    with torch.no_grad():
+        h = model.backbone(x)
+        log_p, log_det = _exact_log_density(model, h)
+        terms = model.losses(x, y)
+    assert log_det.mean() < -1.0, "the test needs a log-det far from 0 to see its sign"
+    torch.testing.assert_close(terms["nll"], -log_p.mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms["logdet"], log_det.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_is_ce_plus_lambda_nll(model) -> None:
+    """Catches ``ce - λ·nll`` (mutation c): the loss against an independently computed CE + λ·NLL."""
+    x, y = _batch()
+    with torch.no_grad():
+        h = model.backbone(x)
+        want = F.cross_entropy(model.head(h), y) - LAMBDA * _exact_log_density(model, h)[0].mean()
+        got = model.losses(x, y)["loss"]
+    assert LAMBDA * abs(_exact_log_density(model, h)[0].mean()) > 1.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_loss_gradient_reaches_the_extractor(model) -> None:
+    """Catches ``h.detach()`` before the flow (mutation b): the extractor's gradient of the loss is
+    that of CE + λ·NLL computed independently, and the NLL's share of it is not negligible."""
+    x, y = _batch()
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    got = torch.autograd.grad(model.losses(x, y)["loss"], params, allow_unused=True)
+    h = model.backbone(x)
+    ce = F.cross_entropy(model.head(h), y)
+    nll = -_exact_log_density(model, h)[0].mean()
+    g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+    g_nll = torch.autograd.grad(LAMBDA * nll, params, allow_unused=True)
+
+    def flat(gs):
+        return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(gs, params)])
+
+    want = flat(g_ce) + flat(g_nll)
+    assert flat(g_nll).norm() > 0.1 * flat(g_ce).norm(), "the NLL must pull on the extractor (joint training)"
+    torch.testing.assert_close(flat(got), want, rtol=1e-4, atol=1e-6)
+    # and in training mode (Russian-roulette log-det): the NLL alone has a gradient on the extractor
+    model.train()
+    try:
+        model.zero_grad(set_to_none=True)
+        model.losses(x, y)["nll"].backward()
+        assert sum(float(p.grad.abs().sum()) for p in params if p.grad is not None) > 0
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_score_is_the_log_density_higher_for_id(model) -> None:
+    """Catches the score's sign flipped (mutation a): the DHM scorer returns log p(ĥ), not −log p."""
+    x, _ = _batch()
+    with torch.no_grad():
+        h = model.backbone(x)
+        want = _exact_log_density(model, h)[0]
+    outputs = Outputs(logits=model.head(h).detach(), features=h)
+    got = FlowDensity().score(model, outputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.std() > 1e-3  # distinct values, so a flipped sign cannot match
+
+
+# -- precision --------------------------------------------------------------------------------------
+def test_flow_runs_in_float32_under_bf16_autocast(model) -> None:
+    """Item 5: under bf16 autocast the log density and the NLL equal the float32 ones, in float32."""
+    x, y = _batch()
+    with torch.no_grad():
+        h = model.backbone(x)
+        want = model.log_density(h)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.log_density(h)
+            h_mixed = model.backbone(x)
+            nll_mixed = model.losses(x, y)["nll"]
+        nll_want = -sum(model.flow_terms(h_mixed.float())).mean()
+    assert got.dtype == torch.float32 and nll_mixed.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(nll_mixed, nll_want, rtol=1e-6, atol=1e-6)
+    assert math.isfinite(float(nll_mixed))
+
+
+
+# -- the authors' feature path, as options (docs/fidelity.md item 3) --------------------------------
+def test_head_input_and_norm_log_term_options(model, tmp_path) -> None:
+    """``head_input=normalized``: the head sees ĥ = h / max|h| in the loss and in evaluation
+    (``classify``); ``norm_log_coeff=1``: log p gains +log max|h| (the authors' code)."""
+    x, y = _batch()
+    with torch.no_grad():
+        h = model.backbone(x)
+        hn = h / h.abs().amax(1, keepdim=True)
+        base = _exact_log_density(model, h)[0]
+        assert torch.equal(model.classify(h), model.head(h))  # default: raw features
+        try:
+            model.head_input, model.norm_log_coeff = "normalized", 1.0
+            torch.testing.assert_close(model.classify(h), model.head(hn))
+            torch.testing.assert_close(model.losses(x, y)["ce"], F.cross_entropy(model.head(hn), y))
+            torch.testing.assert_close(model.log_density(h), base + h.abs().amax(1).log(), rtol=1e-5, atol=1e-5)
+        finally:
+            model.head_input, model.norm_log_coeff = "raw", 0.0
+    with pytest.raises(Exception, match="method.head_input must be 'raw' or 'normalized'"):  # Hydra wraps it
+        build_model(compose_cfg("train", [*DHM, "method.head_input=both"], tmp_path), num_classes=2)
+
+
+def test_sync_batchnorm_replacing_the_bounded_layers_is_refused(tmp_path) -> None:
+    """``trainer.sync_batchnorm`` swaps every BatchNorm for a plain SyncBatchNorm (Lightning's
+    conversion): the bound would silently be gone, so fitting stops with one clear error."""
+    m = build_model(compose_cfg("train", DHM, tmp_path), num_classes=2)
+    m.on_fit_start()  # bounded BN: fine
+    m.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(m.backbone)
+    with pytest.raises(Exception, match="sync_batchnorm=false"):
+        m.on_fit_start()
