@@ -16,9 +16,10 @@ SCALE=${1:-gpu}
 [ $# -gt 0 ] && shift
 PY=${PYTHON:-python}
 case "$SCALE" in
-  # log-spaced 1e-3 ... 1e-2, denser around the paper's threshold
+  # log-spaced 1e-4 ... 1e-2 (3.75e-4: the authors' README recipe) and dense across the paper's
+  # collapse threshold (trains at 3.594e-3, collapses at 3.672e-3): steps of about 0.5%
   gpu) EXP=experiment=dhm_cifar10
-       LAMBDAS=${LAMBDAS:-1e-3,2e-3,3e-3,3.5e-3,3.59e-3,3.67e-3,4e-3,5e-3,7e-3,1e-2}
+       LAMBDAS=${LAMBDAS:-1e-4,3.75e-4,1e-3,2e-3,3e-3,3.4e-3,3.5e-3,3.55e-3,3.594e-3,3.61e-3,3.63e-3,3.65e-3,3.672e-3,3.7e-3,3.75e-3,4e-3,5e-3,1e-2}
        SEEDS=${SEEDS:-0,1,2} ;;
   # the tiny model's threshold lies elsewhere (between 1e-3 and 3e-2 here): a wider grid
   cpu) EXP=experiment=dhm_tiny
