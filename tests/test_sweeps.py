@@ -162,7 +162,6 @@ def test_wandb_run_of_a_sweep_job_is_grouped_by_sweep_and_named_by_its_overrides
 
 def test_aggregation_logs_the_summary_as_a_wandb_table(tmp_path, wandb_offline):
     import evaluate
-
     from tests.test_run_dir import _job, _metrics
 
     sweep = tmp_path / "sweep"
