@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 
 import lightning as L
 import pytest
@@ -92,6 +93,15 @@ def test_unfinished_job_resumes_from_its_checkpoint_of_the_same_config(tmp_path,
     train(compose_cfg("train", [*_FAST, "skip_finished=true"], out))
     assert f"resuming from {out / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert (out / "metrics.json").exists()
+
+    (out / "metrics.json").unlink()  # the newest checkpoint of the config wins (here a SLURM requeue's)
+    hpc = out / "hpc_ckpt_1.ckpt"
+    shutil.copy(out / "checkpoints" / "last.ckpt", hpc)
+    later = (out / "checkpoints" / "last.ckpt").stat().st_mtime + 10
+    os.utime(hpc, (later, later))
+    caplog.clear()
+    train(compose_cfg("train", [*_FAST, "skip_finished=true"], out))
+    assert f"resuming from {hpc}" in caplog.text
 
     (out / "metrics.json").unlink()  # a checkpoint of another config is not resumed
     caplog.clear()

@@ -5,8 +5,8 @@ A job is *finished* when its folder holds a readable ``metrics.json`` (no ``fail
 ``results`` mapping) whose ``config_hash`` equals the hash of the job's config now. Anything
 else (no file, a truncated or corrupt one, another config's hash, an older run without a hash)
 is never trusted: the job runs. A job that is not finished resumes from the newest of
-``checkpoints/terminated.ckpt`` (SIGTERM) and ``checkpoints/last.ckpt`` (end of each epoch)
-that was written for the same config hash (:class:`ConfigHashStamp` puts it in every checkpoint).
+``checkpoints/terminated.ckpt`` (SIGTERM), ``checkpoints/last.ckpt`` (end of each epoch) and
+``hpc_ckpt_<n>.ckpt`` (Lightning's SLURM auto-requeue) that was written for the same config hash (:class:`ConfigHashStamp` puts it in every checkpoint).
 
 The hash is the SHA-256 of the resolved config as sorted JSON, leaving out what says *where* a
 run lives rather than *what* it computes (:data:`HASH_EXCLUDED`): every ``paths.*`` value is
@@ -74,10 +74,11 @@ def finished_metrics(out_dir: str | Path, wanted: str) -> dict | None:
 
 
 def resumable_checkpoint(out_dir: str | Path, wanted: str, allow_unsafe: bool = False) -> Path | None:
-    """The newest of ``terminated.ckpt`` and ``last.ckpt`` in ``out_dir/checkpoints`` written for the
-    config hash ``wanted`` (an unreadable one, or one of another config, is passed over with a line)."""
+    """The newest of ``checkpoints/terminated.ckpt``, ``checkpoints/last.ckpt`` and Lightning's SLURM
+    ``hpc_ckpt_<n>.ckpt`` (in ``out_dir``, the trainer's root) written for the config hash ``wanted`` (an unreadable one, or one of another config, is passed over with a line)."""
     folder = Path(out_dir) / "checkpoints"
     candidates = [p for p in (folder / TERMINATED_CKPT, folder / "last.ckpt") if p.is_file()]
+    candidates += sorted(Path(out_dir).glob("hpc_ckpt_*.ckpt"))  # Lightning's SLURM auto-requeue saves
     for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             stored = read_checkpoint(path, allow_unsafe, key="ckpt_path").get(HASH_KEY)
