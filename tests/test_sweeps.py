@@ -119,6 +119,9 @@ def test_relaunched_sweep_skips_finished_jobs_and_reruns_the_failed_one(tmp_path
     assert res.returncode == 1, res.stderr[-3000:]  # job 1 failed in its 2nd epoch, after last.ckpt of the 1st
     assert (sweep / "1" / "failed.json").exists() and (sweep / "1" / "checkpoints" / "last.ckpt").exists()
     stamps = {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in ("0", "2")}
+    from ood_lightning.assembly.loggers import swept_keys
+
+    assert swept_keys(sweep / "multirun.yaml") == {"seed"}  # Hydra's own multirun.yaml: what W&B names runs by
 
     monkeypatch.delenv(FAIL_ENV)
     res = run_script("train.py", "-m", *args, "skip_finished=true")

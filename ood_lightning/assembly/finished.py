@@ -13,6 +13,11 @@ run lives rather than *what* it computes (:data:`HASH_EXCLUDED`): every ``paths.
 replaced by a placeholder before resolving, so keys interpolated from them (``logger.*.save_dir``,
 ``callbacks.model_checkpoint.dirpath``, ``data.root``, the Hydra output folder) do not count
 either, and moving a sweep folder or a data root keeps the hash.
+
+DDP: a finished job is skipped by every rank alike (they read the same file before any of them
+writes). When Lightning starts the other ranks itself, they start after rank 0 moved the old
+results away, so they run, and they pick the same checkpoint as rank 0 (none is written before
+``fit`` starts).
 """
 
 from __future__ import annotations
