@@ -33,12 +33,24 @@ def evaluate(cfg: DictConfig):
         heatmap = auroc_heatmap(rows, Path(cfg.run_dir) / "summary_auroc.png")
         print(f"wrote {md}, {csv_path} and {heatmap}")
         _sweep_outputs(cfg, rows)
+        _log_summary(cfg, rows, csv_path, heatmap)
         return rows
     if cfg.get("ckpt_path"):
         from ood_lightning.assembly.runs import rescore
 
         return rescore(cfg)
     raise ConfigError("nothing to do: pass run_dir=<multirun dir> to aggregate, or ckpt_path=<.ckpt> to re-score")
+
+
+def _log_summary(cfg: DictConfig, rows: list[dict], csv_path: Path, heatmap: Path) -> None:
+    """``logger=wandb``: the summary as a W&B Table (the columns of summary.csv) and the heatmap, in a
+    run that joins the sweep's W&B group (the run_dir's name) as ``summary``."""
+    from ood_lightning.assembly.loggers import build_loggers, log_summary
+
+    loggers = build_loggers(cfg, {"group": Path(cfg.run_dir).resolve().name, "name": "summary"})
+    if loggers:
+        columns = csv_path.read_text().splitlines()[0].split(",")
+        log_summary(loggers, rows, columns, [heatmap])
 
 
 def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:

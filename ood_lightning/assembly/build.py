@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ood_lightning.analysis.ood_monitor import OODMonitor
+from ood_lightning.assembly.loggers import build_loggers
 from ood_lightning.checkpoints import OPT_IN, load_state_strict, read_checkpoint, to_project_layout
 from ood_lightning.config import to_dict
 from ood_lightning.data.datamodule import OODDataModule
@@ -88,7 +89,7 @@ def build_trainer(cfg: DictConfig, model: OODMethod, dm: OODDataModule,
     """The trainer with the configured loggers and callbacks, the run's own (``extra_callbacks``,
     e.g. the SIGTERM checkpoint), plus the method's OOD monitor (given the data it needs here,
     so the model never reads the data module)."""
-    loggers = [instantiate(v) for v in (cfg.get("logger") or {}).values() if v is not None]
+    loggers = build_loggers(cfg)  # W&B: the sweep's group, the job's overrides as its name
     callbacks = [instantiate(v) for v in (cfg.get("callbacks") or {}).values() if v is not None]
     callbacks += list(extra_callbacks)
     sets = model.monitor_ood.get("sets") or []

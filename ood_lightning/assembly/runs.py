@@ -23,6 +23,7 @@ from ood_lightning.assembly.build import (
     stored_config,
 )
 from ood_lightning.assembly.checks import check_config
+from ood_lightning.assembly.finished import ConfigHashStamp, config_hash, finished_metrics, resumable_checkpoint
 from ood_lightning.assembly.loggers import log_results
 from ood_lightning.assembly.preemption import Preemption
 from ood_lightning.assembly.runtime import (
@@ -68,13 +69,39 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
 
 def train(cfg: DictConfig) -> dict:
     """Fit the configured method, score it, write results; returns the metrics dict. SIGTERM ends
-    it with a checkpoint and the command that resumes it (``assembly.preemption``)."""
+    it with a checkpoint and the command that resumes it (``assembly.preemption``).
+
+    ``skip_finished=true`` (a re-launched sweep): a job that already finished with this config
+    returns its ``metrics.json`` without running; one that left a checkpoint of this config
+    resumes from it (``assembly.finished``)."""
+    digest = config_hash(cfg)
+    if cfg.get("skip_finished"):
+        done = _finished_or_resume(cfg, digest)
+        if done is not None:
+            return done
     preemption = Preemption(cfg.paths.output_dir, cfg.get("ckpt_path"))
     with preemption.installed():
-        return _train(cfg, preemption)
+        return _train(cfg, preemption, digest)
 
 
-def _train(cfg: DictConfig, preemption: Preemption) -> dict:
+def _finished_or_resume(cfg: DictConfig, digest: str) -> dict | None:
+    """The finished job's metrics, or None after pointing ``cfg.ckpt_path`` at a resumable checkpoint."""
+    out_dir = Path(cfg.paths.output_dir)
+    done = finished_metrics(out_dir, digest)
+    if done is not None:
+        log.info("skip_finished: skipped, %s already holds this config's results (config hash %s)",
+                 out_dir / "metrics.json", digest)
+        return done
+    if not cfg.get("ckpt_path"):  # a checkpoint passed by hand wins
+        ckpt = resumable_checkpoint(out_dir, digest, bool(cfg.get(OPT_IN, False)))
+        if ckpt is not None:
+            log.info("skip_finished: resuming from %s (same config hash %s)", ckpt, digest)
+            with open_dict(cfg):
+                cfg.ckpt_path = str(ckpt)
+    return None
+
+
+def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
     clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
     check_config(cfg)  # before any data is read
     check_accelerator(cfg)
@@ -84,7 +111,7 @@ def _train(cfg: DictConfig, preemption: Preemption) -> dict:
     dm.setup("fit")
     model = build_model(cfg, dm.num_classes)
     connect(dm, model)
-    trainer, loggers = build_trainer(cfg, model, dm, extra_callbacks=[preemption])
+    trainer, loggers = build_trainer(cfg, model, dm, extra_callbacks=[preemption, ConfigHashStamp(digest)])
     allow_unsafe = bool(cfg.get(OPT_IN, False))
     if cfg.get("ckpt_path"):
         load_weights(model, cfg.ckpt_path, allow_unsafe)  # a clear error before Lightning's own
@@ -107,7 +134,8 @@ def _train(cfg: DictConfig, preemption: Preemption) -> dict:
                  ranks.world, ranks.rank, device)
     c = choices()
     meta = {"method": c.get("method"), "backbone": c.get("backbone"), "data": cfg.data.name,
-            "seed": int(cfg.seed), "lambda": model.lambda_, "epochs": trainer.current_epoch}
+            "seed": int(cfg.seed), "lambda": model.lambda_, "epochs": trainer.current_epoch,
+            "config_hash": digest}  # what skip_finished=true compares on a re-launch
     metrics = score_and_write(model, dm, cfg, out_dir, meta, device, feature_cache(cfg, model), ranks)
     if metrics is None:
         return {}
