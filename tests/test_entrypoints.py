@@ -274,6 +274,11 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
                                       f"backbone.checkpoint={ckpt}", "evaluation.feature_cache=false"], tmp_path / "lde"))
     assert {"lde", "lde_unnormalized"} <= set(lde["results"]) and "odin" not in lde["results"]
     assert not (tmp_path / "lde" / "checkpoints").exists()  # nothing was trained
+    # the fit size is stated in the output: debug=fast caps the 1000 training inputs at 512;
+    # method=lde fits on augmented inputs (the paper's), method=lsgm on plain ones
+    for name, augmented in (("lsgm", False), ("lde", True)):
+        meta = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert (meta["fit_samples"], meta["fit_augmented"]) == (512, augmented)
 
 
 def test_posthoc_method_without_checkpoint_names_the_fix(tmp_path):

@@ -173,3 +173,59 @@ def test_residual_flow_plugs_in():
         expected.append(-(norm.logpdf(z.numpy()).sum() + logdet) / (4 * math.log(2)) - math.log2(EPS))
     assert min(logdets) > 0.3  # fitted to points on the sphere, the flow is far from volume-preserving
     np.testing.assert_allclose(det.bpd(x[:16]).numpy(), expected, rtol=1e-5)
+
+
+class NoiseSpy(nn.Module):
+    """A standard-normal 'flow' with one dummy parameter (so the fit loop runs) that keeps
+    every training batch: on all-zero features a batch *is* the dequantisation noise."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.flow, self.dummy, self.seen = identity_flow(dim), nn.Parameter(torch.zeros(())), []
+
+    def log_prob(self, h: Tensor) -> Tensor:
+        self.seen.append(h.detach().clone())
+        return self.flow.log_prob(h) + 0 * self.dummy
+
+
+def test_dequantisation_noise_is_uniform_of_one_bin_centred():
+    """Pins U(−ε/2, ε/2), ε = 1/1024 (the paper's): a U(0, ε) fails the mean, a N(0, ε) the
+    variance and the range, a U(−ε, ε) the variance and the range."""
+    spies = []
+    det = LatentFlowDetector(flow=lambda d: spies.append(NoiseSpy(d)) or spies[-1], normalize="none",
+                             batch_size=512, device="cpu")
+    assert det.epsilon == EPS
+    det.fit(None, FitData(as_outputs(torch.zeros(8192, 8))))
+    u = torch.cat(spies[0].seen).double().flatten() / EPS  # 65,536 draws in bin units, should be U(-1/2, 1/2)
+    assert len(u) == 8192 * 8
+    se_mean = math.sqrt(1 / 12 / len(u))  # ≈ 0.0011
+    assert abs(u.mean().item()) < 5 * se_mean
+    assert abs(u.var().item() - 1 / 12) < 0.003  # sd of the sample variance ≈ 0.0003
+    assert u.min().item() >= -0.5 and u.max().item() <= 0.5
+    assert u.min().item() < -0.499 and u.max().item() > 0.499  # fills the whole bin
+
+
+@pytest.mark.parametrize("n", [256, 300, 1000])
+def test_fit_log_states_samples_and_steps(n, caplog):
+    """The log line's step count is the number of optimiser steps taken, ceil(n / batch)."""
+    spies = []
+    det = LatentFlowDetector(flow=lambda d: spies.append(NoiseSpy(d)) or spies[-1], batch_size=64, device="cpu")
+    with caplog.at_level("INFO", logger="ood_lightning.detectors.latent_flow"):
+        det.fit(None, FitData(as_outputs(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)))))
+    (line,) = [r.getMessage() for r in caplog.records if "latent flow fit" in r.getMessage()]
+    steps = math.ceil(n / 64)
+    assert f"{n} samples, {steps} steps" in line, line
+    assert len(spies[0].seen) == steps  # one log_prob call per training step
+
+
+def test_lde_preset_fits_one_full_augmented_epoch(tmp_path):
+    """method=lde resolves to the paper's fit data (§4, §6.2): the whole ID training split,
+    augmented, one epoch of batch 128 (352 steps on CIFAR-10's 45k)."""
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["method=lde", "data=cifar10"], tmp_path)
+    assert cfg.evaluation.fit_limit is None and cfg.evaluation.fit_augmented is True
+    assert cfg.method.fit.epochs == 1 and cfg.method.fit.batch_size == 128 and cfg.method.fit.epsilon == EPS
+    # the rest of the config still overrides it (debug / command line come later)
+    cfg = compose_cfg("train", ["method=lde", "method/flow=realnvp", "evaluation.fit_limit=100"], tmp_path)
+    assert cfg.evaluation.fit_limit == 100 and cfg.method.flow.name == "realnvp"

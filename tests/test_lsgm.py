@@ -168,3 +168,99 @@ def test_the_per_layer_ablation_reuses_lsgm_s_mixtures_on_the_same_outputs(monke
                    zip(joint.models.values(), (a[:5], b[:5])))
     torch.testing.assert_close(ablation.score(None, test), expected)
     assert other.models["a"] is not joint.models["a"]
+
+
+def brute_force_weighted(log_init: Tensor, log_trans: list[Tensor], log_em: list[Tensor],
+                         log_weights: list[Tensor]) -> Tensor:
+    """Eq. 4 enumerated: Σ_z P(z_1) P(x_1|z_1) Π_{i≥2} P(x_i|z_i) P(z_i|Φ_i) P(z_i|z_{i-1})."""
+    sizes = [e.shape[1] for e in log_em]
+    terms = []
+    for trace in itertools.product(*(range(s) for s in sizes)):
+        t = log_init[trace[0]] + log_em[0][:, trace[0]]
+        for i in range(1, len(trace)):
+            t = t + log_trans[i - 1][trace[i - 1], trace[i]] + log_em[i][:, trace[i]] + log_weights[i][trace[i]]
+        terms.append(t)
+    return torch.logsumexp(torch.stack(terms, 1), 1)
+
+
+class _HandBuilt(LSGM):
+    """An LSGM whose emissions, weights and transitions are set by hand (no mixture fit)."""
+
+    def __init__(self, log_em: list[Tensor], log_weights: list[Tensor], log_trans: list[Tensor], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._em = log_em
+        self.models = {f"l{i}": type("M", (), {"log_weights": w})() for i, w in enumerate(log_weights)}
+        self.log_init, self.log_transitions = log_weights[0].clone(), log_trans
+
+    def log_emissions(self, outputs: Outputs) -> dict[str, Tensor]:
+        return dict(zip(self.models, self._em))
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 2), (2, 3, 2), (3, 3, 3)])
+def test_mixture_weight_options_match_enumeration(sizes: tuple[int, ...]) -> None:
+    """Both readings of the paper, scored by LSGM.score, against all k^m state paths of a
+    3-layer chain: §3.3 ("first_layer") and Eqs. 2/4 ("every_layer")."""
+    g = torch.Generator().manual_seed(sum(sizes))
+    log_em = [3 * torch.randn(5, s, generator=g, dtype=torch.float64) for s in sizes]
+    log_w = [torch.log_softmax(2 * torch.randn(s, generator=g, dtype=torch.float64), 0) for s in sizes]
+    log_a = [torch.log_softmax(2 * torch.randn(a, b, generator=g, dtype=torch.float64), 1)
+             for a, b in zip(sizes, sizes[1:])]
+    first = _HandBuilt(log_em, log_w, log_a, mixture_weights="first_layer").score(None, None)
+    every = _HandBuilt(log_em, log_w, log_a, mixture_weights="every_layer").score(None, None)
+    torch.testing.assert_close(first, brute_force(log_w[0], log_a, log_em))
+    torch.testing.assert_close(every, brute_force_weighted(log_w[0], log_a, log_em, log_w))
+    assert (first - every).abs().min() > 1e-3  # the two readings really differ here
+
+
+def test_mixture_weight_options_on_a_fitted_model() -> None:
+    """The same on a fitted LSGM: its own emissions, weights and transitions, enumerated."""
+    train, test = transition_traces(300, 3, 1, 0), transition_traces(40, 3, 2, 1)
+    first = LSGM(n_components=3, mixture="gmm", max_iter=50).fit_outputs(train)
+    every = LSGM(n_components=3, mixture="gmm", max_iter=50, mixture_weights="every_layer").fit_outputs(train)
+    em = list(every.log_emissions(test).values())
+    weights = [m.log_weights for m in every.models.values()]
+    torch.testing.assert_close(every.score(None, test), brute_force_weighted(every.log_init, every.log_transitions,
+                                                                              em, weights))
+    torch.testing.assert_close(first.score(None, test), brute_force(first.log_init, first.log_transitions, em))
+
+
+def test_paper_components_by_number_of_classes() -> None:
+    """n_components='paper': 50 / 100 / 200 for 10 / 100 / 200 classes (CIFAR-10 / CIFAR-100 /
+    TinyImageNet), 50 otherwise; 'auto' stays 5 x classes."""
+    for classes, k in [(10, 50), (100, 100), (200, 200), (6, 50)]:
+        train = make_outputs({"penultimate": np.zeros((2 * classes, 2))}, labels=np.arange(2 * classes) % classes)
+        assert LSGM(n_components="paper")._resolve_k(train) == k
+        assert LSGM(n_components="auto")._resolve_k(train) == 5 * classes
+
+
+def test_smoothing_per_row_keeps_sparse_peaked_rows_peaked() -> None:
+    """Few samples, many components: 200 traces over k = 100 states, each state moving to one
+    fixed next state (2 counts per row). Laplace 1 per cell makes the rows near-uniform
+    (peak 3/102); one pseudo-count per row keeps them peaked (peak (2 + 1/100) / 3)."""
+    k = 100
+    j = np.arange(200) % k
+    perm = np.random.default_rng(0).permutation(k)
+    eye = np.eye(k)
+    post_a, post_b = torch.log(torch.as_tensor(eye[j] + 1e-12)), torch.log(torch.as_tensor(eye[perm[j]] + 1e-12))
+    peaks = {}
+    for per in ("row", "cell"):
+        det = LSGM(n_components=k, smoothing_per=per, transition_smoothing=1.0)
+        a = det._log_normalise(det._counts(post_a, post_b)).exp()
+        torch.testing.assert_close(a.sum(1), torch.ones(k, dtype=torch.float64))
+        assert (a.argmax(1).numpy() == perm).all()
+        peaks[per] = a.max(1).values.min().item()
+        assert (a > 0).all()  # unseen moves stay possible either way
+    assert peaks["row"] > 0.6 and peaks["cell"] < 0.05
+    assert abs(peaks["row"] - (2 + 1 / k) / 3) < 1e-9 and abs(peaks["cell"] - 3 / (2 + k)) < 1e-9
+
+
+def test_lsgm_preset_paper_defaults(tmp_path) -> None:
+    """method=lsgm: the full training set, the paper's components, §3.3 recursion, row smoothing."""
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["method=lsgm", "data=cifar10"], tmp_path)
+    assert cfg.evaluation.fit_limit is None
+    for name in ("lsgm", "gmm_per_layer"):
+        assert cfg.method.scorers[name].n_components == "paper"
+    lsgm = cfg.method.scorers.lsgm
+    assert lsgm.mixture_weights == "first_layer" and lsgm.smoothing_per == "row"

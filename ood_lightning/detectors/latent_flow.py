@@ -14,6 +14,7 @@ Bits per dimension treat features as discretised into bins of width ε, so a bin
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 
@@ -28,6 +29,8 @@ from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.nn.flows.build import build_flow
 from ood_lightning.nn.modes import eval_mode
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
+
+log = logging.getLogger(__name__)
 
 #: fits with at least this many optimisation steps show a progress bar
 PROGRESS_MIN_STEPS = 200
@@ -191,6 +194,9 @@ class LatentFlowDetector(Scorer):
         # A lone last sample would break batch statistics (ActNorm init, batch norm): skip it.
         per_epoch = n // self.batch_size + int(n % self.batch_size >= 2)
         total = per_epoch * self.epochs
+        # the paper's point is that the step count matters (under-training works): say it
+        log.info("latent flow fit: %d samples, %d steps (%d epoch(s) x %d batches of %d)",
+                 n, total, self.epochs, per_epoch, self.batch_size)
         params = [p for p in self.flow.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay) if params and total else None
         record = self.eval_every is not None

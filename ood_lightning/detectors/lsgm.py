@@ -22,16 +22,27 @@ Choices made here (each reachable from the config):
   does not change any ranking.
 * ``mixture="dirichlet"`` (the paper's default) is scikit-learn's truncated
   Dirichlet-process mixture with ``n_components`` as the truncation level; ``"gmm"`` is
-  plain EM with exactly ``n_components``. ``n_components="auto"`` = 5 × number of classes
-  (50 for 10 classes, as in the paper). Both are scored as plug-in densities from the
+  plain EM with exactly ``n_components``. ``n_components="paper"`` is the paper's value for
+  the ID dataset, keyed by its number of classes (50 / 100 / 200 for CIFAR-10 / CIFAR-100 /
+  TinyImageNet; 50 for any other class count); ``"auto"`` = 5 × number of classes. Both are scored as plug-in densities from the
   fitted ``weights_``, ``means_`` and ``precisions_cholesky_`` (public attributes), so the
   Dirichlet mixture is scored by its point estimate rather than by sklearn's variational
   ``score_samples``. ``min_weight`` can drop the truncation's near-empty components.
 * Transitions are counted from hard traces (argmax posterior per layer, the paper's
   trace; ``transitions="hard"``) or as expected counts Σ_n γ_i(n)ᵀγ_{i+1}(n)
   (``"soft"``; exact, as each layer's posterior depends on that layer only). Counts get
-  additive smoothing ``transition_smoothing`` and rows are normalised, so an unseen
-  transition is unlikely but not impossible.
+  additive smoothing and rows are normalised, so an unseen transition is unlikely but not
+  impossible. The paper gives no smoothing. ``smoothing_per="row"`` spreads
+  ``transition_smoothing`` pseudo-counts over each whole row (``s / k_{i+1}`` per cell), so
+  with few samples per row and many components the counts still dominate; ``"cell"`` adds
+  ``s`` to every cell (Laplace), which swamps a row of c counts once k ≫ c (CIFAR-100: 500
+  components, ~40 counts per row -> near-uniform rows).
+* Mixture weights at deeper layers (``mixture_weights``): the paper contradicts itself.
+  Its Eqs. 2/4 multiply P(z_i | Φ_i) in at *every* layer (``"every_layer"``); its §3.3
+  recursion α_i = P(x_i|z_i) Σ P(z_i|z_{i-1}) α_{i-1} uses them only through the initial
+  distribution (``"first_layer"``, the default: it is the algorithm the paper says it
+  computes, and it is a normalised HMM likelihood, whereas Eq. 4 counts each deeper
+  layer's state prior twice, once in the transition and once in the weight).
 * The initial distribution is the first layer's mixture weights (``initial="weights"``,
   so one layer reduces to that layer's GMM) or counted like the transitions
   (``"counted"``).
@@ -43,6 +54,7 @@ Cost: fitting a full-covariance mixture is O(max_iter · N · k · D²) per laye
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -58,6 +70,10 @@ from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, layer_selection, pool
 
 PENULTIMATE = "penultimate"
+#: the paper's components per layer (§4.3), by the ID dataset's number of classes:
+#: CIFAR-10, CIFAR-100, TinyImageNet; other datasets get the CIFAR-10 value
+PAPER_COMPONENTS = {10: 50, 100: 100, 200: 200}
+log = logging.getLogger(__name__)
 #: elements of one [chunk, k_i, k_{i+1}] block when a transition step falls back to logsumexp
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -189,15 +205,20 @@ class LSGM(Scorer):
     Args:
         layers: layer names from ``Outputs.layers`` in network order (``"penultimate"``
             may also mean ``Outputs.features``), or ``"all"`` for every layer at fit time.
-        n_components: components per layer (the truncation level for ``"dirichlet"``), or
-            ``"auto"`` = 5 × number of classes in ``train.labels``. Capped at the number of
-            training samples.
+        n_components: components per layer (the truncation level for ``"dirichlet"``),
+            ``"paper"`` = the paper's value by number of classes in ``train.labels``
+            (10 -> 50, 100 -> 100, 200 -> 200, else 50), or ``"auto"`` = 5 × number of
+            classes. Capped at the number of training samples.
         mixture: ``"dirichlet"`` (DP mixture, ``BayesianGaussianMixture``) or ``"gmm"``.
         max_iter, covariance_type, reg_covar: passed to the sklearn mixture. ``reg_covar``
             is relative to the standardised (unit-variance) features; the default is larger
             than sklearn's because pooled ReLU features have near-dead, collinear channels.
-        transition_smoothing: additive (Laplace) count added to every transition (and to
-            counted initial) cell before normalising; 0 allows impossible transitions.
+        transition_smoothing: additive pseudo-counts for every transition (and counted
+            initial) row before normalising (see ``smoothing_per``); 0 allows impossible
+            transitions.
+        smoothing_per: ``"row"`` (``transition_smoothing`` pseudo-counts per row, spread over
+            its cells) or ``"cell"`` (that many per cell: classic Laplace).
+        mixture_weights: ``"first_layer"`` (§3.3 recursion) or ``"every_layer"`` (Eqs. 2/4).
         transitions: ``"hard"`` (argmax-posterior traces) or ``"soft"`` (expected counts).
         initial: ``"weights"`` (first layer's mixture weights) or ``"counted"``.
         standardize: standardise each layer with the ID training mean/std before fitting.
@@ -214,12 +235,14 @@ class LSGM(Scorer):
     def __init__(
         self,
         layers: str | Sequence[str] = "all",
-        n_components: int | Literal["auto"] = 50,
+        n_components: int | Literal["paper", "auto"] = 50,
         mixture: Literal["dirichlet", "gmm"] = "dirichlet",
         max_iter: int = 100,
         covariance_type: Literal["full", "diag"] = "full",
         reg_covar: float = 1e-4,
         transition_smoothing: float = 1.0,
+        smoothing_per: Literal["row", "cell"] = "row",
+        mixture_weights: Literal["first_layer", "every_layer"] = "first_layer",
         transitions: Literal["hard", "soft"] = "hard",
         initial: Literal["weights", "counted"] = "weights",
         standardize: bool = True,
@@ -230,10 +253,12 @@ class LSGM(Scorer):
         mixture_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.layers = layer_selection(layers, "detectors.<name>.layers")
-        if n_components != "auto" and (isinstance(n_components, str) or int(n_components) < 1):
-            raise ConfigError(f"detectors.<name>: LSGM n_components must be a positive int or 'auto', got {n_components!r}")
+        if n_components not in ("paper", "auto") and (isinstance(n_components, str) or int(n_components) < 1):
+            raise ConfigError("detectors.<name>: LSGM n_components must be a positive int, 'paper' or 'auto', "
+                              f"got {n_components!r}")
         checks = {"mixture": (mixture, ("dirichlet", "gmm")), "covariance_type": (covariance_type, ("full", "diag")),
-                  "transitions": (transitions, ("hard", "soft")), "initial": (initial, ("weights", "counted"))}
+                  "transitions": (transitions, ("hard", "soft")), "smoothing_per": (smoothing_per, ("row", "cell")),
+                  "mixture_weights": (mixture_weights, ("first_layer", "every_layer")), "initial": (initial, ("weights", "counted"))}
         for arg, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"detectors.<name>: LSGM {arg} must be one of {allowed}, got {value!r}")
@@ -243,7 +268,9 @@ class LSGM(Scorer):
             raise ConfigError(f"detectors.<name>: LSGM pca_dim must be a positive int or None, got {pca_dim}")
         if not 0.0 <= min_weight < 1.0:
             raise ConfigError(f"detectors.<name>: LSGM min_weight must be in [0, 1), got {min_weight}")
-        self.n_components = n_components if n_components == "auto" else int(n_components)
+        self.n_components = n_components if n_components in ("paper", "auto") else int(n_components)
+        self.smoothing_per = smoothing_per
+        self.mixture_weights = mixture_weights
         self.mixture = mixture
         self.max_iter = int(max_iter)
         self.covariance_type = covariance_type
@@ -274,11 +301,15 @@ class LSGM(Scorer):
         return [t.exp() for t in self.log_transitions]
 
     def _resolve_k(self, train: Outputs) -> int:
-        if self.n_components != "auto":
+        if self.n_components not in ("paper", "auto"):
             return int(self.n_components)
         if train.labels is None:
-            raise ConfigError("detectors.<name>: LSGM n_components='auto' needs class labels in train.labels")
-        return 5 * len(torch.unique(train.labels))
+            raise ConfigError(f"detectors.<name>: LSGM n_components={self.n_components!r} needs class labels "
+                              "in train.labels")
+        classes = len(torch.unique(train.labels))
+        if self.n_components == "auto":
+            return 5 * classes
+        return PAPER_COMPONENTS.get(classes, PAPER_COMPONENTS[10])
 
     def _make_mixture(self, k: int) -> Any:
         from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
@@ -344,7 +375,8 @@ class LSGM(Scorer):
         return counts
 
     def _log_normalise(self, counts: Tensor) -> Tensor:
-        smoothed = counts + self.transition_smoothing
+        per_cell = self.transition_smoothing / (counts.shape[-1] if self.smoothing_per == "row" else 1)
+        smoothed = counts + per_cell
         return smoothed.log() - smoothed.sum(-1, keepdim=True).log()
 
     def fit(self, model: FeatureModel, data: FitData) -> LSGM:
@@ -355,6 +387,8 @@ class LSGM(Scorer):
         names = (list(train.layers) or [PENULTIMATE]) if self.layers == "all" else list(self.layers)
         feats = {n: _layer_features(train, n) for n in names}
         k = self._resolve_k(train)
+        log.info("LSGM fit: %d ID training inputs, layers %s, %d components per layer (n_components=%s)",
+                 len(feats[names[0]]), names, k, self.n_components)
         self.models = {n: self._fit_layer(n, feats[n], k) for n in names}
         posts = []
         for name, m in self.models.items():
@@ -396,6 +430,9 @@ class LSGM(Scorer):
             return sum(self.layer_log_likelihoods(outputs).values())  # type: ignore[return-value]
         with torch.no_grad():
             emissions = list(self.log_emissions(outputs).values())
+            if self.mixture_weights == "every_layer":  # Eqs. 2/4: P(z_i | Φ_i) at layers 2..m too
+                weights = [m.log_weights for m in self.models.values()]
+                emissions = [emissions[0]] + [e + w.to(e) for e, w in zip(emissions[1:], weights[1:])]
             return forward_algorithm(self.log_init, self.log_transitions, emissions)  # type: ignore[arg-type]
 
 

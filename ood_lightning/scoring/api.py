@@ -176,6 +176,10 @@ class Results:
     outputs: dict[str, Outputs] = field(default_factory=dict, repr=False)
     #: wall seconds per stage: ``features/<split>``, ``fit/<scorer>``, ``score/<scorer>``
     timings: dict[str, float] = field(default_factory=dict)
+    #: how many ID training inputs the scorers were fitted on (None: nothing needed a fit)
+    fit_samples: int | None = None
+    #: whether those inputs were augmented (``evaluation.fit_augmented``)
+    fit_augmented: bool = False
 
     def scorers(self) -> list[str]:
         return list(dict.fromkeys(k.scorer for k in self.scores))

@@ -107,11 +107,13 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
         return out
 
     fit_loader = dm.fit_dataloader(fit_limit) if any(s.needs_fit for s in scorers.values()) else None
+    fit_samples = None
     _log_plan(scorers, loaders, fit_loader)
     with _progress(ranks) as progress:
         if fit_loader is not None:
             train = timed("features/id_train", outputs_of, "id_train", fit_loader, progress,
                           fit_limit, fit_augmented)
+            fit_samples = len(train)
             log.info("fitting %d scorers on %d ID training inputs%s", sum(s.needs_fit for s in scorers.values()),
                      len(train), " (augmented)" if fit_augmented else "")
             _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
@@ -141,7 +143,8 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
         if scorer.tunes_on_ood:
             timed(f"fit+score/{name}", _score_tuned_on_ood, name, scorer, model, outs, scores, predictions)
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
-                   has_classifier=model.has_classifier, outputs=outs, timings=timings)
+                   has_classifier=model.has_classifier, outputs=outs, timings=timings,
+                   fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None)
 
 
 #: forward-pass equivalents of one input of a per-batch scorer (a gradient and a second forward pass)
