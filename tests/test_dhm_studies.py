@@ -288,9 +288,37 @@ def test_2d_preset_is_the_papers_setup(tmp_path, sweeps_module):
     assert min(-x0, x1, -y0, y1) > 5.5
 
 
-def test_dhm_cifar_preset_uses_the_authors_wrn_dropout(tmp_path):
+def test_dhm_cifar_preset_uses_the_authors_wrn_dropout_and_reflect_padding(tmp_path):
     cfg = compose_cfg("train", ["experiment=dhm_cifar10"], tmp_path)
     assert cfg.backbone.dropout == 0.3
+    assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.crop_padding_mode == "reflect"
+    assert compose_cfg("train", ["data=cifar10"], tmp_path).data.augment.crop_padding_mode == "zeros"
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_random_crop_is_a_window_of_the_numpy_padded_image(mode):
+    """Every crop equals one window of np.pad(mode=reflect / constant 0), an independent padding."""
+    from ood_lightning.data.transforms import Preprocess, random_crop
+
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5)
+    p = 2
+    ref = np.pad(x.numpy(), ((0, 0), (0, 0), (p, p), (p, p)), mode="reflect" if mode == "reflect" else "constant")
+    windows = {(i, dy, dx): ref[i, :, dy:dy + 5, dx:dx + 5] for i in range(2) for dy in range(2 * p + 1)
+               for dx in range(2 * p + 1)}
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        out = random_crop(x, p, generator=gen, mode=mode)
+        assert out.dtype == torch.uint8 and out.shape == x.shape
+        for i in range(2):
+            hits = [k for k, w in windows.items() if k[0] == i and np.array_equal(w, out[i].numpy())]
+            assert hits, (mode, i)
+            seen.update(hits)
+    assert len(seen) > 30  # offsets vary
+    with pytest.raises(ConfigError, match="crop_padding_mode must be one of"):
+        Preprocess(crop_padding=4, crop_padding_mode="circular")
+    with pytest.raises(ConfigError, match="reflect padding 5 needs images larger"):
+        random_crop(x, 5, mode="reflect")
 
 
 # -- the study scripts at a micro scale ----------------------------------------------------------
