@@ -236,7 +236,8 @@ def test_data_keys_have_one_schema_with_defaults_and_typos_are_named(tmp_path):
     from tests.conftest import compose_cfg
 
     filled = data_config({"name": "stripes", "root": "."})
-    assert filled["batch_size"] == DataConfig.batch_size and filled["augment"] == {"crop_padding": 0, "hflip": False}
+    assert filled["batch_size"] == DataConfig.batch_size and filled["augment"] == {"crop_padding": 0, "hflip": False,
+                                                                                   "crop_padding_mode": "zeros"}
     with pytest.raises(ConfigError, match=r"unknown key data.limit_tran; did you mean data.limit_train\?"):
         OODDataModule({"name": "stripes", "root": ".", "limit_tran": 5})
     with pytest.raises(Exception, match="limit_tran"):  # at composition, before anything runs

@@ -63,7 +63,7 @@ def test_volume_is_computed_in_log_space_without_overflow():
 
 # -- Prewitt backbone ----------------------------------------------------------------------------
 def test_prewitt_init_and_features_separate_stripe_directions():
-    net = PrewittNet(in_channels=1)
+    net = PrewittNet(in_channels=1, init="prewitt")
     torch.testing.assert_close(net.conv.weight[0, 0], PREWITT_HORIZONTAL)
     torch.testing.assert_close(net.conv.weight[1, 0], PREWITT_HORIZONTAL.t())
     assert net.conv.weight.requires_grad and net.feature_dim == 2
@@ -76,14 +76,14 @@ def test_prewitt_init_and_features_separate_stripe_directions():
     # unpadded filters: an axis-aligned image gives 0 (up to rounding) in the other direction
     assert h[y == 0, 1].max() < 1e-6 and h[y == 1, 0].max() < 1e-6
     # diagonal stripes excite both filters
-    d, _ = diagonal_stripes(200, seed=5)
+    d, _ = diagonal_stripes(200, seed=5, max_deviation=15)
     with torch.no_grad():
         hd = net(d)
     assert (hd.min(1).values > 0).float().mean() > 0.95
 
 
 def test_prewitt_backbone_from_config_with_spectral_bound(tmp_path):
-    cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)
+    cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2", "backbone.init=prewitt"], tmp_path)
     from ood_lightning.assembly.build import build_model
 
     model = build_model(cfg, num_classes=2)
@@ -200,6 +200,125 @@ def test_table_one_puts_detectors_side_by_side_and_evaluate_writes_it(tmp_path, 
     evaluate(cfg)
     assert "| dhm | 0.890 ± 0.014" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "summary.md").exists()
+
+
+def test_prewitt_backbone_random_init_is_seeded_and_not_prewitt():
+    """init=random (the authors' default): torch's conv init, reproducible under the seed."""
+    torch.manual_seed(0)
+    a = PrewittNet(in_channels=1).conv.weight.detach().clone()
+    torch.manual_seed(0)
+    b = PrewittNet(in_channels=1, init="random").conv.weight.detach()
+    torch.testing.assert_close(a, b)
+    # neither filter is (a multiple of) a Prewitt filter
+    for k in a[:, 0]:
+        for ref in (PREWITT_HORIZONTAL, PREWITT_HORIZONTAL.t()):
+            cos = float((k * ref).sum() / (k.norm() * ref.norm()))
+            assert abs(cos) < 0.99
+    with pytest.raises(ConfigError, match="backbone.init must be 'random' or 'prewitt'"):
+        PrewittNet(init="sobel")
+
+
+# -- the presets against the paper (§4.3, §4.4) and the authors' code ------------------------------
+def test_stripes_preset_is_the_papers_recipe(tmp_path):
+    """§4.3 and the authors' train_stripes_dhm.py: random init, softmax of the features as the
+    classifier, plain SGD lr 0.01 (no momentum / weight decay / schedule), OOD at 15-75 degrees."""
+    cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)
+    assert cfg.backbone.init == "random" and cfg.backbone.trainable is True
+    assert cfg.method.head == "softmax" and cfg.method.feature_norm == "none" and cfg.method.spectral_coeff == 0.9
+    assert cfg.ood.diagonal.max_deviation == 30
+    assert cfg.method.scheduler is None
+    from ood_lightning.assembly.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=2)
+    opts, scheds = model.configure_optimizers()
+    sgd = opts[0]
+    assert type(sgd) is torch.optim.SGD and scheds == []
+    g = sgd.param_groups[0]
+    assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.01, 0.0, False, 0.0)
+    # softmax of the features: the logits are the 2-D features themselves, nothing to train in the head
+    x = torch.rand(16, 1, 9, 9)
+    model.eval()
+    with torch.no_grad():
+        h = model.backbone(x)
+        torch.testing.assert_close(model(x), h)
+    assert not any(p.requires_grad for p in model.head.parameters())
+    # one plain-SGD step on a hand-made loss moves the conv weight by exactly -lr * grad
+    model.train()
+    w0 = model.backbone.conv.parametrizations.weight.original.detach().clone()
+    sgd.zero_grad()
+    model.backbone(x).sum().backward()
+    grad = model.backbone.conv.parametrizations.weight.original.grad.clone()
+    sgd.step()
+    torch.testing.assert_close(model.backbone.conv.parametrizations.weight.original.detach(), w0 - 0.01 * grad)
+    # the raw conv weight is not the Prewitt pair
+    assert not torch.allclose(w0[0, 0], PREWITT_HORIZONTAL)
+
+
+def test_softmax_head_needs_one_feature_per_class(tmp_path):
+    cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)
+    from ood_lightning.assembly.build import build_model
+
+    # hydra wraps the ConfigError; the entrypoints print its one line
+    with pytest.raises(Exception, match="method.head=softmax needs feature_dim == num_classes, got 2 features for 3"):
+        build_model(cfg, num_classes=3)
+
+
+def test_2d_preset_is_the_papers_setup(tmp_path, sweeps_module):
+    """§4.4: 5 rings (chance 0.2), default c = 0.9, 2-D features (not 128-d l-inf-normalised),
+    and a c grid holding the two values the paper reports (0.2 and 0.9)."""
+    cfg = compose_cfg("train", ["experiment=dhm_2d", "data=rings", "method.flow.n_blocks=1"], tmp_path)
+    assert cfg.method.spectral_coeff == 0.9 and cfg.method.feature_norm == "none"
+    assert cfg.data.kwargs.num_rings == 5 and cfg.backbone.out_features == 2
+    from ood_lightning.assembly.build import build_model
+    from ood_lightning.data.synthetic import rings
+
+    model = build_model(cfg, num_classes=5)
+    assert model.backbone.feature_dim == 2 and model.flow.dim == 2
+    with torch.no_grad():
+        assert model.backbone(torch.randn(7, 2)).shape == (7, 2)
+    _, y = rings(1000, seed=0, **cfg.data.kwargs)
+    freq = torch.bincount(y, minlength=5).double() / len(y)
+    assert len(freq) == 5 and float(freq.max()) == pytest.approx(0.2, abs=1e-3)  # chance = 0.2
+    study = sweeps_module("dhm_2d")
+    for grid in (study.COEFFS, study.CPU_COEFFS):
+        assert 0.2 in grid and 0.9 in grid
+    # the rings' integration window holds every ring (radii 1..5)
+    (x0, x1), (y0, y1) = study.LIMITS["rings"]
+    assert min(-x0, x1, -y0, y1) > 5.5
+
+
+def test_dhm_cifar_preset_uses_the_authors_wrn_dropout_and_reflect_padding(tmp_path):
+    cfg = compose_cfg("train", ["experiment=dhm_cifar10"], tmp_path)
+    assert cfg.backbone.dropout == 0.3
+    assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.crop_padding_mode == "reflect"
+    assert compose_cfg("train", ["data=cifar10"], tmp_path).data.augment.crop_padding_mode == "zeros"
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+def test_random_crop_is_a_window_of_the_numpy_padded_image(mode):
+    """Every crop equals one window of np.pad(mode=reflect / constant 0), an independent padding."""
+    from ood_lightning.data.transforms import Preprocess, random_crop
+
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.uint8).view(2, 3, 5, 5)
+    p = 2
+    ref = np.pad(x.numpy(), ((0, 0), (0, 0), (p, p), (p, p)), mode="reflect" if mode == "reflect" else "constant")
+    windows = {(i, dy, dx): ref[i, :, dy:dy + 5, dx:dx + 5] for i in range(2) for dy in range(2 * p + 1)
+               for dx in range(2 * p + 1)}
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        out = random_crop(x, p, generator=gen, mode=mode)
+        assert out.dtype == torch.uint8 and out.shape == x.shape
+        for i in range(2):
+            hits = [k for k, w in windows.items() if k[0] == i and np.array_equal(w, out[i].numpy())]
+            assert hits, (mode, i)
+            seen.update(hits)
+    assert len(seen) > 30  # offsets vary
+    with pytest.raises(ConfigError, match="crop_padding_mode must be one of"):
+        Preprocess(crop_padding=4, crop_padding_mode="circular")
+    with pytest.raises(ConfigError, match="reflect padding 5 needs images larger"):
+        random_crop(x, 5, mode="reflect")
 
 
 # -- the study scripts at a micro scale ----------------------------------------------------------

@@ -83,7 +83,7 @@ class OODDataModule(L.LightningDataModule):
         c = self.cfg
         aug = c["augment"]
         self.preprocess = Preprocess(c["mean"], c["std"], aug["crop_padding"],
-                                     aug["hflip"], c["dequantize"])
+                                     aug["hflip"], c["dequantize"], aug.get("crop_padding_mode", "zeros"))
         self.train_set = self.val_set = self.test_set = None
         self.ood_sets: dict[str, ArrayData] = {}
         self.class_names: tuple[str, ...] = ()

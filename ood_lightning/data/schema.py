@@ -17,6 +17,8 @@ class AugmentConfig:
     #: random-crop padding in pixels (0 = no crop); training only
     crop_padding: int = 0
     hflip: bool = False
+    #: zeros | reflect (the DHM authors' RandomCrop(padding_mode='reflect'))
+    crop_padding_mode: str = "zeros"
 
 
 @dataclass

@@ -230,10 +230,12 @@ def stripes(n: int, seed: int = 0, size: int = 9) -> tuple[Tensor, Tensor]:
     return _periodic_stripes(cos_t, sin_t, width, size, gen), y
 
 
-def diagonal_stripes(n: int, seed: int = 0, size: int = 9) -> tuple[Tensor, Tensor]:
-    """OOD set for :func:`stripes`: the same stripes, but at 45 +- 15 degrees.
+def diagonal_stripes(n: int, seed: int = 0, size: int = 9, max_deviation: float = 30.0) -> tuple[Tensor, Tensor]:
+    """OOD set for :func:`stripes`: the same stripes, but at 45 +- ``max_deviation`` degrees.
 
-    The angle from horizontal is U[30, 60] degrees, mirrored to 180 - angle ("\\" instead
+    The DHM paper (§4.3) says both "between 15° and 75°" and "45° ± 15°"; the default 30 (15-75°)
+    is the authors' code (``StripedOODImages(max_deviation=30)``); 15 gives 30-60°.
+    The angle from horizontal is U[45 - max_deviation, 45 + max_deviation] degrees, mirrored to 180 - angle ("\\" instead
     of "/") with probability 1/2; width w ~ U{1, 2, 3, 4} measured perpendicular to the
     stripes; pixels are on by the distance of their centres to a line through the image
     centre (see :func:`_periodic_stripes`). Labels are -1.
@@ -241,8 +243,11 @@ def diagonal_stripes(n: int, seed: int = 0, size: int = 9) -> tuple[Tensor, Tens
     _check_n(n)
     if size < 2:
         raise ConfigError(f"diagonal_stripes needs size >= 2, got {size}")
+    if not 0.0 <= max_deviation < 45.0:
+        raise ConfigError(f"diagonal_stripes needs 0 <= max_deviation < 45 degrees (off the axes), got {max_deviation}")
     gen = _generator(seed)
-    angle = torch.deg2rad(30.0 + 30.0 * torch.rand(n, generator=gen))
+    dev = float(max_deviation)
+    angle = torch.deg2rad(45.0 - dev + 2.0 * dev * torch.rand(n, generator=gen))
     mirror = torch.rand(n, generator=gen) < 0.5
     cos_t = torch.where(mirror, -torch.cos(angle), torch.cos(angle))
     sin_t = torch.sin(angle)

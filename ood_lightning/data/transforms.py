@@ -15,18 +15,35 @@ from torch import Tensor
 from ood_lightning.errors import ConfigError
 
 
-def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
-    """Zero-pad by ``padding`` and crop back at a random offset per image."""
+#: crop padding modes: zeros (ours, the common CIFAR recipe) | reflect (the DHM authors' RandomCrop)
+PADDING_MODES = ("zeros", "reflect")
+
+
+def _reflect(idx: Tensor, n: int) -> Tensor:
+    """Index into [0, n) mirrored at the borders without repeating the edge (numpy/torch 'reflect')."""
+    idx = idx.abs()
+    return torch.where(idx >= n, 2 * (n - 1) - idx, idx)
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None, mode: str = "zeros") -> Tensor:
+    """Pad by ``padding`` (zeros or reflection) and crop back at a random offset per image."""
+    if mode not in PADDING_MODES:
+        raise ConfigError(f"data.augment.crop_padding_mode must be one of {PADDING_MODES}, got {mode!r}")
     if padding <= 0:
         return x
     b, _, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * padding + 1, (b,), device=x.device, generator=generator)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(b, device=x.device)[:, None, None, None]
     chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    if mode == "reflect":
+        if padding >= min(h, w):
+            raise ConfigError(f"reflect padding {padding} needs images larger than it, got {h}x{w}")
+        # index arithmetic instead of F.pad: works for uint8 too
+        return x[batch, chan, _reflect(rows - padding, h), _reflect(cols - padding, w)]
+    padded = F.pad(x, (padding,) * 4)
     return padded[batch, chan, rows, cols]
 
 
@@ -43,17 +60,22 @@ class Preprocess(torch.nn.Module):
     """
 
     def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 crop_padding: int = 0, hflip: bool = False, dequantize: bool = False):
+                 crop_padding: int = 0, hflip: bool = False, dequantize: bool = False,
+                 crop_padding_mode: str = "zeros"):
         super().__init__()
+        if crop_padding_mode not in PADDING_MODES:
+            raise ConfigError(f"data.augment.crop_padding_mode must be one of {PADDING_MODES}, got {crop_padding_mode!r}")
         if (mean is None) != (std is None):
             raise ConfigError("data.mean and data.std must be given together (or both null)")
         self.settings = {"mean": None if mean is None else list(mean), "std": None if std is None else list(std),
-                         "crop_padding": int(crop_padding), "hflip": bool(hflip), "dequantize": bool(dequantize)}
+                         "crop_padding": int(crop_padding), "hflip": bool(hflip), "dequantize": bool(dequantize),
+                         "crop_padding_mode": str(crop_padding_mode)}
         self.normalise = mean is not None
         if self.normalise:
             self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32)[None, :, None, None], persistent=False)
             self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32)[None, :, None, None], persistent=False)
         self.crop_padding = int(crop_padding)
+        self.crop_padding_mode = str(crop_padding_mode)
         self.hflip = bool(hflip)
         self.dequantize = bool(dequantize)
 
@@ -68,13 +90,13 @@ class Preprocess(torch.nn.Module):
     def forward(self, x: Tensor, train: bool = False) -> Tensor:
         if x.dtype == torch.uint8:
             if train and self.crop_padding:
-                x = random_crop(x, self.crop_padding)
+                x = random_crop(x, self.crop_padding, mode=self.crop_padding_mode)
             if train and self.hflip:
                 x = random_hflip(x)
             x = x.float()
             x = (x + torch.rand_like(x)) / 256.0 if (train and self.dequantize) else x / 255.0
         elif train and x.ndim == 4:
-            x = random_crop(x, self.crop_padding) if self.crop_padding else x
+            x = random_crop(x, self.crop_padding, mode=self.crop_padding_mode) if self.crop_padding else x
             x = random_hflip(x) if self.hflip else x
         if self.normalise:
             if x.ndim != 4 or x.shape[1] != self.mean.shape[1]:

@@ -45,7 +45,7 @@ class DeepHybridModel(OODMethod):
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable, flow_optimizer: Callable,
                  flow: Callable[[int], nn.Module], lambda_: float | None = None, spectral_coeff: float | None = 3.0,
                  spectral_bn: bool = True, feature_norm: str = "linf", head_input: str = "raw",
-                 norm_log_coeff: float = 0.0, scheduler: Callable | None = None,
+                 norm_log_coeff: float = 0.0, head: str = "linear", scheduler: Callable | None = None,
                  flow_scheduler: Callable | None = None, collapse_factor: float = 10.0,
                  monitor_ood: dict | None = None, score_batch_size: int = 512, inputs: dict | None = None):
         super().__init__(backbone, num_classes, optimizer, scheduler, inputs=inputs)
@@ -64,6 +64,19 @@ class DeepHybridModel(OODMethod):
         if head_input not in ("raw", "normalized"):
             raise ConfigError(f"method.head_input must be 'raw' or 'normalized', got {head_input!r}")
         self.head_input, self.norm_log_coeff = head_input, float(norm_log_coeff)
+        if head not in ("linear", "softmax"):
+            raise ConfigError(f"method.head must be 'linear' or 'softmax', got {head!r}")
+        if head == "softmax":
+            # the stripes study (§4.3): softmax of the features themselves is the classifier (logits = h);
+            # kept an nn.Linear (identity, zero bias, frozen) so the linear-head detectors still apply
+            if backbone.feature_dim != num_classes:
+                raise ConfigError(f"method.head=softmax needs feature_dim == num_classes, got "
+                                  f"{backbone.feature_dim} features for {num_classes} classes")
+            with torch.no_grad():
+                self.head.weight.copy_(torch.eye(num_classes))
+                self.head.bias.zero_()
+            self.head.requires_grad_(False)
+        self.head_kind = head
         self.flow_optimizer_factory, self.flow_scheduler_factory = flow_optimizer, flow_scheduler
         #: AUROC of the DHM score against subsets of the OOD sets every validation epoch
         self.monitor_ood = dict(monitor_ood or {})

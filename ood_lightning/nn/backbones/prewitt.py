@@ -1,6 +1,8 @@
 """The 2-D feature extractor of the stripes study (Schlumbom & Frank, §4.3): one trainable
-2-channel 3x3 convolution initialised with the horizontal and vertical Prewitt filters, |·|,
-global max-pool -> a 2-D feature (one value per edge direction).
+2-channel 3x3 convolution, |·|, global max-pool -> a 2-D feature (one value per edge direction).
+``init="random"`` (default) is the authors' code (``StripesDetector``: torch's default conv
+init), so the trained filters can be compared with the known Prewitt solution;
+``init="prewitt"`` starts from the horizontal and vertical Prewitt filters.
 
 Channel 0 is the *horizontal* edge filter (rows -1 / 0 / +1: it answers to intensity changes
 from row to row, i.e. to horizontal stripes), channel 1 the *vertical* one (its transpose), so
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones.base import Backbone
 
 #: horizontal-edge Prewitt kernel (responds to horizontal stripes); the vertical one is its transpose
@@ -33,17 +36,20 @@ def prewitt_kernels(in_channels: int = 1) -> Tensor:
 
 
 class PrewittNet(Backbone):
-    """conv(2 channels, Prewitt init) -> |·| -> global max-pool; ``feature_dim = 2``.
+    """conv(2 channels, random or Prewitt init) -> |·| -> global max-pool; ``feature_dim = 2``.
 
     forward_features keys: "conv" (the |conv| maps, [B, 2, H-2, W-2]) and "penultimate" ([B, 2]).
     """
 
-    def __init__(self, in_channels: int = 1, trainable: bool = True) -> None:
+    def __init__(self, in_channels: int = 1, trainable: bool = True, init: str = "random") -> None:
         super().__init__()
+        if init not in ("random", "prewitt"):
+            raise ConfigError(f"backbone.init must be 'random' or 'prewitt', got {init!r}")
         self.feature_dim: int = 2
         self.conv = nn.Conv2d(in_channels, 2, kernel_size=3, padding=0, bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(prewitt_kernels(in_channels))
+        if init == "prewitt":
+            with torch.no_grad():
+                self.conv.weight.copy_(prewitt_kernels(in_channels))
         self.conv.weight.requires_grad_(trainable)
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
