@@ -13,7 +13,12 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ood_lightning.assembly.runtime import _channels_last_input, apply_eval_layout, apply_speedups, resolve_channels_last
+from ood_lightning.assembly.runtime import (
+    _channels_last_input,
+    apply_eval_layout,
+    apply_speedups,
+    resolve_channels_last,
+)
 from ood_lightning.errors import ConfigError
 from ood_lightning.nn.backbones import SmallCNN
 from ood_lightning.scoring.passes import extract
