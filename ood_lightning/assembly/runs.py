@@ -27,6 +27,7 @@ from ood_lightning.assembly.finished import ConfigHashStamp, config_hash, finish
 from ood_lightning.assembly.loggers import log_results
 from ood_lightning.assembly.preemption import Preemption
 from ood_lightning.assembly.runtime import (
+    apply_eval_layout,
     apply_speedups,
     check_accelerator,
     resolve_device,
@@ -51,6 +52,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     """Score every detector and the method's own scores, then write the run: the results first
     (so a failing method report loses nothing), then the report merged into ``metrics.json``.
     Returns the metrics on the main rank, None on the others."""
+    apply_eval_layout(model, cfg, device)
     results = score_all(model, dm, build_detectors(cfg), device, cfg.evaluation.fit_limit, cache,
                         bool(cfg.evaluation.get("fit_augmented", False)), ranks)
     if not ranks.is_main:

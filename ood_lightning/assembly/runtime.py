@@ -4,6 +4,7 @@ loss is read for the NaN check, and giving every DDP rank rank 0's state."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from omegaconf import DictConfig
@@ -35,8 +36,9 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
     """The top-level ``channels_last`` and ``compile`` keys, applied to ``model.backbone`` for ``device``.
 
     - ``channels_last: auto|true|false``: NHWC weights and inputs for conv backbones (tensor
-      cores read NHWC without transposes); ``auto`` = on CUDA only. Inputs are converted by a
-      forward pre-hook on the backbone.
+      cores read NHWC without transposes); for training ``auto`` = on CUDA only (see
+      :func:`resolve_channels_last`; the evaluation's own choice is :func:`apply_eval_layout`).
+      Inputs are converted by a forward pre-hook on the backbone.
     - ``compile: false|true|{torch.compile kwargs}``: ``torch.compile`` of the backbone's
       ``__call__`` (``nn.Module.compile``, so state_dict keys and checkpoints are unchanged).
       Only the backbone: heads are one matmul, and the residual flow's training log-det
@@ -48,14 +50,8 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
     """
     backbone = model.backbone
     applied = {"channels_last": False, "compile": False}
-    choice = cfg.get("channels_last", "auto")
-    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in backbone.modules())
-    if str(choice).lower() == "auto":
-        choice = device.type == "cuda"
-    if bool(choice) and has_conv:
-        backbone.to(memory_format=torch.channels_last)
-        backbone.register_forward_pre_hook(_channels_last_input)
-        applied["channels_last"] = True
+    if resolve_channels_last(cfg.get("channels_last", "auto"), device, "train"):
+        applied["channels_last"] = _to_channels_last(backbone)
     options = cfg.get("compile", False)
     if options:
         kwargs = {} if options is True else to_dict(options)
@@ -64,6 +60,48 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
     if any(applied.values()):
         log.info("backbone speedups on %s: %s", device, applied)
     return applied
+
+
+def resolve_channels_last(choice, device: torch.device, stage: str) -> bool:
+    """What ``channels_last: auto|true|false`` means for ``stage`` (``train`` or ``eval``) on ``device``.
+
+    ``auto`` is on CUDA for both stages, and on the CPU for evaluation only: there NHWC made the
+    published ResNet-56's feature extraction 1.2-1.4x faster (benchmarks/extraction_speed.py,
+    docs/performance.md), while CPU training keeps NCHW (not measured at scale here).
+    """
+    text = str(choice).lower()
+    if text not in ("auto", "true", "false"):
+        raise ConfigError(f"channels_last={choice!r}: choose auto, true or false")
+    if text == "auto":
+        return device.type == "cuda" or stage == "eval"
+    return text == "true"
+
+
+#: backbones already converted (weights NHWC, input pre-hook registered), so a second call adds no hook
+_CHANNELS_LAST: weakref.WeakSet = weakref.WeakSet()
+
+
+def _to_channels_last(backbone: torch.nn.Module) -> bool:
+    """NHWC weights and a pre-hook that converts 4-D inputs; False (untouched) without a conv."""
+    if not any(isinstance(m, torch.nn.Conv2d) for m in backbone.modules()):
+        return False
+    if backbone not in _CHANNELS_LAST:
+        backbone.to(memory_format=torch.channels_last)
+        backbone.register_forward_pre_hook(_channels_last_input)
+        _CHANNELS_LAST.add(backbone)
+    return True
+
+
+def apply_eval_layout(model, cfg: DictConfig, device: torch.device) -> bool:
+    """channels_last for the OOD evaluation's passes on ``device`` (``auto``: on CUDA and on the
+    CPU, :func:`resolve_channels_last`); outputs equal NCHW's up to float rounding. Returns
+    whether the backbone is NHWC now."""
+    if not resolve_channels_last(cfg.get("channels_last", "auto"), device, "eval"):
+        return False
+    done = _to_channels_last(model.backbone)
+    if done:
+        log.info("evaluation on %s: backbone in channels_last (channels_last=%s)", device, cfg.get("channels_last", "auto"))
+    return done
 
 
 def _channels_last_input(module: torch.nn.Module, args: tuple):
