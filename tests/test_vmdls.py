@@ -150,6 +150,52 @@ def test_class_gaussians_match_multivariate_normal_and_survive_dead_units():
     assert torch.isfinite(ClassGaussians(shrinkage=0.0).fit(x, labels).log_likelihood(x)).all()
 
 
+def _results(val, test, train):
+    """A one-scorer table with an ID fit (training) set: 2 classes, ID test predicted right, OOD predicted 0."""
+    from ood_lightning.scoring.api import Key, Results
+
+    test = torch.tensor(test)
+    labels = torch.arange(len(test)) % 2
+    scores = {Key("s", "id_val"): torch.tensor(val), Key("s", "id_test"): test, Key("s", "ood"): torch.tensor([0.5, 3.5])}
+    preds = {k: (labels if k.split == "id_test" else torch.zeros(len(v), dtype=torch.long)) for k, v in scores.items()}
+    return Results(scores, preds, labels, labels, 2, train_scores={"s": torch.tensor(train)})
+
+
+def test_open_set_f1_threshold_is_the_5th_percentile_of_the_training_scores():
+    """§4 Remark 2: the threshold keeps 95% of the *training* set, not of held-out validation data."""
+    from ood_lightning.evaluation.metrics import open_set_macro_f1
+    from ood_lightning.evaluation.results import compute_metrics
+
+    train = [float(v) for v in range(1, 21)]  # keep 19 of 20 -> threshold 2.0 (the 5th percentile)
+    val = [float(v) for v in range(10, 30)]  # keep 19 of 20 -> threshold 11.0
+    test = [1.0, 2.5, 3.0, 4.0, 12.0, 15.0]
+    results = _results(val, test, train)
+
+    def f1(t):  # by hand: accepted iff score >= t
+        return open_set_macro_f1(results.id_test_labels, results.id_test_labels, test, [0, 0], [0.5, 3.5], t, 2)
+
+    assert f1(2.0) != f1(11.0)  # the two choices give different tables
+    on_train = compute_metrics(results, 0.95, f1_threshold="id_train")
+    assert on_train["results"]["s"]["ood"]["macro_f1"] == pytest.approx(f1(2.0))
+    assert on_train["f1_threshold"] == {"tpr": 0.95, "split": {"s": "id_train"}}
+    on_val = compute_metrics(results, 0.95, f1_threshold="id_val")
+    assert on_val["results"]["s"]["ood"]["macro_f1"] == pytest.approx(f1(11.0))
+    assert on_val["f1_threshold"]["split"] == {"s": "id_val"}
+    results.train_scores.clear()  # no training scores (a per-batch scorer): validation, and said so
+    fallback = compute_metrics(results, 0.95, f1_threshold="id_train")
+    assert fallback["f1_threshold"]["split"] == {"s": "id_val"}
+    with pytest.raises(ConfigError, match="evaluation.f1_threshold"):
+        compute_metrics(results, 0.95, f1_threshold="train")
+
+
+def test_vmdls_defaults_to_the_training_threshold(tmp_path):
+    from ood_lightning.methods.base import OODMethod
+
+    assert VMDLS.f1_threshold_split == "id_train" and OODMethod.f1_threshold_split == "id_val"
+    cfg = compose_cfg("train", ["experiment=vmdls_mnist"], tmp_path)
+    assert cfg.evaluation.f1_threshold == "auto"
+
+
 def test_reconstruction_weighting():
     ll = torch.tensor([-50.0, -10.0, -2.0, 3.0])
     assert torch.equal(reconstruction_weighted(ll, torch.ones(4), 1.0), ll)  # w = 1: VMDLS == VMDLS_b
@@ -236,7 +282,9 @@ def test_tiny_run_writes_f1_and_auroc_for_vmdls_and_vmdls_b(tmp_path):
     assert written["method"] == "vmdls"
     scores = np.load(tmp_path / "scores.npz")
     assert metrics["results"] == written["results"]
-    check_reported_metrics(written, scores, "diagonal", ("vmdls", "vmdls_b", "msp"), num_classes=2)
+    # the paper's threshold (§4 Remark 2): 95% of the *training* scores, for every scorer that has them
+    check_reported_metrics(written, scores, "diagonal", ("vmdls", "vmdls_b", "msp"), num_classes=2,
+                           threshold_split="id_train")
     assert len(scores["vmdls/id_test"]) == 256 and np.isfinite(scores["vmdls/diagonal"]).all()
     rows = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/kl" in rows and "train/reconstruction" in rows

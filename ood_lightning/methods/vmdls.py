@@ -248,6 +248,9 @@ class VMDLS(OODMethod):
 
     has_linear_head = False
 
+    #: §4 Remark 2: the open-set threshold keeps 95% of the *training* set
+    f1_threshold_split = "id_train"
+
     #: the classifier head of a ``method=classifier`` checkpoint does not fit this head
     loads_classifier_head = False
 
