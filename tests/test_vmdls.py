@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -81,6 +83,72 @@ def test_kl_targets_are_running_means_in_epoch_0_then_the_previous_epochs():
     torch.testing.assert_close(targets[2], torch.tensor([0.0, 5.0]))
     model.head.means[0], model.head.seen[0] = torch.tensor([9.0, 9.0]), True
     torch.testing.assert_close(model.kl_targets(z, y)[0], torch.tensor([9.0, 9.0]))
+
+
+def test_stochastic_head_samples_n_mu_sigma2_reparameterised():
+    """z ~ N(μ, σ²) with gradients into both; the deterministic z = μ (the paper's failing variant) fails this."""
+    torch.manual_seed(0)
+    mu = torch.tensor([[1.0, -2.0]]).repeat(20000, 1)
+    logvar = torch.tensor([[0.0, math.log(0.25)]]).repeat(20000, 1).requires_grad_(True)
+    z = vmdls_module.StochasticHead.sample(mu, logvar)
+    torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0]), atol=0.03, rtol=0)
+    torch.testing.assert_close(z.var(0), torch.tensor([1.0, 0.25]), atol=0.03, rtol=0)
+    z.pow(2).sum().backward()
+    assert logvar.grad.abs().sum() > 0
+
+
+def test_epoch_end_stores_the_class_means_of_the_epochs_z(tmp_path):
+    """A real (tiny) Lightning epoch: head.means = mean of the z sampled for each class, not their sum."""
+    import lightning as L
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 1, 12, 12)
+    y = torch.arange(24) % 3
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, partial(torch.optim.SGD, lr=0.0), latent_dim=2)
+    drawn = []
+    sample = model.latent.sample
+
+    def recording(mu, logvar):
+        z = sample(mu, logvar)
+        drawn.append(z.detach().clone())
+        return z
+
+    model.latent.sample = recording
+    loader = DataLoader(TensorDataset(x, y), batch_size=12, shuffle=False)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, loader)
+    z = torch.cat(drawn)
+    assert len(z) == 24
+    expected = torch.stack([z[y == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(model.head.means, expected)
+    assert bool(model.head.seen.all())
+
+
+def test_vmdls_score_is_the_paper_weighting_with_w_and_m_computed_independently():
+    """vmdls = ℓ − (w − 1)·max(M − ℓ, 0) with w = ‖t¹(x) − t¹(x̂)‖² over its ID-train mean and M = max ID-train ℓ
+    + margin, each recomputed here from the backbone and the autoencoder. Fails on w = ‖g(x)‖², on 1/w and on
+    M offset by a constant."""
+    torch.manual_seed(0)
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2, autoencoder=ConvAutoencoder(1, (4, 4), 2),
+                  autoencoder_optimizer=torch.optim.Adam, reference_margin=1.0).eval()
+    train, x_train = _toy_outputs(model)
+    test, x_test = _toy_outputs(model, 30)
+    model.fit_class_gaussians(train)
+    scores = model.own_scores(test)
+
+    def w_raw(x):
+        with torch.no_grad():
+            t1 = model.backbone.forward_features(x)["block1"].mean((2, 3))
+            t1_hat = model.backbone.forward_features(model.autoencoder(x))["block1"].mean((2, 3))
+        return (t1 - t1_hat).pow(2).sum(1).double()
+
+    w = w_raw(x_test) / w_raw(x_train).mean()
+    assert w.min() < 0.9 and w.max() > 1.1  # both sides of 1: 1/w and w differ
+    reference = float(model.own_scores(train)["vmdls_b"].max()) + 1.0
+    ll = scores["vmdls_b"]
+    assert (ll < reference).all()  # every test input below M: the weighting acts on all of them
+    torch.testing.assert_close(scores["vmdls"], reference + w * (ll - reference), rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------- sampler
