@@ -73,6 +73,23 @@ def test_kl_equals_torch_distributions():
     torch.testing.assert_close(class_kl(mu, logvar, means, 0.1), kl_divergence(q, p).mean())
 
 
+def test_monte_carlo_kl_is_log_q_minus_log_p_and_estimates_the_analytic_kl():
+    gen = torch.Generator().manual_seed(0)
+    mu, logvar, means = (torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    z = mu + (0.5 * logvar).exp() * torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    per_dim = Normal(mu, (0.5 * logvar).exp()).log_prob(z) - Normal(means, math.sqrt(0.1)).log_prob(z)
+    torch.testing.assert_close(vmdls_module.class_kl_monte_carlo(z, mu, logvar, means, 0.1), per_dim.sum(1).mean())
+    torch.testing.assert_close(vmdls_module.class_kl_monte_carlo(z, mu, logvar, means, 0.1, "mean"),
+                               per_dim.mean(1).mean())
+    n = 200000  # unbiased: many draws of one (μ, σ) average to the closed form
+    big = [t[:1].expand(n, 3) for t in (mu, logvar, means)]
+    zs = big[0] + (0.5 * big[1]).exp() * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    mc = vmdls_module.class_kl_monte_carlo(zs, *big, 0.1)
+    assert float(mc) == pytest.approx(float(class_kl(*big, 0.1)), rel=0.02)
+    with pytest.raises(ConfigError, match="kl_form"):
+        VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, kl_form="mc")
+
+
 def test_kl_targets_are_running_means_in_epoch_0_then_the_previous_epochs():
     model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2)
     z, y = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 0, 2])
@@ -149,6 +166,37 @@ def test_vmdls_score_is_the_paper_weighting_with_w_and_m_computed_independently(
     ll = scores["vmdls_b"]
     assert (ll < reference).all()  # every test input below M: the weighting acts on all of them
     torch.testing.assert_close(scores["vmdls"], reference + w * (ll - reference), rtol=1e-5, atol=1e-4)
+
+
+def test_distance_margin_schedule_is_the_authors_ramp():
+    """Their UpdateMargin: 0.15 until epoch 9, +1 at each epoch start from 10 while M_d <= d (d = 32)."""
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=32,
+                  distance_margin_schedule={"start": 0.15, "step": 1.0, "from_epoch": 10})
+    expected = {0: 0.15, 9: 0.15, 10: 1.15, 11: 2.15, 20: 11.15, 40: 31.15, 41: 32.15, 42: 32.15, 500: 32.15}
+    for epoch, margin in expected.items():
+        assert model.distance_margin_at(epoch) == pytest.approx(margin), epoch
+    fixed = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=32, distance_margin_schedule=None)
+    assert [fixed.distance_margin_at(e) for e in (0, 10, 50)] == [32.0, 32.0, 32.0]
+    with pytest.raises(ConfigError, match="distance_margin_schedule"):
+        VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, distance_margin_schedule={"start": 0.15})
+
+
+def test_the_loss_uses_the_scheduled_margin(monkeypatch):
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2,
+                  distance_margin_schedule={"start": 0.15, "step": 1.0, "from_epoch": 1})
+    z, y = torch.tensor([[0.0, 0.0], [0.0, 0.1], [1.0, 0.0], [1.0, 0.1]]), torch.tensor([0, 0, 1, 1])
+    for epoch, margin in ((0, 0.15), (1, 1.15), (5, 2.15)):
+        monkeypatch.setattr(VMDLS, "current_epoch", property(lambda self, e=epoch: e))
+        l_d = model.loss_terms(z, z, torch.zeros_like(z), y)["distance"]
+        torch.testing.assert_close(l_d, triplet_losses(z, y, 0.1, margin)[1])
+
+
+def test_presets_carry_the_authors_margin_ramp(tmp_path):
+    cfg = compose_cfg("train", ["experiment=vmdls_cifar10"], tmp_path)
+    assert dict(cfg.method.distance_margin_schedule) == {"start": 0.15, "step": 1.0, "from_epoch": 10}
+    cfg = compose_cfg("train", ["experiment=vmdls_mnist",
+                                "method.distance_margin_schedule={start:0.15,step:1.0,from_epoch:10}"], tmp_path)
+    assert cfg.method.distance_margin_schedule.from_epoch == 10
 
 
 # ---------------------------------------------------------------------------------- sampler
