@@ -437,3 +437,36 @@ def test_elbo_component_labels_on_a_closed_form_posterior(monkeypatch):
     torch.testing.assert_close(s["elbo_logvar"], torch.full((2,), 0.5 * math.log(2.0) * c))
     torch.testing.assert_close(s["elbo_var"], torch.full((2,), -0.5 * c))
     torch.testing.assert_close(s["elbo_rec"], e["rec"] * c)
+
+
+def test_ganvae_loss_pieces_on_a_hand_computable_case():
+    """s = 1/2, alpha = 2, b_rec = 1, b_kl = 1, b_neg = 3: encoder
+    0.5 (1 + 2) + 1/4 (e^{-2·0.5·(1 + 3·1)} + e^{-2·0.5·(0 + 3·2)}) = 1.5 + (e^-4 + e^-6)/4; decoder with
+    gamma_r = 0.1: 0.5 (1 + (1 + 2)/2 + 0.1 (1 + 0)/2) = 1.275. Fails on the exp terms removed or
+    sign-flipped and on the fake KL weighted by b_kl instead of b_neg."""
+    from ood_lightning.methods.ganvae import decoder_loss, encoder_loss
+
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    fakes = [(one(1), one(1)), (one(0), one(2))]
+    loss_e, exp_elbo = encoder_loss(0.5, one(1), one(2), fakes, beta_rec=1.0, beta_kl=1.0, beta_neg=3.0, alpha=2.0)
+    assert [float(t) for t in exp_elbo] == pytest.approx([math.exp(-4), math.exp(-6)])
+    assert float(loss_e) == pytest.approx(1.5 + (math.exp(-4) + math.exp(-6)) / 4)
+    loss_d = decoder_loss(0.5, one(1), [one(1), one(2)], [one(1), one(0)], beta_rec=1.0, beta_kl=1.0, gamma_r=0.1)
+    assert float(loss_d) == pytest.approx(1.275)
+
+
+def test_ganvae_step_weights_the_fakes_kl_by_beta_neg(monkeypatch):
+    """The training step hands the encoder loss b_neg (not b_kl) for the fakes, and two fakes (recon, prior)."""
+    import ood_lightning.methods.ganvae as ganvae_module
+
+    seen = []
+    real = ganvae_module.encoder_loss
+
+    def spy(s, rec_real, kl_real, fakes, beta_rec, beta_kl, beta_neg, alpha):
+        seen.append((len(fakes), beta_kl, beta_neg))
+        return real(s, rec_real, kl_real, fakes, beta_rec, beta_kl, beta_neg, alpha)
+
+    monkeypatch.setattr(ganvae_module, "encoder_loss", spy)
+    torch.manual_seed(0)
+    _fit(tiny_vae(GANVAE, beta_neg=16.0, beta_kl=0.5).train(), steps=1, n=32)
+    assert seen == [(2, 0.5, 16.0)]
