@@ -61,17 +61,20 @@ def sklearn_auroc(id_scores, ood_scores) -> float:
     return roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))], np.r_[id_scores, ood_scores])
 
 
-def check_reported_metrics(written: dict, scores, ood: str, detectors, num_classes: int, tpr: float = 0.95) -> None:
+def check_reported_metrics(written: dict, scores, ood: str, detectors, num_classes: int, tpr: float = 0.95,
+                           threshold_split: str = "id_val") -> None:
     """metrics.json against scikit-learn on the run's saved scores.npz: AUROC with ID as the positive
     class, and the open-set macro-F1 over the C classes plus "unknown" (label C) at the threshold that
-    keeps ``tpr`` of the ID *validation* scores, found here by direct counting."""
+    keeps ``tpr`` of the ID *validation* scores (``threshold_split="id_train"``: of the fit set's
+    scores, ``fit/<det>``), found here by direct counting."""
     labels = scores["labels/id_test"]
     for det in detectors:
         id_s, ood_s = scores[f"{det}/id_test"], scores[f"{det}/{ood}"]
         m = written["results"][det][ood]
         auroc = sklearn_auroc(id_s, ood_s)
         assert m["auroc"] == pytest.approx(auroc, abs=1e-12), det
-        val = scores[f"{det}/id_val"]
+        assert written["f1_threshold"]["split"][det] == threshold_split, det
+        val = scores[f"{det}/id_val"] if threshold_split == "id_val" else scores[f"fit/{det}"]
         # the largest ID-validation score that still keeps >= tpr of them (integer counts, no rounding)
         t = max(c for c in np.unique(val) if np.sum(val >= c) * 100 >= round(tpr * 100) * len(val))
         id_p, ood_p = scores[f"preds/{det}/id_test"], scores[f"preds/{det}/{ood}"]

@@ -299,12 +299,19 @@ def test_report_writes_pictures_probe_and_bits_per_dim(tmp_path):
             nats = outs[split].extra[key].double().numpy()
             assert by[key] == pytest.approx(-nats.mean() / (81 * math.log(2)), rel=1e-9), (split, key)
         assert 0 < by["iwae_k20"] <= by["elbo"] + 1e-3  # the K = 20 bound is the tighter one
-    # the probe separates id_test from the OOD set (not id_val), on balanced held-out halves
+    # the thesis' probe (Table 3.1): ID *training* latents (un-augmented, all 250 here) against each OOD set
+    # and against ID test, on balanced held-out halves
+    assert summary["latent_probe_positive"] == "id_train" and set(summary["latent_probe"]) == {"id_test", "diagonal"}
+    with torch.no_grad():
+        train_z = model.encode(dm.preprocess(dm.train_set.images))[0].numpy()
+    assert len(train_z) == 250
     probe = summary["latent_probe"]["diagonal"]
     assert probe["n_test"] == 200 and probe["n_train"] == 200
     assert probe["accuracy"] == pytest.approx((probe["positive_accuracy"] + probe["negative_accuracy"]) / 2)
-    expected = fit_latent_probe(outs["id_test"].features.numpy(), outs["diagonal"].features.numpy()).summary()
-    assert probe == pytest.approx(expected)  # wiring: the right splits and the configured probe settings
+    expected = fit_latent_probe(train_z, outs["diagonal"].features.numpy()).summary()
+    assert probe == pytest.approx(expected, abs=1e-6)  # wiring: the right splits and the configured probe settings
+    expected = fit_latent_probe(train_z, outs["id_test"].features.numpy()).summary()
+    assert summary["latent_probe"]["id_test"] == pytest.approx(expected, abs=1e-6)
 
 
 # -- end to end -------------------------------------------------------------------------------------------
@@ -365,3 +372,108 @@ def test_debug_fast_takes_fewer_iwae_samples_unless_given(overrides, expected, t
 
     cfg = compose_cfg("train", [*overrides, "backbone=dcgan"], tmp_path)
     assert build_model(cfg, num_classes=10).iwae_samples == expected
+
+
+# -- tests that a wrong VAE / GAN-VAE fails (issue 19 item 15) ---------------------------------------------
+@pytest.mark.parametrize("bn_stats", ["batch", "stream"])
+def test_encoder_bn_adaptation_leaves_the_decoder_alone(bn_stats):
+    """adapt_bn=encoder: inside the adapted block the encoder's output changes, the decoder's does not."""
+    torch.manual_seed(0)
+    vae = tiny_vae(adapt_bn="encoder", bn_stats=bn_stats).eval()
+    x, z = toy_images(64, shift=0.3), torch.randn(64, 4)
+    if bn_stats == "stream":
+        vae.prepare_split("shifted", DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=32), lambda t: t, "cpu")
+    with torch.no_grad():
+        mu_plain, dec_plain = vae.encode(x)[0], vae.decode(z)
+        with vae.adapted_bn():
+            mu_adapted, dec_adapted = vae.encode(x)[0], vae.decode(z)
+    assert not torch.allclose(mu_plain, mu_adapted)
+    assert torch.equal(dec_plain, dec_adapted)
+
+
+def test_bn_reestimation_resets_mean_variance_and_count_of_a_used_layer():
+    """A layer with old statistics (and a batch count): the re-estimate is the equal-weight average of
+    the new batches' mean and unbiased variance only, nothing of the old statistics left."""
+    bn = torch.nn.BatchNorm1d(2)
+    bn.running_mean.fill_(50.0)
+    bn.running_var.fill_(100.0)
+    bn.num_batches_tracked.fill_(1000)
+    data = torch.randn(300, 2, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 3.0]) + 5
+    batches = data.split(100)
+    reestimate_bn_stats([bn], batches, bn)
+    torch.testing.assert_close(bn.running_mean, torch.stack([b.mean(0) for b in batches]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([b.var(0, unbiased=True) for b in batches]).mean(0))
+    assert int(bn.num_batches_tracked) == 3
+
+
+def test_iwae_with_k_below_max_uses_the_first_k_samples(monkeypatch):
+    """pass_values' iwae_k5 from K_max = 20 weights = an independent logsumexp over the first 5."""
+    import ood_lightning.methods.vae as vae_module
+
+    vae = tiny_vae().eval()
+    x = toy_images(3)
+    log_w = torch.cat([torch.zeros(5, 3), torch.full((15, 3), 7.0)]) + torch.arange(20.0)[:, None] * 0.01
+    real = vae_module.iwae_log_weights
+    monkeypatch.setattr(vae_module, "iwae_log_weights",
+                        lambda *a, **k: (log_w[: a[4]], real(*a, **k)[1]))
+    e = vae.pass_values(x)
+    first = log_w[:5].double().numpy()
+    expected = np.log(np.mean(np.exp(first), axis=0))
+    np.testing.assert_allclose(e["iwae_k5"].numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(e["iwae_k20"].numpy(), np.log(np.mean(np.exp(log_w.double().numpy()), axis=0)), atol=1e-5)
+
+
+def test_elbo_component_labels_on_a_closed_form_posterior(monkeypatch):
+    """μ = (1, 2, 0, 0), log σ² = (0, log 2, 0, 0): ‖μ‖² = 5, Σ log σ² = log 2, Σ(σ² − 1) = 1, KL = (5 + 1 − log 2)/2."""
+    vae = tiny_vae(adapt_bn="none").eval()
+    x = toy_images(2)
+    mu = torch.tensor([[1.0, 2.0, 0.0, 0.0]]).repeat(2, 1)
+    logvar = torch.tensor([[0.0, math.log(2.0), 0.0, 0.0]]).repeat(2, 1)
+    monkeypatch.setattr(vae, "encode", lambda inputs: (mu, logvar))
+    e = vae.pass_values(x)
+    torch.testing.assert_close(e["mu_sq"], torch.full((2,), 5.0))
+    torch.testing.assert_close(e["logvar_sum"], torch.full((2,), math.log(2.0)))
+    torch.testing.assert_close(e["var_m1_sum"], torch.full((2,), 1.0))
+    torch.testing.assert_close(e["elbo"], e["rec"] - 0.5 * (6.0 - math.log(2.0)))
+
+    class Out:
+        extra = e
+
+    s, c = vae.own_scores(Out()), 1.0 / (vae.num_dims * math.log(2))
+    torch.testing.assert_close(s["elbo_mu"], torch.full((2,), -2.5 * c))
+    torch.testing.assert_close(s["elbo_logvar"], torch.full((2,), 0.5 * math.log(2.0) * c))
+    torch.testing.assert_close(s["elbo_var"], torch.full((2,), -0.5 * c))
+    torch.testing.assert_close(s["elbo_rec"], e["rec"] * c)
+
+
+def test_ganvae_loss_pieces_on_a_hand_computable_case():
+    """s = 1/2, alpha = 2, b_rec = 1, b_kl = 1, b_neg = 3: encoder
+    0.5 (1 + 2) + 1/4 (e^{-2·0.5·(1 + 3·1)} + e^{-2·0.5·(0 + 3·2)}) = 1.5 + (e^-4 + e^-6)/4; decoder with
+    gamma_r = 0.1: 0.5 (1 + (1 + 2)/2 + 0.1 (1 + 0)/2) = 1.275. Fails on the exp terms removed or
+    sign-flipped and on the fake KL weighted by b_kl instead of b_neg."""
+    from ood_lightning.methods.ganvae import decoder_loss, encoder_loss
+
+    one = lambda v: torch.tensor([float(v)])  # noqa: E731
+    fakes = [(one(1), one(1)), (one(0), one(2))]
+    loss_e, exp_elbo = encoder_loss(0.5, one(1), one(2), fakes, beta_rec=1.0, beta_kl=1.0, beta_neg=3.0, alpha=2.0)
+    assert [float(t) for t in exp_elbo] == pytest.approx([math.exp(-4), math.exp(-6)])
+    assert float(loss_e) == pytest.approx(1.5 + (math.exp(-4) + math.exp(-6)) / 4)
+    loss_d = decoder_loss(0.5, one(1), [one(1), one(2)], [one(1), one(0)], beta_rec=1.0, beta_kl=1.0, gamma_r=0.1)
+    assert float(loss_d) == pytest.approx(1.275)
+
+
+def test_ganvae_step_weights_the_fakes_kl_by_beta_neg(monkeypatch):
+    """The training step hands the encoder loss b_neg (not b_kl) for the fakes, and two fakes (recon, prior)."""
+    import ood_lightning.methods.ganvae as ganvae_module
+
+    seen = []
+    real = ganvae_module.encoder_loss
+
+    def spy(s, rec_real, kl_real, fakes, beta_rec, beta_kl, beta_neg, alpha):
+        seen.append((len(fakes), beta_kl, beta_neg))
+        return real(s, rec_real, kl_real, fakes, beta_rec, beta_kl, beta_neg, alpha)
+
+    monkeypatch.setattr(ganvae_module, "encoder_loss", spy)
+    torch.manual_seed(0)
+    _fit(tiny_vae(GANVAE, beta_neg=16.0, beta_kl=0.5).train(), steps=1, n=32)
+    assert seen == [(2, 0.5, 16.0)]

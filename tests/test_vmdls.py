@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -71,6 +73,23 @@ def test_kl_equals_torch_distributions():
     torch.testing.assert_close(class_kl(mu, logvar, means, 0.1), kl_divergence(q, p).mean())
 
 
+def test_monte_carlo_kl_is_log_q_minus_log_p_and_estimates_the_analytic_kl():
+    gen = torch.Generator().manual_seed(0)
+    mu, logvar, means = (torch.randn(4, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    z = mu + (0.5 * logvar).exp() * torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    per_dim = Normal(mu, (0.5 * logvar).exp()).log_prob(z) - Normal(means, math.sqrt(0.1)).log_prob(z)
+    torch.testing.assert_close(vmdls_module.class_kl_monte_carlo(z, mu, logvar, means, 0.1), per_dim.sum(1).mean())
+    torch.testing.assert_close(vmdls_module.class_kl_monte_carlo(z, mu, logvar, means, 0.1, "mean"),
+                               per_dim.mean(1).mean())
+    n = 200000  # unbiased: many draws of one (μ, σ) average to the closed form
+    big = [t[:1].expand(n, 3) for t in (mu, logvar, means)]
+    zs = big[0] + (0.5 * big[1]).exp() * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    mc = vmdls_module.class_kl_monte_carlo(zs, *big, 0.1)
+    assert float(mc) == pytest.approx(float(class_kl(*big, 0.1)), rel=0.02)
+    with pytest.raises(ConfigError, match="kl_form"):
+        VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, kl_form="mc")
+
+
 def test_kl_targets_are_running_means_in_epoch_0_then_the_previous_epochs():
     model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2)
     z, y = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 5.0]]), torch.tensor([0, 0, 2])
@@ -81,6 +100,103 @@ def test_kl_targets_are_running_means_in_epoch_0_then_the_previous_epochs():
     torch.testing.assert_close(targets[2], torch.tensor([0.0, 5.0]))
     model.head.means[0], model.head.seen[0] = torch.tensor([9.0, 9.0]), True
     torch.testing.assert_close(model.kl_targets(z, y)[0], torch.tensor([9.0, 9.0]))
+
+
+def test_stochastic_head_samples_n_mu_sigma2_reparameterised():
+    """z ~ N(μ, σ²) with gradients into both; the deterministic z = μ (the paper's failing variant) fails this."""
+    torch.manual_seed(0)
+    mu = torch.tensor([[1.0, -2.0]]).repeat(20000, 1)
+    logvar = torch.tensor([[0.0, math.log(0.25)]]).repeat(20000, 1).requires_grad_(True)
+    z = vmdls_module.StochasticHead.sample(mu, logvar)
+    torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0]), atol=0.03, rtol=0)
+    torch.testing.assert_close(z.var(0), torch.tensor([1.0, 0.25]), atol=0.03, rtol=0)
+    z.pow(2).sum().backward()
+    assert logvar.grad.abs().sum() > 0
+
+
+def test_epoch_end_stores_the_class_means_of_the_epochs_z(tmp_path):
+    """A real (tiny) Lightning epoch: head.means = mean of the z sampled for each class, not their sum."""
+    import lightning as L
+
+    torch.manual_seed(0)
+    x = torch.randn(24, 1, 12, 12)
+    y = torch.arange(24) % 3
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, partial(torch.optim.SGD, lr=0.0), latent_dim=2)
+    drawn = []
+    sample = model.latent.sample
+
+    def recording(mu, logvar):
+        z = sample(mu, logvar)
+        drawn.append(z.detach().clone())
+        return z
+
+    model.latent.sample = recording
+    loader = DataLoader(TensorDataset(x, y), batch_size=12, shuffle=False)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, loader)
+    z = torch.cat(drawn)
+    assert len(z) == 24
+    expected = torch.stack([z[y == c].mean(0) for c in range(3)])
+    torch.testing.assert_close(model.head.means, expected)
+    assert bool(model.head.seen.all())
+
+
+def test_vmdls_score_is_the_paper_weighting_with_w_and_m_computed_independently():
+    """vmdls = ℓ − (w − 1)·max(M − ℓ, 0) with w = ‖t¹(x) − t¹(x̂)‖² over its ID-train mean and M = max ID-train ℓ
+    + margin, each recomputed here from the backbone and the autoencoder. Fails on w = ‖g(x)‖², on 1/w and on
+    M offset by a constant."""
+    torch.manual_seed(0)
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2, autoencoder=ConvAutoencoder(1, (4, 4), 2),
+                  autoencoder_optimizer=torch.optim.Adam, reference_margin=1.0).eval()
+    train, x_train = _toy_outputs(model)
+    test, x_test = _toy_outputs(model, 30)
+    model.fit_class_gaussians(train)
+    scores = model.own_scores(test)
+
+    def w_raw(x):
+        with torch.no_grad():
+            t1 = model.backbone.forward_features(x)["block1"].mean((2, 3))
+            t1_hat = model.backbone.forward_features(model.autoencoder(x))["block1"].mean((2, 3))
+        return (t1 - t1_hat).pow(2).sum(1).double()
+
+    w = w_raw(x_test) / w_raw(x_train).mean()
+    assert w.min() < 0.9 and w.max() > 1.1  # both sides of 1: 1/w and w differ
+    reference = float(model.own_scores(train)["vmdls_b"].max()) + 1.0
+    ll = scores["vmdls_b"]
+    assert (ll < reference).all()  # every test input below M: the weighting acts on all of them
+    torch.testing.assert_close(scores["vmdls"], reference + w * (ll - reference), rtol=1e-5, atol=1e-4)
+
+
+def test_distance_margin_schedule_is_the_authors_ramp():
+    """Their UpdateMargin: 0.15 until epoch 9, +1 at each epoch start from 10 while M_d <= d (d = 32)."""
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=32,
+                  distance_margin_schedule={"start": 0.15, "step": 1.0, "from_epoch": 10})
+    expected = {0: 0.15, 9: 0.15, 10: 1.15, 11: 2.15, 20: 11.15, 40: 31.15, 41: 32.15, 42: 32.15, 500: 32.15}
+    for epoch, margin in expected.items():
+        assert model.distance_margin_at(epoch) == pytest.approx(margin), epoch
+    fixed = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=32, distance_margin_schedule=None)
+    assert [fixed.distance_margin_at(e) for e in (0, 10, 50)] == [32.0, 32.0, 32.0]
+    with pytest.raises(ConfigError, match="distance_margin_schedule"):
+        VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, distance_margin_schedule={"start": 0.15})
+
+
+def test_the_loss_uses_the_scheduled_margin(monkeypatch):
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2,
+                  distance_margin_schedule={"start": 0.15, "step": 1.0, "from_epoch": 1})
+    z, y = torch.tensor([[0.0, 0.0], [0.0, 0.1], [1.0, 0.0], [1.0, 0.1]]), torch.tensor([0, 0, 1, 1])
+    for epoch, margin in ((0, 0.15), (1, 1.15), (5, 2.15)):
+        monkeypatch.setattr(VMDLS, "current_epoch", property(lambda self, e=epoch: e))
+        l_d = model.loss_terms(z, z, torch.zeros_like(z), y)["distance"]
+        torch.testing.assert_close(l_d, triplet_losses(z, y, 0.1, margin)[1])
+
+
+def test_presets_carry_the_authors_margin_ramp(tmp_path):
+    cfg = compose_cfg("train", ["experiment=vmdls_cifar10"], tmp_path)
+    assert dict(cfg.method.distance_margin_schedule) == {"start": 0.15, "step": 1.0, "from_epoch": 10}
+    cfg = compose_cfg("train", ["experiment=vmdls_mnist",
+                                "method.distance_margin_schedule={start:0.15,step:1.0,from_epoch:10}"], tmp_path)
+    assert cfg.method.distance_margin_schedule.from_epoch == 10
 
 
 # ---------------------------------------------------------------------------------- sampler
@@ -148,6 +264,52 @@ def test_class_gaussians_match_multivariate_normal_and_survive_dead_units():
     torch.testing.assert_close(fitted.log_likelihood(x[:7])[:, 2], MultivariateNormal(xc.mean(0), cov).log_prob(x[:7]))
     x[:, 1] = 0.0  # a dead unit: singular covariance
     assert torch.isfinite(ClassGaussians(shrinkage=0.0).fit(x, labels).log_likelihood(x)).all()
+
+
+def _results(val, test, train):
+    """A one-scorer table with an ID fit (training) set: 2 classes, ID test predicted right, OOD predicted 0."""
+    from ood_lightning.scoring.api import Key, Results
+
+    test = torch.tensor(test)
+    labels = torch.arange(len(test)) % 2
+    scores = {Key("s", "id_val"): torch.tensor(val), Key("s", "id_test"): test, Key("s", "ood"): torch.tensor([0.5, 3.5])}
+    preds = {k: (labels if k.split == "id_test" else torch.zeros(len(v), dtype=torch.long)) for k, v in scores.items()}
+    return Results(scores, preds, labels, labels, 2, train_scores={"s": torch.tensor(train)})
+
+
+def test_open_set_f1_threshold_is_the_5th_percentile_of_the_training_scores():
+    """§4 Remark 2: the threshold keeps 95% of the *training* set, not of held-out validation data."""
+    from ood_lightning.evaluation.metrics import open_set_macro_f1
+    from ood_lightning.evaluation.results import compute_metrics
+
+    train = [float(v) for v in range(1, 21)]  # keep 19 of 20 -> threshold 2.0 (the 5th percentile)
+    val = [float(v) for v in range(10, 30)]  # keep 19 of 20 -> threshold 11.0
+    test = [1.0, 2.5, 3.0, 4.0, 12.0, 15.0]
+    results = _results(val, test, train)
+
+    def f1(t):  # by hand: accepted iff score >= t
+        return open_set_macro_f1(results.id_test_labels, results.id_test_labels, test, [0, 0], [0.5, 3.5], t, 2)
+
+    assert f1(2.0) != f1(11.0)  # the two choices give different tables
+    on_train = compute_metrics(results, 0.95, f1_threshold="id_train")
+    assert on_train["results"]["s"]["ood"]["macro_f1"] == pytest.approx(f1(2.0))
+    assert on_train["f1_threshold"] == {"tpr": 0.95, "split": {"s": "id_train"}}
+    on_val = compute_metrics(results, 0.95, f1_threshold="id_val")
+    assert on_val["results"]["s"]["ood"]["macro_f1"] == pytest.approx(f1(11.0))
+    assert on_val["f1_threshold"]["split"] == {"s": "id_val"}
+    results.train_scores.clear()  # no training scores (a per-batch scorer): validation, and said so
+    fallback = compute_metrics(results, 0.95, f1_threshold="id_train")
+    assert fallback["f1_threshold"]["split"] == {"s": "id_val"}
+    with pytest.raises(ConfigError, match="evaluation.f1_threshold"):
+        compute_metrics(results, 0.95, f1_threshold="train")
+
+
+def test_vmdls_defaults_to_the_training_threshold(tmp_path):
+    from ood_lightning.methods.base import OODMethod
+
+    assert VMDLS.f1_threshold_split == "id_train" and OODMethod.f1_threshold_split == "id_val"
+    cfg = compose_cfg("train", ["experiment=vmdls_mnist"], tmp_path)
+    assert cfg.evaluation.f1_threshold == "auto"
 
 
 def test_reconstruction_weighting():
@@ -236,7 +398,9 @@ def test_tiny_run_writes_f1_and_auroc_for_vmdls_and_vmdls_b(tmp_path):
     assert written["method"] == "vmdls"
     scores = np.load(tmp_path / "scores.npz")
     assert metrics["results"] == written["results"]
-    check_reported_metrics(written, scores, "diagonal", ("vmdls", "vmdls_b", "msp"), num_classes=2)
+    # the paper's threshold (§4 Remark 2): 95% of the *training* scores, for every scorer that has them
+    check_reported_metrics(written, scores, "diagonal", ("vmdls", "vmdls_b", "msp"), num_classes=2,
+                           threshold_split="id_train")
     assert len(scores["vmdls/id_test"]) == 256 and np.isfinite(scores["vmdls/diagonal"]).all()
     rows = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/kl" in rows and "train/reconstruction" in rows

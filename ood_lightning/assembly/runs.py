@@ -36,8 +36,15 @@ from ood_lightning.assembly.runtime import (
 )
 from ood_lightning.checkpoints import OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation.feature_cache import FeatureCache
-from ood_lightning.evaluation.results import compute_metrics, print_results, write_metrics, write_results
+from ood_lightning.evaluation.results import (
+    F1_THRESHOLD_SPLITS,
+    compute_metrics,
+    print_results,
+    write_metrics,
+    write_results,
+)
 from ood_lightning.evaluation.run_dir import clear_stale_results
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.pretrained import check_input_normalisation
@@ -53,12 +60,17 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     (so a failing method report loses nothing), then the report merged into ``metrics.json``.
     Returns the metrics on the main rank, None on the others."""
     apply_eval_layout(model, cfg, device)
+    f1_threshold = str(cfg.evaluation.get("f1_threshold", "auto"))
+    f1_threshold = model.f1_threshold_split if f1_threshold == "auto" else f1_threshold
+    if f1_threshold not in F1_THRESHOLD_SPLITS:
+        raise ConfigError(f"evaluation.f1_threshold must be auto or one of {F1_THRESHOLD_SPLITS}, got {f1_threshold!r}")
     results = score_all(model, dm, build_detectors(cfg), device, cfg.evaluation.fit_limit, cache,
-                        bool(cfg.evaluation.get("fit_augmented", False)), ranks)
+                        bool(cfg.evaluation.get("fit_augmented", False)), ranks,
+                        train_scores=f1_threshold == "id_train" and model.has_classifier)
     if not ranks.is_main:
         return None
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
-    metrics = compute_metrics(results, cfg.evaluation.tpr, groups)
+    metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
     meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented}
     write_results(out_dir, results, metrics, extra=meta)

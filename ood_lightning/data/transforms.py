@@ -14,7 +14,6 @@ from torch import Tensor
 
 from ood_lightning.errors import ConfigError
 
-
 #: crop padding modes: zeros (ours, the common CIFAR recipe) | reflect (the DHM authors' RandomCrop)
 PADDING_MODES = ("zeros", "reflect")
 

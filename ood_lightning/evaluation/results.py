@@ -12,6 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation import metrics as M
 from ood_lightning.io import atomic_write, atomic_write_text
 from ood_lightning.scoring.api import Key, Results
@@ -20,24 +21,38 @@ from ood_lightning.scoring.api import Key, Results
 TABLE_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "autc", "macro_f1")
 
 
-def compute_metrics(results: Results, tpr: float = 0.95, groups: dict[str, str] | None = None) -> dict:
+#: where the open-set macro-F1 threshold comes from (``evaluation.f1_threshold``)
+F1_THRESHOLD_SPLITS = ("id_val", "id_train")
+
+
+def compute_metrics(results: Results, tpr: float = 0.95, groups: dict[str, str] | None = None,
+                    f1_threshold: str = "id_val") -> dict:
     """Every metric per scorer × OOD set (ID = positive class), plus ID test accuracy.
 
     Each OOD key ``(scorer, set, tuned_for)`` is compared with the ID keys of the same scorer
     and ``tuned_for``. macro-F1 is the open-set (C+1)-way score at the threshold that keeps
-    ``tpr`` of ID *validation* scores; group means (e.g. near / far) are added as ``mean_<group>``.
+    ``tpr`` of the ID scores of ``f1_threshold``: ``id_val`` (held-out validation) or ``id_train``
+    (the fit set, ``results.train_scores``; a scorer without them, per-batch or tuned on OOD data,
+    falls back to ``id_val``). ``f1_threshold`` in the output says which split each scorer used.
+    Group means (e.g. near / far) are added as ``mean_<group>``.
     """
+    if f1_threshold not in F1_THRESHOLD_SPLITS:
+        raise ConfigError(f"evaluation.f1_threshold must be one of {F1_THRESHOLD_SPLITS} (or auto), got {f1_threshold!r}")
     s, p = results.scores, results.predictions
     accuracy = float((results.id_test_predictions == results.id_test_labels).float().mean()) \
         if results.has_classifier else None
     out: dict = {"accuracy": accuracy, "num_classes": results.num_classes, "results": {}}
+    used: dict[str, str] = {}
     for scorer in results.scorers():
         rows = {}
         for key in [k for k in results.ood_keys() if k.scorer == scorer]:
             id_test, id_val = Key(scorer, "id_test", key.tuned_for), Key(scorer, "id_val", key.tuned_for)
             m = M.ood_metrics(s[id_test].numpy(), s[key].numpy())
             if results.has_classifier:
-                threshold = M.threshold_at_tpr(s[id_val].numpy(), tpr)
+                on_train = f1_threshold == "id_train" and key.tuned_for is None and scorer in results.train_scores
+                ref = results.train_scores[scorer] if on_train else s[id_val]
+                used[scorer] = "id_train" if on_train else "id_val"
+                threshold = M.threshold_at_tpr(ref.numpy(), tpr)
                 m["macro_f1"] = M.open_set_macro_f1(p[id_test].numpy(), results.id_test_labels.numpy(),
                                                     s[id_test].numpy(), p[key].numpy(), s[key].numpy(),
                                                     threshold, results.num_classes)
@@ -47,6 +62,8 @@ def compute_metrics(results: Results, tpr: float = 0.95, groups: dict[str, str] 
             if len(members) > 1:
                 rows[f"mean_{group}"] = {k: float(np.mean([rows[o][k] for o in members])) for k in rows[members[0]]}
         out["results"][scorer] = rows
+    if used:
+        out["f1_threshold"] = {"tpr": tpr, "split": used}
     return out
 
 
@@ -59,7 +76,8 @@ def write_metrics(run_dir: str | Path, metrics: dict, extra: dict | None = None)
 
 def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: dict | None = None) -> Path:
     """``metrics.json`` + ``scores.npz`` (``<scorer>/<split>[@tuned_for]``; the classifier's
-    predictions as ``preds/<split>``, each key's as ``preds/<scorer>/<split>[@tuned_for]``) +
+    predictions as ``preds/<split>``, each key's as ``preds/<scorer>/<split>[@tuned_for]``, the fit set's
+    scores of an ``id_train`` F1 threshold as ``fit/<scorer>``) +
     ``plots/scores.png`` in ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +86,7 @@ def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: d
     arrays.update({f"preds/{split}": o.logits.argmax(1).numpy() for split, o in results.outputs.items()})
     arrays.update({f"preds/{key.label()}": v.numpy() for key, v in results.predictions.items()})
     arrays["labels/id_test"] = results.id_test_labels.numpy()
+    arrays.update({f"fit/{scorer}": v.numpy() for scorer, v in results.train_scores.items()})
     atomic_write(run_dir / "scores.npz", lambda tmp: np.savez_compressed(tmp, **arrays))
     from ood_lightning.evaluation.plots import roc_curves, score_histograms
 
@@ -110,3 +129,11 @@ def print_results(metrics: dict, console: Console | None = None) -> None:
         console.print(f"{head}no OOD scores: no OOD sets or no detectors configured (ood=none / detectors=none)")
         return
     console.print(results_table(metrics))
+    f1 = metrics.get("f1_threshold")
+    if f1:
+        by = {}
+        for scorer, split in f1["split"].items():
+            by.setdefault(split, []).append(scorer)
+        where = {"id_train": "ID training", "id_val": "ID validation"}
+        console.print("macro_f1 threshold: keeps {:.0%} of the {}".format(
+            f1["tpr"], "; ".join(f"{where[k]} scores ({', '.join(v)})" for k, v in by.items())))

@@ -40,6 +40,9 @@ class OODMethod(L.LightningModule):
     has_linear_head: bool = True
     #: weight of the method's density term in its loss (DHM's λ); None for methods without one
     lambda_: float | None = None
+    #: where ``evaluation.f1_threshold: auto`` takes the open-set macro-F1 threshold from: ``id_val``
+    #: (held-out validation scores) or ``id_train`` (the fit set's scores; VMDLS's paper, §4 Remark 2)
+    f1_threshold_split: str = "id_val"
 
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None,
                  scheduler: Callable[..., Any] | None = None, inputs: dict | None = None):

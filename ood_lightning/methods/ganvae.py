@@ -37,6 +37,22 @@ from torch import Tensor
 from ood_lightning.methods.vae import VAE, gaussian_kl_terms
 
 
+def encoder_loss(s: float, rec_real: Tensor, kl_real: Tensor, fakes: list[tuple[Tensor, Tensor]], beta_rec: float,
+                 beta_kl: float, beta_neg: float, alpha: float) -> tuple[Tensor, list[Tensor]]:
+    """The encoder's objective (module docstring) from per-input pieces: s (b_rec rec + b_kl KL) of the
+    real batch + 1/(2 alpha) sum over ``fakes`` [(rec_f, KL_f)] of E exp(-alpha s (b_rec rec_f + b_neg KL_f)).
+    Returns (loss, the exp-ELBO terms)."""
+    exp_elbo = [torch.exp(-alpha * s * (beta_rec * rec_f + beta_neg * kl_f)).mean() for rec_f, kl_f in fakes]
+    return s * (beta_rec * rec_real + beta_kl * kl_real).mean() + 0.5 / alpha * sum(exp_elbo), exp_elbo
+
+
+def decoder_loss(s: float, rec_real: Tensor, kls: list[Tensor], recs: list[Tensor], beta_rec: float, beta_kl: float,
+                 gamma_r: float) -> Tensor:
+    """The decoder's objective: s (b_rec rec(x) + b_kl mean of the fakes' KLs + gamma_r b_rec mean of their recs)."""
+    n = len(kls)
+    return s * (beta_rec * rec_real + beta_kl * sum(kls) / n + gamma_r * beta_rec * sum(recs) / n).mean()
+
+
 class GANVAE(VAE):
     """Soft-IntroVAE on the VAE's networks (manual optimisation, two optimisers)."""
 
@@ -90,11 +106,8 @@ class GANVAE(VAE):
         t = self.elbo_terms(x)
         rec_real = self.likelihood.distortion(t["params"], x)
         recon = self.likelihood.mean(t["params"]).detach()
-        exp_elbo = []
-        for images in (recon, fake):
-            rec_f, kl_f = self._fake_elbo_loss(images)
-            exp_elbo.append(torch.exp(-self.alpha * s * (self.beta_rec * rec_f + self.beta_neg * kl_f)).mean())
-        loss_e = s * (self.beta_rec * rec_real + self.beta_kl * t["kl"]).mean() + 0.5 / self.alpha * sum(exp_elbo)
+        loss_e, exp_elbo = encoder_loss(s, rec_real, t["kl"], [self._fake_elbo_loss(images) for images in (recon, fake)],
+                                        self.beta_rec, self.beta_kl, self.beta_neg, self.alpha)
         self.check_finite(loss_e, {"loss_e": loss_e, "rec": rec_real.mean(), "kl": t["kl"].mean()})
         opt_e.zero_grad()
         self.manual_backward(loss_e)
@@ -112,8 +125,7 @@ class GANVAE(VAE):
             mu, logvar, z = self._posterior_sample(images)  # gradients reach the decoder through the images
             kls.append(gaussian_kl_terms(mu, logvar)["kl"])
             recs.append(self.likelihood.distortion(self.decode(z.detach()), images.detach()))
-        loss_d = s * (self.beta_rec * rec_real_d + self.beta_kl * 0.5 * (kls[0] + kls[1])
-                      + self.gamma_r * self.beta_rec * 0.5 * (recs[0] + recs[1])).mean()
+        loss_d = decoder_loss(s, rec_real_d, kls, recs, self.beta_rec, self.beta_kl, self.gamma_r)
         self.check_finite(loss_d, {"loss_d": loss_d, "kl_fake": kls[1].mean(), "kl_recon": kls[0].mean()})
         opt_d.zero_grad()
         self.manual_backward(loss_d)

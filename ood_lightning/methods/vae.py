@@ -411,10 +411,17 @@ class VAE(OODMethod):
                 panels[f"{split}: inputs"] = x.cpu()
                 panels[f"{split}: reconstructions"] = self.reconstruct(x)
             save_image_panels(panels, plots / "reconstructions.png", nrow=int(r["reconstructions"]))
+        # the thesis' positives (Table 3.1): ID *training* latents (a fixed subset, no augmentation), and
+        # an ID-train vs ID-test row; without the data module, ID test latents stand in (said so)
+        positive, positives = "id_test", outputs["id_test"].features.numpy()
+        if dm is not None:
+            positive, positives = "id_train", self._training_latents(dm, int(r["probe_max_per_set"]))
+        summary["latent_probe_positive"] = positive
         probes = {}
-        for ood in [s for s in outputs if s not in ("id_val", "id_test")]:
+        against = [s for s in outputs if s not in ("id_val", "id_test")]
+        for ood in (["id_test"] if positive == "id_train" else []) + against:
             try:
-                probes[ood] = fit_latent_probe(outputs["id_test"].features.numpy(), outputs[ood].features.numpy(),
+                probes[ood] = fit_latent_probe(positives, outputs[ood].features.numpy(),
                                                test_size=float(r["probe_test_size"]), C=float(r["probe_C"]),
                                                max_per_set=r["probe_max_per_set"])
             except ValueError as err:
@@ -427,7 +434,7 @@ class VAE(OODMethod):
                 span = 1.5 * float(np.quantile(np.abs(np.r_[p.distances_id, p.distances_ood]), 0.9))
                 targets = np.linspace(-span, span, steps)
                 panels = {}
-                for name, z in ((f"ID test latents moved along the normal ({ood} side -> ID side)", p.test_latents_id),
+                for name, z in ((f"{positive} latents moved along the normal ({ood} side -> ID side)", p.test_latents_id),
                                 (f"{ood} latents moved along the normal ({ood} side -> ID side)", p.test_latents_ood)):
                     walk = walk_along_normal(z[:rows], p, targets)
                     panels[name] = self.decode_mean(torch.as_tensor(walk.reshape(-1, walk.shape[-1])))
@@ -437,12 +444,19 @@ class VAE(OODMethod):
         self._log_summary(summary)
         return summary
 
+    @torch.no_grad()
+    def _training_latents(self, dm, limit: int) -> np.ndarray:
+        """Posterior means of (a fixed subset of at most ``limit``) ID training inputs, un-augmented."""
+        parts = [self.encode(dm.preprocess(x.to(self.device)))[0].float().cpu() for x, _ in dm.fit_dataloader(limit)]
+        return torch.cat(parts).numpy()
+
     @staticmethod
     def _log_summary(summary: dict) -> None:
         for split, by in summary["bits_per_dim"].items():
             log.info("bits/dim %s: %s", split, ", ".join(f"{k} {v:.3f}" for k, v in by.items() if "iwae" in k))
         for ood, p in summary.get("latent_probe", {}).items():
-            log.info("latent SVM probe id_test vs %s: positive %.3f / negative %.3f", ood, p["positive_accuracy"],
+            log.info("latent SVM probe %s vs %s: positive %.3f / negative %.3f", summary.get("latent_probe_positive"), ood,
+                     p["positive_accuracy"],
                      p["negative_accuracy"])
 
 

@@ -6,7 +6,8 @@ default) and z = μ + σ·ε. Every training batch holds B_C classes × B_N exam
 averaged over every valid (anchor a, positive p, negative n) triplet of the batch:
 
 * triplet  L_t = max(0, ‖z_a − z_p‖² − ‖z_a − z_n‖² + M_t), M_t = 0.1;
-* distancing  L_d = max(0, M_d − ‖z_a − z_n‖²), M_d = d by default;
+* distancing  L_d = max(0, M_d − ‖z_a − z_n‖²), M_d = d, or (``distance_margin_schedule``, the
+  authors' code and the preset) ramped from 0.15 by +1 per epoch from epoch 10 until it passes d;
 * KL  L_KL = KL(N(μ, σ²I) ‖ N(m(y), s²I)), s² = 0.1, averaged over the batch, where m(c) is
   the mean of class c's z over the *previous* epoch.
 
@@ -22,7 +23,9 @@ met by inflating σ (noise alone makes ‖z_a − z_n‖² ≈ 2dσ²) instead o
 which we measured on MNIST; the log-variance bias starts at log s² for the same reason.
 ``kl_start_epoch`` > 0 switches the KL off before that epoch (the authors' code zero-initialises
 the means, keeps the KL off for its first 20 epochs and weighs its per-dimension mean by 0.1,
-i.e. ``kl_weight`` = 0.1 / d here).
+i.e. ``kl_weight`` = 0.1 / d here). ``kl_form: monte_carlo`` is their one-sample estimate
+log q(z) − log p(z) at the sampled z, and ``kl_reduction: mean`` their per-dimension mean, with
+which ``kl_weight: 0.1`` is their coefficient as written).
 
 **Classifier.** ``classify`` returns −‖μ − m_c‖² / (2s²): the log-density of the KL prior
 N(m_c, s²I) up to a constant, i.e. nearest class mean in the latent space, so MSP / Energy /
@@ -51,7 +54,7 @@ w is computed per input during the evaluation pass (:meth:`pass_values`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +111,17 @@ def class_kl(mu: Tensor, logvar: Tensor, means: Tensor, prior_var: float) -> Ten
     return per_dim.sum(1).mean()
 
 
+def class_kl_monte_carlo(z: Tensor, mu: Tensor, logvar: Tensor, means: Tensor, prior_var: float,
+                         reduction: str = "sum") -> Tensor:
+    """The authors' one-sample estimate of the same KL: log q(z) − log N(z; m, s²I) at the sampled z,
+    summed (``reduction="sum"``, an unbiased estimate of :func:`class_kl`) or averaged (``"mean"``,
+    their code) over latent dimensions, then averaged over the batch."""
+    log_q = -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp())
+    log_p = -0.5 * (math.log(2 * math.pi * prior_var) + (z - means).pow(2) / prior_var)
+    per_dim = log_q - log_p
+    return (per_dim.sum(1) if reduction == "sum" else per_dim.mean(1)).mean()
+
+
 def reconstruction_weighted(loglik: Tensor, w: Tensor, reference: float | Tensor) -> Tensor:
     """VMDLS = ℓ − (w − 1)·max(M − ℓ, 0): M + w·(ℓ − M) below the reference M, ℓ above it.
 
@@ -119,6 +133,19 @@ def reconstruction_weighted(loglik: Tensor, w: Tensor, reference: float | Tensor
 # ---------------------------------------------------------------------------------- modules
 #: checkpoint entry of the current epoch's z sums and counts (for a mid-epoch resume)
 _EPOCH_Z = "vmdls_epoch_z"
+
+def _margin_schedule(spec: Mapping[str, float] | None) -> tuple[float, float, int] | None:
+    """(start, step, from_epoch) of ``method.distance_margin_schedule``, checked; None = fixed M_d."""
+    if spec is None:
+        return None
+    keys = {"start", "step", "from_epoch"}
+    if set(spec) != keys:
+        raise ConfigError(f"method.distance_margin_schedule needs exactly the keys {sorted(keys)} (or null), got {sorted(spec)}")
+    start, step, first = float(spec["start"]), float(spec["step"]), int(spec["from_epoch"])
+    if step <= 0 or first < 0:
+        raise ConfigError(f"method.distance_margin_schedule: step must be > 0 and from_epoch >= 0, got {dict(spec)}")
+    return start, step, first
+
 
 class StochasticHead(nn.Module):
     """μ(g) and log σ²(g): two linear maps from the backbone features to the latent space."""
@@ -248,12 +275,17 @@ class VMDLS(OODMethod):
 
     has_linear_head = False
 
+    #: §4 Remark 2: the open-set threshold keeps 95% of the *training* set
+    f1_threshold_split = "id_train"
+
     #: the classifier head of a ``method=classifier`` checkpoint does not fit this head
     loads_classifier_head = False
 
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None,
                  scheduler: Callable[..., Any] | None = None, *, latent_dim: int = 32, triplet_margin: float = 0.1,
-                 distance_margin: float | None = None, prior_var: float = 0.1, kl_start_epoch: int = 0,
+                 distance_margin: float | None = None, distance_margin_schedule: Mapping[str, float] | None = None,
+                 prior_var: float = 0.1, kl_start_epoch: int = 0, kl_form: str = "analytic",
+                 kl_reduction: str = "sum",
                  triplet_weight: float = 1.0, distance_weight: float = 1.0, kl_weight: float = 1.0,
                  classes_per_batch: int = 10, samples_per_class: int = 40, batches_per_epoch: int | None = None,
                  sampler_seed: int = 0, layers: Sequence[str] = ("block1", "block2", "block3", "penultimate", "mu"),
@@ -274,8 +306,15 @@ class VMDLS(OODMethod):
         self.autoencoder_optimizer_factory = autoencoder_optimizer
         self.triplet_margin = float(triplet_margin)
         self.distance_margin = float(self.latent_dim if distance_margin is None else distance_margin)
+        self.margin_schedule = _margin_schedule(distance_margin_schedule)
         self.prior_var = float(prior_var)
         self.kl_start_epoch = int(kl_start_epoch)
+        if kl_form not in ("analytic", "monte_carlo") or kl_reduction not in ("sum", "mean"):
+            raise ConfigError(f"method.kl_form must be analytic|monte_carlo and method.kl_reduction sum|mean, got "
+                              f"{kl_form!r}, {kl_reduction!r}")
+        if kl_form == "analytic" and kl_reduction == "mean":
+            raise ConfigError("method.kl_reduction=mean is the authors' Monte-Carlo form: set method.kl_form=monte_carlo")
+        self.kl_form, self.kl_reduction = kl_form, kl_reduction
         self.weights = {"triplet": float(triplet_weight), "distance": float(distance_weight), "kl": float(kl_weight)}
         self.classes_per_batch = int(classes_per_batch)
         self.samples_per_class = int(samples_per_class)
@@ -335,11 +374,29 @@ class VMDLS(OODMethod):
         running = total / count.clamp_min(1)[:, None]
         return torch.where(self.head.seen[:, None], self.head.means, running)
 
+    def distance_margin_at(self, epoch: int) -> float:
+        """M_d of ``epoch``: fixed, or the authors' ramp (their ``UpdateMargin`` callback): M_d starts at
+        ``start``; at the start of every epoch ≥ ``from_epoch`` it grows by ``step`` while it is still
+        ≤ d (so it ends one step past the last value ≤ d: 0.15 → 32.15 for d = 32)."""
+        if self.margin_schedule is None:
+            return self.distance_margin
+        start, step, first = self.margin_schedule
+        margin = start
+        for _ in range(first, int(epoch) + 1):
+            if margin > self.distance_margin:
+                break
+            margin += step
+        return margin
+
     def loss_terms(self, z: Tensor, mu: Tensor, logvar: Tensor, y: Tensor) -> dict[str, Tensor]:
-        l_t, l_d = triplet_losses(z, y, self.triplet_margin, self.distance_margin)
+        l_t, l_d = triplet_losses(z, y, self.triplet_margin, self.distance_margin_at(self.current_epoch))
         terms = {"triplet": l_t, "distance": l_d}
         if self.current_epoch >= self.kl_start_epoch:
-            terms["kl"] = class_kl(mu, logvar, self.kl_targets(z, y)[y].to(mu.dtype), self.prior_var)
+            targets = self.kl_targets(z, y)[y].to(mu.dtype)
+            if self.kl_form == "monte_carlo":
+                terms["kl"] = class_kl_monte_carlo(z, mu, logvar, targets, self.prior_var, self.kl_reduction)
+            else:
+                terms["kl"] = class_kl(mu, logvar, targets, self.prior_var)
         else:
             terms["kl"] = mu.sum() * 0.0
         return terms
@@ -373,7 +430,7 @@ class VMDLS(OODMethod):
         x, y = batch
         mu, _ = self.latent(self.backbone(x))
         acc = (self.head(mu).argmax(1) == y).float().mean()
-        l_t, l_d = triplet_losses(mu[:256], y[:256], self.triplet_margin, self.distance_margin)
+        l_t, l_d = triplet_losses(mu[:256], y[:256], self.triplet_margin, self.distance_margin_at(self.current_epoch))
         self.log_dict({"val/acc": acc, "val/triplet": l_t, "val/distance": l_d}, prog_bar=True, on_epoch=True,
                       on_step=False, batch_size=len(y), sync_dist=True)
 

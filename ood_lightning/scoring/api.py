@@ -180,6 +180,9 @@ class Results:
     fit_samples: int | None = None
     #: whether those inputs were augmented (``evaluation.fit_augmented``)
     fit_augmented: bool = False
+    #: per scorer, its scores on the ID fit (training) set, when asked for (``score_all(train_scores=True)``):
+    #: the open-set F1 threshold of ``evaluation.f1_threshold: id_train``. Not an ID split of the table.
+    train_scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def scorers(self) -> list[str]:
         return list(dict.fromkeys(k.scorer for k in self.scores))

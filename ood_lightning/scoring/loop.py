@@ -65,12 +65,14 @@ def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, 
 
 def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer], device: torch.device | str = "cpu",
               fit_limit: int | None = None, cache: FeatureCache | None = None, fit_augmented: bool = False,
-              ranks: Ranks = SINGLE) -> Results:
+              ranks: Ranks = SINGLE, train_scores: bool = False) -> Results:
     """Fit every scorer on ID data and score ``id_val``, ``id_test`` and every OOD set.
 
     With a ``cache`` (post-hoc runs on a fixed checkpoint) each split's outputs are read from
     disk when a previous run stored them. ``fit_augmented`` fits on features of augmented
-    training images (LDE's option). With several ``ranks`` (DDP) each rank runs its block of
+    training images (LDE's option). ``train_scores`` also scores the fit set with every scorer
+    scored from outputs and fitted once (not ``per_batch``, not ``tunes_on_ood``), for an open-set
+    threshold on training scores (VMDLS). With several ``ranks`` (DDP) each rank runs its block of
     every pass and the blocks are gathered, so every rank returns the same full results.
     """
     device = torch.device(device)
@@ -99,6 +101,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     scores: dict[Key, Tensor] = {}
     predictions: dict[Key, Tensor] = {}
     timings: dict[str, float] = {}
+    on_train: dict[str, Tensor] = {}
 
     def timed(stage: str, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -124,6 +127,11 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                 timed(f"fit/{name}", scorer.fit, model, data)
                 if scorer.needs_fit:
                     log.info("fitted %s in %s", name, human(timings[f"fit/{name}"]))
+            if train_scores:
+                for name, scorer in scorers.items():
+                    if not (scorer.per_batch or scorer.tunes_on_ood):
+                        on_train[name] = timed(f"score_train/{name}", ranks.map_outputs, partial(scorer.score, model),
+                                               train).detach().float().cpu()
             del data, train
         outs = {split: timed(f"features/{split}", outputs_of, split, loader, progress) for split, loader in loaders.items()}
         for name, scorer in scorers.items():
@@ -143,7 +151,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
         if scorer.tunes_on_ood:
             timed(f"fit+score/{name}", _score_tuned_on_ood, name, scorer, model, outs, scores, predictions)
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
-                   has_classifier=model.has_classifier, outputs=outs, timings=timings,
+                   has_classifier=model.has_classifier, outputs=outs, timings=timings, train_scores=on_train,
                    fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None)
 
 
