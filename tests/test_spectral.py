@@ -56,6 +56,17 @@ def _true_norm(layer: nn.Module, in_shape: tuple[int, ...] | None) -> float:
         return torch.linalg.matrix_norm(out.flatten(1), 2).item()
 
 
+def _train_to_grow(net: nn.Module, x: torch.Tensor, steps: int) -> None:
+    """SGD steps on a loss that rewards larger weights and scales (so a bound has to hold), then eval mode."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(steps):
+        loss = -net(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+
+
 @pytest.mark.parametrize("make", [_conv_net, _mlp])
 def test_trained_layers_stay_within_coeff(make) -> None:
     torch.manual_seed(0)
@@ -67,13 +78,7 @@ def test_trained_layers_stay_within_coeff(make) -> None:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.mul_(4)
     apply_spectral_norm(net, COEFF)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    for _ in range(15):
-        loss = -net(x).pow(2).mean()  # rewards larger weights
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    _train_to_grow(net, x, steps=15)
     norms = {m: _true_norm(m, shapes.get(m)) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert max(norms.values()) <= COEFF * 1.01, norms
     assert min(norms.values()) >= COEFF * 0.95, "the bound should be active on layers that want to grow"
@@ -225,13 +230,7 @@ def test_trained_batchnorm_scales_stay_within_coeff(batchnorm: bool) -> None:
                 m.weight.fill_(5.0)
     keys = set(net.state_dict())
     apply_spectral_norm(net, COEFF, batchnorm=batchnorm)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    for _ in range(10):
-        loss = -net(x).pow(2).mean()  # rewards larger scales
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    net.eval()
+    _train_to_grow(net, x, steps=10)
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     bn_norms = [float(_bn_scales(m).abs().max()) for m in bns]
     if not batchnorm:

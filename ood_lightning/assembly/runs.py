@@ -36,10 +36,9 @@ from ood_lightning.assembly.runtime import (
 )
 from ood_lightning.checkpoints import OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.results import (
-    F1_THRESHOLD_SPLITS,
+    check_f1_threshold,
     compute_metrics,
     print_results,
     write_metrics,
@@ -61,9 +60,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     Returns the metrics on the main rank, None on the others."""
     apply_eval_layout(model, cfg, device)
     f1_threshold = str(cfg.evaluation.get("f1_threshold", "auto"))
-    f1_threshold = model.f1_threshold_split if f1_threshold == "auto" else f1_threshold
-    if f1_threshold not in F1_THRESHOLD_SPLITS:
-        raise ConfigError(f"evaluation.f1_threshold must be auto or one of {F1_THRESHOLD_SPLITS}, got {f1_threshold!r}")
+    f1_threshold = check_f1_threshold(model.f1_threshold_split if f1_threshold == "auto" else f1_threshold)
     results = score_all(model, dm, build_detectors(cfg), device, cfg.evaluation.fit_limit, cache,
                         bool(cfg.evaluation.get("fit_augmented", False)), ranks,
                         train_scores=f1_threshold == "id_train" and model.has_classifier)

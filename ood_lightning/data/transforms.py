@@ -18,6 +18,12 @@ from ood_lightning.errors import ConfigError
 PADDING_MODES = ("zeros", "reflect")
 
 
+def _check_padding_mode(mode: str) -> str:
+    if mode not in PADDING_MODES:
+        raise ConfigError(f"data.augment.crop_padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+    return mode
+
+
 def _reflect(idx: Tensor, n: int) -> Tensor:
     """Index into [0, n) mirrored at the borders without repeating the edge (numpy/torch 'reflect')."""
     idx = idx.abs()
@@ -26,8 +32,7 @@ def _reflect(idx: Tensor, n: int) -> Tensor:
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None, mode: str = "zeros") -> Tensor:
     """Pad by ``padding`` (zeros or reflection) and crop back at a random offset per image."""
-    if mode not in PADDING_MODES:
-        raise ConfigError(f"data.augment.crop_padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+    _check_padding_mode(mode)
     if padding <= 0:
         return x
     b, _, h, w = x.shape
@@ -62,8 +67,7 @@ class Preprocess(torch.nn.Module):
                  crop_padding: int = 0, hflip: bool = False, dequantize: bool = False,
                  crop_padding_mode: str = "zeros"):
         super().__init__()
-        if crop_padding_mode not in PADDING_MODES:
-            raise ConfigError(f"data.augment.crop_padding_mode must be one of {PADDING_MODES}, got {crop_padding_mode!r}")
+        _check_padding_mode(crop_padding_mode)
         if (mean is None) != (std is None):
             raise ConfigError("data.mean and data.std must be given together (or both null)")
         self.settings = {"mean": None if mean is None else list(mean), "std": None if std is None else list(std),

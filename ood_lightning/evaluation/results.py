@@ -25,6 +25,13 @@ TABLE_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "autc", "macro_f1")
 F1_THRESHOLD_SPLITS = ("id_val", "id_train")
 
 
+def check_f1_threshold(split: str) -> str:
+    """``split`` if it names a threshold split (``auto`` is resolved by the caller, from the method)."""
+    if split not in F1_THRESHOLD_SPLITS:
+        raise ConfigError(f"evaluation.f1_threshold must be auto or one of {F1_THRESHOLD_SPLITS}, got {split!r}")
+    return split
+
+
 def compute_metrics(results: Results, tpr: float = 0.95, groups: dict[str, str] | None = None,
                     f1_threshold: str = "id_val") -> dict:
     """Every metric per scorer × OOD set (ID = positive class), plus ID test accuracy.
@@ -36,8 +43,7 @@ def compute_metrics(results: Results, tpr: float = 0.95, groups: dict[str, str] 
     falls back to ``id_val``). ``f1_threshold`` in the output says which split each scorer used.
     Group means (e.g. near / far) are added as ``mean_<group>``.
     """
-    if f1_threshold not in F1_THRESHOLD_SPLITS:
-        raise ConfigError(f"evaluation.f1_threshold must be one of {F1_THRESHOLD_SPLITS} (or auto), got {f1_threshold!r}")
+    check_f1_threshold(f1_threshold)
     s, p = results.scores, results.predictions
     accuracy = float((results.id_test_predictions == results.id_test_labels).float().mean()) \
         if results.has_classifier else None

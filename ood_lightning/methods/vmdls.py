@@ -134,6 +134,7 @@ def reconstruction_weighted(loglik: Tensor, w: Tensor, reference: float | Tensor
 #: checkpoint entry of the current epoch's z sums and counts (for a mid-epoch resume)
 _EPOCH_Z = "vmdls_epoch_z"
 
+
 def _margin_schedule(spec: Mapping[str, float] | None) -> tuple[float, float, int] | None:
     """(start, step, from_epoch) of ``method.distance_margin_schedule``, checked; None = fixed M_d."""
     if spec is None:

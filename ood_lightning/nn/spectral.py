@@ -245,14 +245,19 @@ class BoundedBatchNorm(_BatchNorm):
 
     spectral_coeff: float
 
+    def _gamma(self) -> Tensor:
+        return torch.ones_like(self.running_var) if self.weight is None else self.weight
+
+    def eval_scales(self, weight: Tensor) -> Tensor:
+        """|weight_c| / sqrt(running_var_c + ε): the per-channel slopes of the eval-mode map with ``weight``."""
+        return (weight.float() * (self.running_var.float() + self.eps).rsqrt()).abs()
+
     def bound_factor(self) -> Tensor:
         """max(1, max_c |γ_c| / sqrt(running_var_c + ε) / coeff), from the running variance (DUE)."""
-        weight = torch.ones_like(self.running_var) if self.weight is None else self.weight
-        lipschitz = (weight.float() * (self.running_var.float() + self.eps).rsqrt()).abs().max()
-        return torch.clamp(lipschitz / self.spectral_coeff, min=1.0)
+        return torch.clamp(self.eval_scales(self._gamma()).max() / self.spectral_coeff, min=1.0)
 
     def bounded_weight(self) -> Tensor:
-        weight = torch.ones_like(self.running_var) if self.weight is None else self.weight
+        weight = self._gamma()
         return weight / self.bound_factor().to(weight.dtype)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -362,8 +367,7 @@ def spectral_norms(module: nn.Module, n_iterations: int = 200) -> dict[str, floa
     norms: dict[str, float] = {}
     for name, layer in module.named_modules():
         if isinstance(layer, BoundedBatchNorm):  # eval-mode map: per-channel scale γ' / sqrt(running_var + ε)
-            scale = layer.bounded_weight().float() * (layer.running_var.float() + layer.eps).rsqrt()
-            norms[name] = float(scale.abs().max())
+            norms[name] = float(layer.eval_scales(layer.bounded_weight()).max())
             continue
         bound = _bound_of(layer)
         if bound is None:
