@@ -286,8 +286,9 @@ def test_posthoc_method_without_checkpoint_names_the_fix(tmp_path):
         train(compose_cfg("train", [*TINY, "method=lsgm"], tmp_path))
 
 
-def test_second_posthoc_run_reuses_cached_features(tiny_run, tmp_path, monkeypatch):
-    """A second post-hoc run on the same checkpoint and data makes no backbone forward pass."""
+def test_second_posthoc_run_reuses_cached_features(tiny_run, tmp_path, monkeypatch, caplog):
+    """A second post-hoc run on the same checkpoint and data makes no backbone forward pass, and
+    projects nothing from the cache's read rate (it is no forward pass)."""
     import ood_lightning.scoring.loop as run_module
 
     out, _ = tiny_run
@@ -296,10 +297,15 @@ def test_second_posthoc_run_reuses_cached_features(tiny_run, tmp_path, monkeypat
     monkeypatch.setattr(run_module, "extract", lambda *a, **k: calls.append(k.get("description")) or real_extract(*a, **k))
     args = [*TINY, "method=lsgm", "detectors=fast", f"backbone.checkpoint={out / 'checkpoints' / 'last.ckpt'}",
             f"paths.cache_dir={tmp_path / 'cache'}"]
-    first = train(compose_cfg("train", args, tmp_path / "a"))
-    assert len(calls) == 4  # id_train, id_val, id_test, diagonal
-    calls.clear()
-    second = train(compose_cfg("train", args, tmp_path / "b"))
+    projections = lambda: [r for r in caplog.records if "for the remaining passes" in r.getMessage()]  # noqa: E731
+    with caplog.at_level("INFO", logger="ood_lightning.scoring.loop"):
+        first = train(compose_cfg("train", args, tmp_path / "a"))
+        assert len(calls) == 4  # id_train, id_val, id_test, diagonal
+        assert len(projections()) == 1
+        calls.clear()
+        caplog.clear()
+        second = train(compose_cfg("train", args, tmp_path / "b"))
     assert calls == [] and second["results"] == first["results"]
+    assert projections() == []
     manifests = list((tmp_path / "cache" / "features").rglob("manifest.json"))
     assert len(manifests) == 4

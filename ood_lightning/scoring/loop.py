@@ -83,6 +83,8 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     loaders = dm.eval_dataloaders()
     fingerprint = model_fingerprint(model) if cache is not None else None
 
+    extracted: set[str] = set()
+
     def outputs_of(split: str, loader, progress, limit=None, augment: bool = False) -> Outputs:
         # each split's pass draws from its own seeded stream, so stochastic values (a VAE's
         # posterior samples) are the same whenever a checkpoint is scored, whatever ran before
@@ -90,7 +92,10 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
             torch.manual_seed(zlib.crc32(split.encode()))
             prep = (lambda x: preprocess(x, train=True)) if augment else preprocess
             model.prepare_split(split, loader, prep, device)
-            run = partial(extract, ranks=ranks, pass_values=model.pass_values)
+            def run(*args, **kwargs) -> Outputs:
+                extracted.add(split)  # a real pass, not a cache read: its rate may project the others
+                return extract(*args, ranks=ranks, pass_values=model.pass_values, **kwargs)
+
             if cache is None:
                 return run(model, loader, prep, device, progress, f"features: {split}")
             dataset, name, tag = dm.cache_key(split, limit)
@@ -119,7 +124,8 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
             fit_samples = len(train)
             log.info("fitting %d scorers on %d ID training inputs%s", sum(s.needs_fit for s in scorers.values()),
                      len(train), " (augmented)" if fit_augmented else "")
-            _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
+            if "id_train" in extracted:
+                _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
             data = FitData(train=train, val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
             for name, scorer in scorers.items():
                 if scorer.needs_fit:
