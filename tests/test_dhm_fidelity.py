@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import nn
 
 from ood_lightning.assembly.build import build_model
 from ood_lightning.methods.dhm import FlowDensity
+from ood_lightning.nn.backbones.base import Backbone
 from ood_lightning.nn.flows.residual import LipSwish
 from ood_lightning.nn.spectral import converge_spectral_norms
 from ood_lightning.scoring.api import Outputs
@@ -241,3 +243,96 @@ def test_sync_batchnorm_replacing_the_bounded_layers_is_refused(tmp_path) -> Non
     m.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(m.backbone)
     with pytest.raises(Exception, match="sync_batchnorm=false"):
         m.on_fit_start()
+
+
+# -- collapse at a large λ (issue 18, item 9, last bullet) -------------------------------------------
+class _LinearExtractor(Backbone):
+    """h = W x + b on 2-D inputs, starting at the identity, so both input directions reach the flow."""
+
+    feature_dim = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.eye(2))
+            self.fc.bias.zero_()
+
+    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"penultimate": self.fc(x)}
+
+
+def _collapse_toy(n: int, ood: bool, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 = ±1 (the class) + N(0, 0.2²); x1 ~ N(0, 2²) carries no class information, and the OOD
+    points differ from the ID ones only there (x1 = ±8 + N(0, 0.5²), 4 ID standard deviations out)."""
+    y = torch.arange(n) % 2
+    x0 = (2.0 * y - 1.0) + 0.2 * torch.randn(n, generator=gen)
+    if ood:
+        x1 = torch.where(torch.rand(n, generator=gen) < 0.5, -8.0, 8.0) + 0.5 * torch.randn(n, generator=gen)
+    else:
+        x1 = 2.0 * torch.randn(n, generator=gen)
+    return torch.stack([x0, x1], 1), y
+
+
+def _train_toy_dhm(lam: float, steps: int = 60, seed: int = 0) -> dict:
+    """A DHM on the toy (the preset's block: LipSwish → Linear → LipSwish → Linear, Lipschitz 0.9;
+    extractor bound c = 3, the method default), trained as ``training_step`` does (CE + λ·NLL, one
+    backward, SGD and Adam stepped); returns the sklearn AUROC of its score and the exact log-det."""
+    from functools import partial
+
+    from sklearn.metrics import roc_auc_score
+
+    from ood_lightning.methods.dhm import DeepHybridModel
+    from ood_lightning.nn.flows.residual import ResidualFlow
+
+    torch.manual_seed(seed)
+    flow = partial(ResidualFlow, n_blocks=2, hidden=16, n_hidden_layers=1, activation_first=True, coeff=0.9,
+                   n_power_iterations=1)
+    m = DeepHybridModel(_LinearExtractor(), 2, optimizer=partial(torch.optim.SGD, lr=0.1),
+                        flow_optimizer=partial(torch.optim.Adam, lr=1e-2), flow=flow, lambda_=lam,
+                        spectral_coeff=3.0, feature_norm="none")
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _collapse_toy(1024, False, gen)
+    x_id, _ = _collapse_toy(400, False, gen)
+    x_ood, _ = _collapse_toy(400, True, gen)
+    opts, _ = m.configure_optimizers()
+    m.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        loss = m.losses(x[idx], y[idx])["loss"]
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in opts:
+            opt.step()
+    m.eval()
+    with torch.no_grad():
+        s_id, s_ood = m.density_scores(x_id), m.density_scores(x_ood)
+        h = m.backbone(x_id)
+    assert torch.isfinite(s_id).all() and torch.isfinite(s_ood).all()
+
+    def z_of(v: torch.Tensor) -> torch.Tensor:
+        for block in m.flow.blocks:
+            v = v + block.g(v)
+        return v
+
+    log_det = torch.stack([torch.linalg.slogdet(torch.func.jacrev(z_of)(v)).logabsdet for v in h[:100]])
+    auroc = roc_auc_score(np.r_[np.ones(len(s_id)), np.zeros(len(s_ood))], np.r_[s_id.numpy(), s_ood.numpy()])
+    return {"auroc": float(auroc), "log_det": float(log_det.mean()),
+            "nuisance_gain": float(m.backbone.fc.weight[:, 1].norm())}
+
+
+@pytest.mark.slow  # two short trainings: ~3 s on an idle 2-core machine
+def test_large_lambda_collapses_the_features_and_a_small_one_separates() -> None:
+    """§4.2/4.3: above a λ threshold the NLL overpowers the CE, the extractor squeezes the features
+    where the flow is sharp (the flow's log-det jumps) and OOD AUROC falls to chance. On the toy the
+    squeezed direction is the class-free x1, the only one that tells OOD apart: at λ = 1e-3 the
+    score separates (AUROC ≈ 1), at λ = 0.3 x1 is squeezed out (gain < 0.05), the exact log-det
+    (dense Jacobian) is > 0.8 nats higher and AUROC is 0.5 ± 0.1. Truths: scikit-learn's AUROC,
+    torch.func's Jacobian. Fails with λ ignored (0, the default or 1), with the score's sign flipped."""
+    small, large = _train_toy_dhm(1e-3), _train_toy_dhm(0.3)
+    assert small["auroc"] > 0.95, small
+    assert small["nuisance_gain"] > 0.5, small  # x1 still reaches the flow
+    assert abs(large["auroc"] - 0.5) < 0.1, large
+    assert large["nuisance_gain"] < 0.05, large
+    assert large["log_det"] > small["log_det"] + 0.8, (small, large)

@@ -221,12 +221,18 @@ def test_prewitt_backbone_random_init_is_seeded_and_not_prewitt():
 # -- the presets against the paper (§4.3, §4.4) and the authors' code ------------------------------
 def test_stripes_preset_is_the_papers_recipe(tmp_path):
     """§4.3 and the authors' train_stripes_dhm.py: random init, softmax of the features as the
-    classifier, plain SGD lr 0.01 (no momentum / weight decay / schedule), OOD at 15-75 degrees."""
-    cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)
+    classifier, plain SGD lr 0.01 (no momentum / weight decay / schedule), OOD at 15-75 degrees,
+    a 50-block flow of hidden width 32 and Lipschitz coefficient 0.98."""
+    cfg = compose_cfg("train", ["experiment=dhm_stripes"], tmp_path)
     assert cfg.backbone.init == "random" and cfg.backbone.trainable is True
     assert cfg.method.head == "softmax" and cfg.method.feature_norm == "none" and cfg.method.spectral_coeff == 0.9
     assert cfg.ood.diagonal.max_deviation == 30
     assert cfg.method.scheduler is None
+    # the authors' StripesDHM flow: create_flow_model(2, dims='32', n_blocks=50, coeff=0.98), 5 power iterations
+    f = cfg.method.flow
+    assert (f.n_blocks, f.hidden, f.n_hidden_layers, f.activation_first, f.coeff, f.n_power_iterations) == (
+        50, 32, 1, True, 0.98, 5)
+    cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)  # a quick build
     from ood_lightning.assembly.build import build_model
 
     torch.manual_seed(0)
@@ -253,6 +259,16 @@ def test_stripes_preset_is_the_papers_recipe(tmp_path):
     torch.testing.assert_close(model.backbone.conv.parametrizations.weight.original.detach(), w0 - 0.01 * grad)
     # the raw conv weight is not the Prewitt pair
     assert not torch.allclose(w0[0, 0], PREWITT_HORIZONTAL)
+    # the built flow's Linears are bounded at 0.98: raw weights grown far above it come out at exactly 0.98
+    from ood_lightning.nn.spectral import converge_spectral_norms
+
+    linears = [m for m in model.flow.blocks[0].g if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for m in linears:
+            m.parametrizations.weight.original.mul_(50)
+    converge_spectral_norms(model.flow)
+    norms = [torch.linalg.matrix_norm(m.weight.detach().double(), ord=2).item() for m in linears]
+    assert norms == pytest.approx([0.98, 0.98], rel=1e-4)
 
 
 def test_softmax_head_needs_one_feature_per_class(tmp_path):
