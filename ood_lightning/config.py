@@ -16,6 +16,11 @@ def _epochs_at(max_epochs: int, fractions) -> ListConfig:
     return OmegaConf.create(sorted({max(1, int(round(float(f) * int(max_epochs)))) for f in fractions}))
 
 
+def _epochs_every(max_epochs: int, step: int) -> ListConfig:
+    """MultiStepLR milestones that make it StepLR(step_size=step): 250 epochs, step 100 -> [100, 200]."""
+    return OmegaConf.create(list(range(int(step), int(max_epochs), int(step))))
+
+
 def register_resolvers() -> None:
     """Idempotent: the project's resolvers and the data schema (``data/schema``)."""
     register_schema()
@@ -23,13 +28,16 @@ def register_resolvers() -> None:
 
 
 def _register_resolvers() -> None:
-    """Idempotent: ``${ood_data_root:}``, ``${ood_models_root:}`` and ``${epochs_at:max_epochs,[fractions]}``."""
+    """Idempotent: ``${ood_data_root:}``, ``${ood_models_root:}``, ``${epochs_at:max_epochs,[fractions]}`` and
+    ``${epochs_every:max_epochs,step}``."""
     if not OmegaConf.has_resolver("ood_data_root"):
         OmegaConf.register_new_resolver("ood_data_root", default_data_root)
     if not OmegaConf.has_resolver("ood_models_root"):
         OmegaConf.register_new_resolver("ood_models_root", models_root)
     if not OmegaConf.has_resolver("epochs_at"):
         OmegaConf.register_new_resolver("epochs_at", _epochs_at)
+    if not OmegaConf.has_resolver("epochs_every"):
+        OmegaConf.register_new_resolver("epochs_every", _epochs_every)
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -1,6 +1,7 @@
 """VMDLS studies from finished runs (driven by sweeps/vmdls_ablations.sh).
 
     python sweeps/vmdls_studies.py table RUN_DIR...                 # macro-F1 / AUROC of every VMDLS score
+    python sweeps/vmdls_studies.py table5 RUN_DIR [--ood tin_resize]  # paper Table 5: weighted VMDLS per feature set
     python sweeps/vmdls_studies.py latent RUN_DIR... --out FILE     # paper Table 4's 2-D latent, one panel per run
     python sweeps/vmdls_studies.py histograms RUN_DIR [--out FILE]  # paper Fig. 3: vmdls_b vs vmdls histograms
 
@@ -32,6 +33,30 @@ def table(run_dirs: list[Path]) -> str:
             for ood, m in rows.items():
                 lines.append(f"| {run.name} | {score} | {ood} | {100 * m.get('macro_f1', float('nan')):.1f} | "
                              f"{100 * m['auroc']:.1f} | {100 * m['tnr95']:.1f} |")
+    return "\n".join(lines)
+
+
+#: paper Table 5 (CIFAR-10 vs ImageNet-resize, macro-F1 of VMDLS): feature set -> (our score name, paper's value)
+TABLE5 = {
+    "(t1, t2, t3, g, mu)": ("vmdls", 0.927),
+    "(t2, t3, g, mu)": ("vmdls_mu_g_t3_t2", 0.925),
+    "(t3, g, mu)": ("vmdls_mu_g_t3", 0.919),
+    "(g, mu)": ("vmdls_mu_g", 0.918),
+    "mu": ("vmdls_mu", 0.906),
+}
+
+
+def table5(run_dir: Path, ood: str = "tin_resize") -> str:
+    """Paper Table 5 beside ours: macro-F1 of the reconstruction-weighted score of each feature subset
+    (a run with ``method.ensemble_ablation=true``) against ``ood``."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())["results"]
+    missing = [name for name, _ in TABLE5.values() if ood not in metrics.get(name, {})]
+    if missing:
+        raise SystemExit(f"{run_dir}: no {ood} results for {missing}; Table 5 needs a run with "
+                         "method.ensemble_ablation=true, the autoencoder on and that OOD set")
+    lines = [f"| features | score | macro-F1 (ours, {ood}) | macro-F1 (paper, ImageNet-resize) |", "|---|---|---|---|"]
+    for features, (name, paper) in TABLE5.items():
+        lines.append(f"| {features} | {name} | {metrics[name][ood]['macro_f1']:.3f} | {paper:.3f} |")
     return "\n".join(lines)
 
 
@@ -94,12 +119,15 @@ def latent(run_dirs: list[Path], out: Path, limit: int = 3000) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["table", "latent", "histograms"])
+    parser.add_argument("study", choices=["table", "table5", "latent", "histograms"])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--ood", default="tin_resize", help="table5: the OOD set (the paper's ImageNet-resize)")
     args = parser.parse_args()
     if args.study == "table":
         print(table(args.runs))
+    elif args.study == "table5":
+        print(table5(args.runs[0], args.ood))
     elif args.study == "latent":
         print(latent(args.runs, args.out or args.runs[0].parent / "latent.png"))
     else:

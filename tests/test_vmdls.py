@@ -343,13 +343,81 @@ def test_scores_without_autoencoder_are_equal_and_ablation_names():
         scorer.fit(model, FitData(train))
     test = _toy_outputs(model, 20)[0]
     scores = {name: s.score(model, test) for name, s in scorers.items()}
-    assert set(scores) == {"vmdls", "vmdls_b", "vmdls_b_mu", "vmdls_b_mu_g", "vmdls_b_mu_g_t3", "vmdls_b_mu_g_t3_t2"}
-    assert torch.equal(scores["vmdls"], scores["vmdls_b"])
+    suffixes = ["", "_mu", "_mu_g", "_mu_g_t3", "_mu_g_t3_t2"]
+    assert set(scores) == {f"vmdls{s}" for s in suffixes} | {f"vmdls_b{s}" for s in suffixes}
+    for s in suffixes:  # w = 1 without an autoencoder: each weighted score is its unweighted one
+        assert torch.equal(scores[f"vmdls{s}"], scores[f"vmdls_b{s}"])
     preds = {name: s.predict(model, train) for name, s in scorers.items()}
     assert preds["vmdls"].shape == (60,) and set(preds["vmdls"].tolist()) <= {0, 1, 2}
     with pytest.raises(RuntimeError, match="before fit_class_gaussians"):
         fresh = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None)
         fresh.scorers()["vmdls_b"].score(fresh, train)
+
+
+def _stored_outputs(model, n, gen):
+    """Outputs with hand-made pooled layers (class-dependent means, no dead units) and a w per input."""
+    labels = torch.arange(n) % 3
+    shift = labels[:, None].double()
+    layers = {name: torch.randn(n, dim, generator=gen, dtype=torch.float64) + k * shift
+              for k, (name, dim) in enumerate([("block1", 3), ("block2", 4), ("block3", 5)], start=1)}
+    g = (torch.randn(n, 8, generator=gen, dtype=torch.float64) - shift).float()  # g as the model reads it
+    w = 0.2 + 2 * torch.rand(n, generator=gen, dtype=torch.float64)
+    return Outputs(torch.zeros(n, 3), g, {**layers, "penultimate": g.double()}, labels, {"vmdls_w": w})
+
+
+def test_ablation_scores_use_their_own_feature_sets():
+    """Table 5's subsets, each score recomputed by hand from the stored per-layer features: scipy's Gaussian
+    on the named subset (μ = the head's linear map of g), M from that subset's ID-train maximum. Every subset
+    scores differently, so scores kept under their names but with swapped feature sets fail."""
+    from scipy.stats import multivariate_normal
+
+    torch.manual_seed(0)
+    model = VMDLS(SmallCNN(1, (4, 4, 8), 8), 3, None, latent_dim=2, ensemble_ablation=True, shrinkage=0.01).eval()
+    gen = torch.Generator().manual_seed(3)
+    train, test = _stored_outputs(model, 150, gen), _stored_outputs(model, 40, gen)
+    scorers = model.scorers()
+    for scorer in scorers.values():
+        scorer.fit(model, FitData(train))
+    ours = {name: s.score(model, test).double() for name, s in scorers.items()}
+    preds = {name: s.predict(model, test) for name, s in scorers.items()}
+
+    weight, bias = (p.detach().double().numpy() for p in (model.latent.mu.weight, model.latent.mu.bias))
+
+    def columns(out, names):
+        g = out.layers["penultimate"].numpy()
+        parts = {"t1": out.layers["block1"].numpy(), "t2": out.layers["block2"].numpy(),
+                 "t3": out.layers["block3"].numpy(), "g": g, "mu": g @ weight.T + bias}
+        return np.concatenate([parts[n] for n in names], 1)
+
+    def class_loglik(names, out):
+        x_train, x = columns(train, names), columns(out, names)
+        y = train.labels.numpy()
+        ll = []
+        for c in range(3):
+            xc = x_train[y == c]
+            cov = np.cov(xc.T, bias=True)
+            cov = 0.99 * cov + 0.01 * np.diag(np.diag(cov))
+            cov += 1e-6 * np.diag(cov).mean() * np.eye(len(cov))
+            ll.append(multivariate_normal(xc.mean(0), cov).logpdf(x))
+        return np.stack(ll, 1)
+
+    w_scale = float(train.extra["vmdls_w"].mean())
+    sets = {"mu": ["mu"], "mu_g": ["g", "mu"], "mu_g_t3": ["t3", "g", "mu"], "mu_g_t3_t2": ["t2", "t3", "g", "mu"],
+            "": ["t1", "t2", "t3", "g", "mu"]}
+    by_hand = {}
+    for suffix, names in sets.items():
+        ll = class_loglik(names, test)
+        reference = class_loglik(names, train).max(1).max() + model.reference_margin
+        b, weighted = "vmdls_b" + (f"_{suffix}" if suffix else ""), "vmdls" + (f"_{suffix}" if suffix else "")
+        by_hand[b] = torch.from_numpy(ll.max(1))
+        w = test.extra["vmdls_w"] / w_scale
+        by_hand[weighted] = by_hand[b] - (w - 1) * torch.relu(reference - by_hand[b])
+        assert preds[b].tolist() == ll.argmax(1).tolist() and preds[weighted].tolist() == ll.argmax(1).tolist()
+    assert set(ours) == set(by_hand)
+    for name in by_hand:
+        torch.testing.assert_close(ours[name], by_hand[name], rtol=1e-5, atol=1e-4, msg=name)
+    for a, b in itertools.combinations(by_hand, 2):  # any two names swapped would change a score
+        assert (by_hand[a] - by_hand[b]).abs().max() > 0.5, (a, b)
 
 
 def test_reconstruction_weight_is_computed_per_input():

@@ -30,6 +30,7 @@ OUTPUT = "paper_compare.md"
 _BACKBONE_LABELS = {"resnet18": "ResNet-18", "resnet34": "ResNet-34", "resnet50_imagenet": "ResNet-50",
                     "swin_s_imagenet": "Swin-S", "wrn28_10": "WRN-28-10", "wrn28_2": "WRN-28-2",
                     "densenet100": "DenseNet-BC-100", "dcgan": "DCGAN", "dcganencoder": "DCGAN", "cnn": "SmallCNN",
+                    "crosr_cnn": "CNN (Yoshihashi et al. 2019)",
                     "smallcnn": "SmallCNN", "mlp2d": "MLP-2D", "prewitt": "Prewitt"}
 
 

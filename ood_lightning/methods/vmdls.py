@@ -44,6 +44,9 @@ units do not make them singular. Scores, higher = ID:
   data + ``reference_margin``. For ℓ ≤ M this is M + w·(ℓ − M), which ranks exactly as the
   authors' (ℓ − M)·w: the log-likelihood gap to the reference is stretched by the reconstruction
   error. With w ≡ 1 (``autoencoder: null``) VMDLS equals VMDLS_b.
+* ``ensemble_ablation`` (paper Table 5): the same two scores on μ alone, (g, μ), (t³, g, μ), ...:
+  ``vmdls_b_mu``, ``vmdls_b_mu_g``, ... and, weighted with each set's own M, ``vmdls_mu``,
+  ``vmdls_mu_g``, ... (the table's VMDLS rows).
 
 **Autoencoder.** A separate component (``method.autoencoder``), trained in the same run on the
 same (preprocessed) batches with an ℓ2 loss and its own optimiser; its parameters are disjoint
@@ -334,7 +337,8 @@ class VMDLS(OODMethod):
         # fitted by fit_class_gaussians: [(feature names, ClassGaussians)] per score, and on which outputs
         self._gaussians: dict[str, list[tuple[list[str], ClassGaussians]]] = {}
         self._fitted_on: Outputs | None = None
-        self._reference = 0.0  # M
+        self._references: dict[str, float] = {}  # M per fitted feature set (name of its unweighted score)
+        self._reference = 0.0  # M of the full ensemble
         self._w_scale = 1.0
         self._last_loglik: tuple[Outputs, dict[str, Tensor]] | None = None
 
@@ -510,14 +514,16 @@ class VMDLS(OODMethod):
         return sum(gauss.log_likelihood(torch.cat([self._feature(outputs, n) for n in g], 1)) for g, gauss in fitted)
 
     def _ablation_sets(self) -> dict[str, list[str]]:
-        """Paper Table 5: μ alone, then adding g, t³, t², t¹ (each prefix of the reversed ensemble)."""
+        """Paper Table 5: μ alone, then adding g, t³, t², t¹ (each proper prefix of the reversed ensemble),
+        keyed by their suffix ("mu", "mu_g", ...): scored as ``vmdls_b_<suffix>`` and, weighted, ``vmdls_<suffix>``."""
         if not self.ensemble_ablation:
             return {}
         rev = self.layers[::-1]
-        return {"vmdls_b_" + "_".join(_SHORT.get(n, n) for n in rev[:k]): rev[:k] for k in range(1, len(rev))}
+        return {"_".join(_SHORT.get(n, n) for n in rev[:k]): rev[:k] for k in range(1, len(rev))}
 
     def scorers(self) -> dict[str, Scorer]:
-        names = ["vmdls_b", "vmdls", *self._ablation_sets()]
+        suffixes = list(self._ablation_sets())
+        names = ["vmdls_b", "vmdls", *(f"vmdls_b_{s}" for s in suffixes), *(f"vmdls_{s}" for s in suffixes)]
         return {name: VMDLSScore(name) for name in names}
 
     @torch.no_grad()
@@ -526,22 +532,27 @@ class VMDLS(OODMethod):
         if train.labels is None:
             raise ConfigError("VMDLS needs the class labels of the ID training outputs")
         self._fitted_on = train
-        sets = {"vmdls_b": self.layers, **self._ablation_sets()}
+        sets = {"vmdls_b": self.layers, **{f"vmdls_b_{s}": names for s, names in self._ablation_sets().items()}}
         self._last_loglik = None
         self._gaussians = {name: self._fit(train, names) for name, names in sets.items()}
-        loglik = self._log_likelihood(train, self._gaussians["vmdls_b"]).amax(1)
-        self._reference = float(loglik.max()) + self.reference_margin
+        # M per feature set: each weighted score (vmdls, vmdls_<suffix>) uses its own ensemble's max ID-train ℓ
+        # (kept: the training scores, for the F1 threshold, reuse these log-likelihoods)
+        self._references = {name: float(ll.amax(1).max()) + self.reference_margin
+                            for name, ll in self._class_log_likelihoods(train).items()}
+        self._reference = self._references["vmdls_b"]
         w = train.extra.get("vmdls_w")
         self._w_scale = float(w.double().mean().clamp_min(1e-12)) if w is not None else 1.0
 
     @torch.no_grad()
     def own_scores(self, outputs: Outputs) -> dict[str, Tensor]:
         """``vmdls_b`` (max class log-likelihood of the ensemble) and ``vmdls`` (reconstruction-weighted);
-        with ``ensemble_ablation`` also ``vmdls_b_mu``, ``vmdls_b_mu_g``, ... Higher = ID."""
+        with ``ensemble_ablation`` also ``vmdls_b_mu``, ``vmdls_b_mu_g``, ... and their weighted ``vmdls_mu``,
+        ``vmdls_mu_g``, ... (Table 5 weighs them: "VMDLS with different subsets"). Higher = ID."""
         scores = {name: ll.amax(1) for name, ll in self._class_log_likelihoods(outputs).items()}
         w = outputs.extra.get("vmdls_w")
         w = torch.ones_like(scores["vmdls_b"]) if w is None else w.to(scores["vmdls_b"].device) / self._w_scale
-        scores["vmdls"] = reconstruction_weighted(scores["vmdls_b"], w, self._reference)
+        for name in list(scores):
+            scores["vmdls" + name.removeprefix("vmdls_b")] = reconstruction_weighted(scores[name], w, self._references[name])
         return scores
 
     @torch.no_grad()
@@ -551,8 +562,7 @@ class VMDLS(OODMethod):
         preds = {}
         for name, ll in self._class_log_likelihoods(outputs).items():
             classes = self._gaussians[name][0][1].classes.to(ll.device)
-            preds[name] = classes[ll.argmax(1)].cpu()
-        preds["vmdls"] = preds["vmdls_b"]
+            preds[name] = preds["vmdls" + name.removeprefix("vmdls_b")] = classes[ll.argmax(1)].cpu()
         return preds
 
     def _class_log_likelihoods(self, outputs: Outputs) -> dict[str, Tensor]:

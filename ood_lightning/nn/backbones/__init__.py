@@ -17,6 +17,7 @@ from ood_lightning.nn.backbones.cifar_resnet import (
     cifar_resnet56,
     cifar_resnet110,
 )
+from ood_lightning.nn.backbones.crosr_cnn import CROSRCNN
 from ood_lightning.nn.backbones.densenet import DenseNetBC, densenet100
 from ood_lightning.nn.backbones.residual_mlp import ResidualMLP
 from ood_lightning.nn.backbones.resnet import ResNet, resnet18, resnet34
@@ -25,6 +26,7 @@ from ood_lightning.nn.backbones.wide_resnet import WideResNet
 
 __all__ = [
     "Backbone",
+    "CROSRCNN",
     "CifarResNet",
     "DenseNetBC",
     "ResNet",
