@@ -312,6 +312,19 @@ def test_report_writes_pictures_probe_and_bits_per_dim(tmp_path):
     assert probe == pytest.approx(expected, abs=1e-6)  # wiring: the right splits and the configured probe settings
     expected = fit_latent_probe(train_z, outs["id_test"].features.numpy()).summary()
     assert summary["latent_probe"]["id_test"] == pytest.approx(expected, abs=1e-6)
+    # Table 3.1's "BN train" rows: the same probes on latents with the encoder's BN in train mode, each
+    # shuffled batch of 512 (fixed seeds) normalised by its own statistics
+    def bn_train_latents(data, seed):
+        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:5000]
+        with torch.no_grad(), batch_statistics(batch_norms(model.backbone)):
+            return torch.cat([model.encode(dm.preprocess(data.images[c]))[0] for c in index.split(512)]).numpy()
+
+    pos = bn_train_latents(dm.train_set, 11)
+    assert set(summary["latent_probe_bn_train"]) == {"id_test", "diagonal"}
+    for name, data, seed in (("id_test", dm.test_set, 12), ("diagonal", dm.ood_sets["diagonal"], 13)):
+        expected = fit_latent_probe(pos, bn_train_latents(data, seed)).summary()
+        assert summary["latent_probe_bn_train"][name] == pytest.approx(expected, abs=1e-6), name
+    assert (tmp_path / "plots" / "latent_probe_bn_train.png").stat().st_size > 2000
 
 
 # -- end to end -------------------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ def build_model(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> O
     ``pretrained`` loads ``backbone.checkpoint`` when it is set."""
     checkpoint = cfg.backbone.get("checkpoint")
     check_input_normalisation(cfg.backbone, cfg.data)
-    model = instantiate(cfg.method, backbone=build_backbone(cfg), num_classes=num_classes)
+    spec = OmegaConf.to_container(cfg.method, resolve=True)
+    spec.pop("epochs", None)  # the method's epoch budget: read by trainer.max_epochs, not a constructor argument
+    model = instantiate(spec, backbone=build_backbone(cfg), num_classes=num_classes)
     if checkpoint and pretrained:
         load_pretrained(model, checkpoint, allow_unsafe=bool(cfg.get(OPT_IN, False)))
     elif pretrained and not model.trains_backbone:

@@ -14,12 +14,16 @@ With s = 1/D (per-dimension scale), ELBO pieces from the configured likelihood
     decoder:  s (b_rec rec(x) + b_kl (KL(fake) + KL(recon)) / 2
               + gamma_r b_rec (rec(fake) + rec(recon)) / 2)
 
-(alpha = 2 as in the paper's code). Why this one rather than IntroVAE's hinge
-[m - KL(fake)]^+ on the KL alone: the hinge needs a margin m tuned per dataset and makes
-training unstable once fakes pass it, whereas the soft exponential has no threshold, gives a
-smooth gradient everywhere, and its optimum is provably the data distribution (the
-paper's analysis); the encoder still ends up scoring fakes by their (negative) ELBO, which
-is the likelihood-like quantity whose OOD behaviour we study.
+(alpha = 2 as in the paper's code). The reconstruction fake enters the encoder detached but, as in
+the paper's code, its distortion target keeps its graph (``detach_rec_target=false``), so the
+exp-ELBO term also reaches the encoder through the real batch's latent. With the preset's
+Gaussian sigma2 = 0.5, rec is the code's plain sum of squared errors (1 / 2 sigma^2 = 1).
+
+Why this one rather than IntroVAE's hinge [m - KL(fake)]^+ on the KL alone: the hinge needs a
+margin m tuned per dataset and makes training unstable once fakes pass it, whereas the soft
+exponential has no threshold, gives a smooth gradient everywhere, and its optimum is provably
+the data distribution (the paper's analysis); the encoder still ends up scoring fakes by their
+(negative) ELBO, which is the likelihood-like quantity whose OOD behaviour we study.
 
 Everything else - architecture, likelihoods, IWAE scores, BatchNorm adaptation, ELBO
 components, pictures, probe - is :class:`~ood_lightning.methods.vae.VAE`'s. Two optimisers
@@ -57,12 +61,14 @@ class GANVAE(VAE):
     """Soft-IntroVAE on the VAE's networks (manual optimisation, two optimisers)."""
 
     def __init__(self, *args, beta_rec: float = 1.0, beta_kl: float = 1.0, beta_neg: float = 256.0,
-                 gamma_r: float = 1e-8, alpha: float = 2.0, vae_warmup_epochs: int = 0, **kwargs):
+                 gamma_r: float = 1e-8, alpha: float = 2.0, vae_warmup_epochs: int = 0, detach_rec_target: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         self.beta_rec, self.beta_kl, self.beta_neg = float(beta_rec), float(beta_kl), float(beta_neg)
         self.gamma_r, self.alpha = float(gamma_r), float(alpha)
         self.vae_warmup_epochs = int(vae_warmup_epochs)
+        self.detach_rec_target = bool(detach_rec_target)
 
     def encoder_parameters(self):
         return [*self.backbone.parameters(), *self.posterior.parameters()]
@@ -77,10 +83,44 @@ class GANVAE(VAE):
         mu, logvar = self.encode(x)
         return mu, logvar, self.reparameterize(mu, logvar)
 
-    def _fake_elbo_loss(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(distortion, KL) per input of ``images`` (detached) under the encoder and decoder."""
-        mu, logvar, z = self._posterior_sample(images)
-        return self.likelihood.distortion(self.decode(z), images), gaussian_kl_terms(mu, logvar)["kl"]
+    def _fake_elbo_loss(self, images: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(distortion, KL) per input of ``images`` (fed in detached) under the encoder and decoder; the
+        distortion is measured against ``target`` (default: the detached images)."""
+        mu, logvar, z = self._posterior_sample(images.detach())
+        target = images.detach() if target is None else target
+        return self.likelihood.distortion(self.decode(z), target), gaussian_kl_terms(mu, logvar)["kl"]
+
+    def encoder_objective(self, x: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        """The encoder's loss on real ``x`` and prior ``noise`` (its fakes: decoded noise and the
+        reconstructions of ``x``). The reconstructions enter the encoder detached; as the distortion's
+        target they keep their graph unless ``detach_rec_target`` (Soft-IntroVAE's code keeps it, so
+        the encoder also gets a gradient through the real batch's latent there)."""
+        s = 1.0 / self.num_dims
+        with torch.no_grad():
+            fake = self.likelihood.mean(self.decode(noise))
+        t = self.elbo_terms(x)
+        rec_real = self.likelihood.distortion(t["params"], x)
+        recon = self.likelihood.mean(t["params"])
+        fakes = [self._fake_elbo_loss(recon, recon.detach() if self.detach_rec_target else recon),
+                 self._fake_elbo_loss(fake)]
+        loss, exp_elbo = encoder_loss(s, rec_real, t["kl"], fakes, self.beta_rec, self.beta_kl, self.beta_neg,
+                                      self.alpha)
+        return {"loss": loss, "exp_elbo": exp_elbo, "rec": rec_real, "terms": t}
+
+    def decoder_objective(self, x: Tensor, z_real: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        """The decoder's loss: reconstruct ``x`` from its (detached) latents ``z_real``, and make the
+        reconstructions and the decoded ``noise`` look real to the encoder (low KL, reconstructable)."""
+        fake = self.likelihood.mean(self.decode(noise))
+        params = self.decode(z_real.detach())
+        rec_real = self.likelihood.distortion(params, x)
+        recon = self.likelihood.mean(params)
+        kls, recs = [], []
+        for images in (recon, fake):
+            mu, logvar, z = self._posterior_sample(images)  # gradients reach the decoder through the images
+            kls.append(gaussian_kl_terms(mu, logvar)["kl"])
+            recs.append(self.likelihood.distortion(self.decode(z.detach()), images.detach()))
+        loss = decoder_loss(1.0 / self.num_dims, rec_real, kls, recs, self.beta_rec, self.beta_kl, self.gamma_r)
+        return {"loss": loss, "kls": kls}
 
     def training_step(self, batch, batch_idx):
         x, _ = batch
@@ -101,14 +141,9 @@ class GANVAE(VAE):
         noise = torch.randn(len(x), self.latent_dim, device=x.device)
         # ---- encoder: real ELBO up, fake and reconstruction ELBO down (soft exponential)
         self.toggle_optimizer(opt_e)
-        with torch.no_grad():
-            fake = self.likelihood.mean(self.decode(noise))
-        t = self.elbo_terms(x)
-        rec_real = self.likelihood.distortion(t["params"], x)
-        recon = self.likelihood.mean(t["params"]).detach()
-        loss_e, exp_elbo = encoder_loss(s, rec_real, t["kl"], [self._fake_elbo_loss(images) for images in (recon, fake)],
-                                        self.beta_rec, self.beta_kl, self.beta_neg, self.alpha)
-        self.check_finite(loss_e, {"loss_e": loss_e, "rec": rec_real.mean(), "kl": t["kl"].mean()})
+        enc = self.encoder_objective(x, noise)
+        t, loss_e, exp_elbo = enc["terms"], enc["loss"], enc["exp_elbo"]
+        self.check_finite(loss_e, {"loss_e": loss_e, "rec": enc["rec"].mean(), "kl": t["kl"].mean()})
         opt_e.zero_grad()
         self.manual_backward(loss_e)
         opt_e.step()
@@ -116,16 +151,8 @@ class GANVAE(VAE):
 
         # ---- decoder: reconstruct the real batch, make fakes and reconstructions look real
         self.toggle_optimizer(opt_d)
-        fake = self.likelihood.mean(self.decode(noise))
-        params = self.decode(t["z"].detach())
-        rec_real_d = self.likelihood.distortion(params, x)
-        recon = self.likelihood.mean(params)
-        kls, recs = [], []
-        for images in (recon, fake):
-            mu, logvar, z = self._posterior_sample(images)  # gradients reach the decoder through the images
-            kls.append(gaussian_kl_terms(mu, logvar)["kl"])
-            recs.append(self.likelihood.distortion(self.decode(z.detach()), images.detach()))
-        loss_d = decoder_loss(s, rec_real_d, kls, recs, self.beta_rec, self.beta_kl, self.gamma_r)
+        dec = self.decoder_objective(x, t["z"], noise)
+        loss_d, kls = dec["loss"], dec["kls"]
         self.check_finite(loss_d, {"loss_d": loss_d, "kl_fake": kls[1].mean(), "kl_recon": kls[0].mean()})
         opt_d.zero_grad()
         self.manual_backward(loss_d)

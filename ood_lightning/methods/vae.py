@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,8 @@ class VAE(OODMethod):
 
     ``num_classes`` is accepted (the framework passes it) and ignored. Hyperparameters:
     ``latent_dim``; ``likelihood`` (gaussian | logistic | categorical) and ``sigma2`` (the
-    Gaussian's fixed variance on [0, 1] inputs); ``beta`` (KL weight in training);
+    Gaussian's fixed variance on [0, 1] inputs) and ``output`` (its mean: sigmoid or linear decoder
+    output); ``beta`` (KL weight in training);
     ``iwae_samples`` (the K of each IWAE score); ``decode_batch`` (latents per decoder pass
     when scoring: memory, not results); ``adapt_bn`` (none | encoder | decoder | both) and
     ``bn_stats`` (``batch``: each test batch normalised with its own statistics, inside the
@@ -126,7 +127,8 @@ class VAE(OODMethod):
 
     def __init__(self, backbone: nn.Module, num_classes: int, optimizer: Callable[..., torch.optim.Optimizer] | None,
                  scheduler: Callable[..., Any] | None = None, latent_dim: int = 128, likelihood: str = "gaussian",
-                 sigma2: float = 0.1, beta: float = 1.0, iwae_samples: Sequence[int] = (5, 50), decode_batch: int = 4096,
+                 sigma2: float = 0.1, output: str = "sigmoid", beta: float = 1.0, iwae_samples: Sequence[int] = (5, 50),
+                 decode_batch: int = 4096,
                  adapt_bn: str = "encoder", bn_stats: str = "batch", component_scores: bool = True,
                  restore_best: bool = True, report: dict | None = None, max_iwae_samples: int | None = None,
                  early_stopping: dict | None = None, inputs: dict | None = None):
@@ -151,8 +153,10 @@ class VAE(OODMethod):
         self.component_scores = bool(component_scores)
         self.restore_best = bool(restore_best)
         self.report_options = {"samples": 64, "reconstructions": 16, "probe_test_size": 0.5, "probe_C": 1.0,
-                               "probe_max_per_set": 5000, "walk_steps": 9, "walk_rows": 4, **dict(report or {})}
-        self.likelihood = build_likelihood(likelihood, sigma2)
+                               "probe_max_per_set": 5000, "walk_steps": 9, "walk_rows": 4, "probe_bn_train": True,
+                               "probe_bn_train_batch": 512, "prior_bn_batches": 8, "prior_bn_batch": 256,
+                               **dict(report or {})}
+        self.likelihood = build_likelihood(likelihood, sigma2, output)
         self.likelihood_name = likelihood
         self.posterior = nn.Linear(backbone.feature_dim, 2 * self.latent_dim)
         self.decoder = DCGANDecoder.mirror(backbone, self.latent_dim,
@@ -354,6 +358,31 @@ class VAE(OODMethod):
         return scores
 
     # -- pictures, bits/dim and the latent probe after scoring ----------------------------------------
+    @contextmanager
+    def prior_bn(self, batches: int = 8, batch_size: int = 256, seed: int = 0) -> Iterator[None]:
+        """Thesis §3.3.5: within the block the decoder's BatchNorm running statistics are re-estimated on
+        ``batches`` batches of prior samples z ~ N(0, I) (equal weight each), the inputs the decoder sees
+        when sampling, rather than the training mix of posterior (and, for a GAN-VAE, prior) codes.
+        Only the decoder's statistics change (the encoder is not run); on exit they are restored."""
+        bns = batch_norms(self.decoder)
+        saved = bn_state(bns)
+        g = torch.Generator().manual_seed(seed)
+        codes = [torch.randn(int(batch_size), self.latent_dim, generator=g).to(self.device)
+                 for _ in range(int(batches))]
+        reestimate_bn_stats(bns, codes, self.decoder)
+        try:
+            yield
+        finally:
+            load_bn_state(bns, saved)
+
+    @torch.no_grad()
+    def latent_means(self, batches: Iterable[Tensor], bn_train: bool = False) -> Tensor:
+        """Posterior means of preprocessed ``batches`` [N, latent_dim]. ``bn_train``: the encoder's
+        BatchNorm layers normalise each batch with its own statistics (BN in train mode: the thesis'
+        "VAE (BN train)" row of Table 3.1); running statistics are left as they were."""
+        with batch_statistics(batch_norms(self.backbone)) if bn_train else nullcontext():
+            return torch.cat([self.encode(x.to(self.device))[0].float().cpu() for x in batches])
+
     @torch.no_grad()
     def sample_images(self, n: int, seed: int = 0) -> Tensor:
         """Mean images of p(x|z) for z ~ N(0, I) (the model in eval mode)."""
@@ -400,7 +429,12 @@ class VAE(OODMethod):
                                           - outputs[split].extra[f"logvar_sum{s}"]).numpy()} for split in shown}
             where = f" (BatchNorm statistics of the {self.adapt_bn} from the test data)" if s else ""
             elbo_component_histograms(comps, plots / f"elbo_components{s}.png", f"ELBO components per input{where}")
-        save_image_panels({"samples z ~ N(0, I)": self.sample_images(int(r["samples"]))}, plots / "samples.png",
+        panels = {"samples z ~ N(0, I)": self.sample_images(int(r["samples"]))}
+        if int(r["prior_bn_batches"]) > 0 and batch_norms(self.decoder):
+            with self.prior_bn(int(r["prior_bn_batches"]), int(r["prior_bn_batch"])):
+                panels["the same z, decoder BN statistics from prior samples (thesis 3.3.5)"] = \
+                    self.sample_images(int(r["samples"]))
+        save_image_panels(panels, plots / "samples.png",
                           title=f"VAE samples (mean of p(x|z), {self.likelihood_name} likelihood)")
         if dm is not None:
             sets = {"id_test": dm.test_set, **dm.ood_sets}
@@ -440,9 +474,41 @@ class VAE(OODMethod):
                     panels[name] = self.decode_mean(torch.as_tensor(walk.reshape(-1, walk.shape[-1])))
                 save_image_panels(panels, plots / f"latent_walk_{ood}.png", nrow=steps,
                                   title=f"decoded latents at signed distances {targets[0]:.2f} .. {targets[-1]:.2f}")
+        if dm is not None and r["probe_bn_train"]:
+            bn_probes = self._bn_train_probes(dm, against)
+            if bn_probes:
+                summary["latent_probe_bn_train"] = {ood: p.summary() for ood, p in bn_probes.items()}
+                probe_distance_histograms(bn_probes, plots / "latent_probe_bn_train.png")
         (out_dir / "generative.json").write_text(json.dumps(summary, indent=2))
         self._log_summary(summary)
         return summary
+
+    def _shuffled_batches(self, dm, data, limit: int, seed: int) -> Iterator[Tensor]:
+        """Preprocessed batches (``report.probe_bn_train_batch``) of a fixed random subset of at most
+        ``limit`` of ``data``, shuffled so that no batch is one class of a class-sorted pack."""
+        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: int(limit)]
+        for chunk in index.split(int(self.report_options["probe_bn_train_batch"])):
+            yield dm.preprocess(data.images[chunk].to(self.device))
+
+    def _bn_train_probes(self, dm, against: list[str]) -> dict:
+        """Table 3.1's "BN train" rows: the same probes on latents taken with the encoder's BN in train
+        mode (each batch normalised by its own statistics), ID training latents against ID test and
+        each OOD set."""
+        from ood_lightning.analysis.latent_probe import fit_latent_probe
+
+        r = self.report_options
+        limit = int(r["probe_max_per_set"])
+        positives = self.latent_means(self._shuffled_batches(dm, dm.train_set, limit, 11), bn_train=True).numpy()
+        sets = {"id_test": dm.test_set, **{name: dm.ood_sets[name] for name in against if name in dm.ood_sets}}
+        probes = {}
+        for i, (name, data) in enumerate(sets.items()):
+            negatives = self.latent_means(self._shuffled_batches(dm, data, limit, 12 + i), bn_train=True).numpy()
+            try:
+                probes[name] = fit_latent_probe(positives, negatives, test_size=float(r["probe_test_size"]),
+                                                C=float(r["probe_C"]), max_per_set=limit)
+            except ValueError as err:
+                log.warning("BN-train latent probe for %s skipped: %s", name, err)
+        return probes
 
     @torch.no_grad()
     def _training_latents(self, dm, limit: int) -> np.ndarray:

@@ -32,6 +32,9 @@ from ood_lightning.errors import ConfigError
 
 LOG_256 = math.log(256.0)
 
+#: the Gaussian mean as a function of the decoder output (``method.output``)
+OUTPUTS = ("sigmoid", "linear")
+
 
 def to_bins(x: Tensor) -> Tensor:
     """[0, 1] floats -> integer pixel values 0..255 (see the module docstring)."""
@@ -62,24 +65,28 @@ class PixelLikelihood(nn.Module):
 
 
 class GaussianFixedVariance(PixelLikelihood):
-    """N(x; sigmoid(params), sigma2) per sub-pixel, times the bin width 1/256."""
+    """N(x; mu(params), sigma2) per sub-pixel, times the bin width 1/256. ``output``: the mean is
+    ``sigmoid`` of the decoder's output (in [0, 1]) or the ``linear`` output itself (Soft-IntroVAE's
+    decoder ends in a plain conv). With sigma2 = 0.5 the distortion is the plain sum of squared errors."""
 
     params_per_channel = 1
 
-    def __init__(self, sigma2: float = 0.1):
+    def __init__(self, sigma2: float = 0.1, output: str = "sigmoid"):
         super().__init__()
         if sigma2 <= 0:
             raise ConfigError(f"method.sigma2 must be > 0, got {sigma2}")
+        if output not in OUTPUTS:
+            raise ConfigError(f"method.output={output!r} is not one of {', '.join(OUTPUTS)}")
         self.sigma2 = float(sigma2)
+        self.output = output
         self.max_log_prob_per_dim = -0.5 * math.log(2 * math.pi * self.sigma2) - LOG_256
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
-        mu = torch.sigmoid(params.float())
-        sq = (x.float() - mu).pow(2).flatten(1).sum(1)
+        sq = (x.float() - self.mean(params)).pow(2).flatten(1).sum(1)
         return x[0].numel() * self.max_log_prob_per_dim - sq / (2 * self.sigma2)
 
     def mean(self, params: Tensor) -> Tensor:
-        return torch.sigmoid(params.float())
+        return torch.sigmoid(params.float()) if self.output == "sigmoid" else params.float()
 
     def sample(self, params: Tensor) -> Tensor:
         x = self.mean(params) + math.sqrt(self.sigma2) * torch.randn_like(params.float())
@@ -152,8 +159,11 @@ class Categorical256(PixelLikelihood):
 LIKELIHOODS = {"gaussian": GaussianFixedVariance, "logistic": DiscretizedLogistic, "categorical": Categorical256}
 
 
-def build_likelihood(name: str, sigma2: float = 0.1) -> PixelLikelihood:
-    """``gaussian`` (fixed ``sigma2``), ``logistic`` (discretised) or ``categorical`` (256-way)."""
+def build_likelihood(name: str, sigma2: float = 0.1, output: str = "sigmoid") -> PixelLikelihood:
+    """``gaussian`` (fixed ``sigma2``, mean ``output`` = sigmoid | linear), ``logistic`` (discretised) or
+    ``categorical`` (256-way); the last two have their own output maps (and ignore ``sigma2``, ``output``)."""
     if name not in LIKELIHOODS:
         raise ConfigError(f"method.likelihood={name!r} is not one of {', '.join(LIKELIHOODS)}")
-    return GaussianFixedVariance(sigma2) if name == "gaussian" else LIKELIHOODS[name]()
+    if output not in OUTPUTS:
+        raise ConfigError(f"method.output={output!r} is not one of {', '.join(OUTPUTS)}")
+    return GaussianFixedVariance(sigma2, output) if name == "gaussian" else LIKELIHOODS[name]()
