@@ -41,7 +41,9 @@ def test_torch_em_from_the_same_start_equals_sklearn(iterations: int) -> None:
             "precisions_init": np.stack([np.eye(3) * s for s in (0.5, 1.0, 2.0)])}
     common = {"n_components": 3, "reg_covar": 1e-4, "max_iter": iterations, "tol": 0.0}
     ref = GaussianMixture(covariance_type="full", **common, **init).fit(x)
-    ours = TorchGaussianMixture(**common, **init).fit(x)
+    before = x.copy()
+    ours = TorchGaussianMixture(**common, **init, chunk_elements=3 * 3 * 7).fit(x)  # chunks of 7 samples
+    np.testing.assert_array_equal(x, before)  # the data are not shifted in place
     assert_same_fit(ours, ref, x, rtol=1e-10)
 
 
@@ -78,3 +80,16 @@ def test_torch_backend_refuses_what_it_does_not_fit() -> None:
         LSGM(backend="jax")
     with pytest.raises(ConfigError, match="all of weights_init"):
         TorchGaussianMixture(2, means_init=np.zeros((2, 3))).fit(mixture_data())
+
+
+def test_the_papers_features_and_the_torch_em_are_reachable_from_the_preset(tmp_path) -> None:
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_cfg
+
+    keys = "method.scorers.lsgm"
+    cfg = compose_cfg("train", ["method=lsgm", "data=cifar10", f"{keys}.mixture=gmm", f"{keys}.backend=torch",
+                                f"{keys}.standardize=false", f"{keys}.pca_dim=null"], tmp_path)
+    det = instantiate(cfg.method.scorers.lsgm)
+    assert (det.backend, det.mixture, det.standardize, det.pca_dim) == ("torch", "gmm", False, None)
+    assert cfg.method.scorers.gmm_per_layer.backend == "sklearn"  # the default stays scikit-learn's

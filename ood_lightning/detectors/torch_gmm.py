@@ -3,7 +3,9 @@
 scikit-learn's ``GaussianMixture`` runs EM on the CPU with a Python loop over components; on
 wide layers (the paper's un-projected 256/512-d features, 45k inputs, 50-200 components) that
 is the cost of the whole LSGM fit. This is the same EM, step for step, batched over components
-and chunked over samples, in float64 on the model's device:
+and chunked over samples, in float64 on the model's device. Each step is one large matrix
+product per chunk (all components at once), on data shifted by its mean (which changes no
+likelihood and keeps the second-moment form of the covariance free of cancellation):
 
 * initialisation: scikit-learn's own (``KMeans(n_init=1, random_state)`` labels as one-hot
   responsibilities, then one M-step), or explicit ``weights_init`` / ``means_init`` /
@@ -28,8 +30,8 @@ from torch import Tensor
 
 from ood_lightning.errors import ConfigError
 
-#: elements of one [K, chunk, D] block of the E- and M-steps
-_CHUNK_ELEMENTS = 1 << 24
+#: elements of one [chunk, K·D] block of the E- and M-steps
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _as_float64(x: np.ndarray | Tensor, device: torch.device) -> Tensor:
@@ -64,14 +66,15 @@ class TorchGaussianMixture:
         return max(1, self.chunk_elements // max(1, self.n_components * d))
 
     def _log_prob(self, x: Tensor, means: Tensor, prec_chol: Tensor) -> Tensor:
-        """log N(x_n; μ_k, Σ_k) [N, K] (batched over components, chunked over samples)."""
-        d = x.shape[1]
+        """log N(x_n; μ_k, Σ_k) [N, K]: y = x·C_k − μ_k·C_k for every k in one product per chunk."""
+        k, d = means.shape
         log_det = torch.log(torch.diagonal(prec_chol, dim1=1, dim2=2)).sum(1)
-        mu_p = (means[:, None, :] @ prec_chol)  # [K, 1, D]
+        stacked = prec_chol.permute(1, 0, 2).reshape(d, k * d)  # [D, K·D]: the C_k side by side
+        offset = (means[:, None, :] @ prec_chol).reshape(k * d)
         parts = []
         for chunk in x.split(self._rows(d)):
-            y = chunk[None] @ prec_chol - mu_p  # [K, n, D]
-            parts.append((y * y).sum(-1).T)
+            y = (chunk @ stacked).sub_(offset).square_()
+            parts.append(y.view(len(chunk), k, d).sum(-1))
         return -0.5 * (d * math.log(2 * math.pi) + torch.cat(parts)) + log_det
 
     def _e_step(self, x: Tensor, params: tuple[Tensor, Tensor, Tensor]) -> tuple[float, Tensor]:
@@ -82,16 +85,20 @@ class TorchGaussianMixture:
         return float(norm.mean()), weighted - norm[:, None]
 
     def _m_step(self, x: Tensor, resp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Weights, means and covariances (+ reg_covar·I) from responsibilities [N, K]."""
+        """Weights, means and covariances (+ reg_covar·I) from responsibilities [N, K].
+
+        Σ_k = Σ_n r_nk x_n x_nᵀ / N_k − μ_k μ_kᵀ, which equals scikit-learn's centred sum
+        Σ_n r_nk (x_n − μ_k)(x_n − μ_k)ᵀ / N_k up to a 10·eps/N_k relative term.
+        """
         nk = resp.sum(0) + 10 * torch.finfo(resp.dtype).eps
         means = resp.T @ x / nk[:, None]
-        d = x.shape[1]
-        cov = torch.zeros(self.n_components, d, d, dtype=x.dtype, device=x.device)
+        k, d = means.shape
+        second = torch.zeros(k * d, d, dtype=x.dtype, device=x.device)
         rows = self._rows(d)
         for chunk, r in zip(x.split(rows), resp.split(rows)):
-            diff = chunk[None] - means[:, None, :]  # [K, n, D]
-            cov += (diff * r.T[..., None]).mT @ diff
-        cov /= nk[:, None, None]
+            weighted = (r[:, :, None] * chunk[:, None, :]).view(len(chunk), k * d)  # r_nk x_n
+            second.addmm_(weighted.T, chunk)
+        cov = second.view(k, d, d) / nk[:, None, None] - means[:, :, None] * means[:, None, :]
         cov.diagonal(dim1=1, dim2=2).add_(self.reg_covar)
         return nk / nk.sum(), means, cov
 
@@ -106,14 +113,15 @@ class TorchGaussianMixture:
 
     # -------------------------------------------------------------------------- fit
 
-    def _initial(self, x: Tensor, x_np: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    def _initial(self, x: Tensor, x_np: np.ndarray, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Initial parameters for the shifted data ``x`` (= data − ``shift``)."""
         explicit = (self.weights_init, self.means_init, self.precisions_init)
         if all(p is not None for p in explicit):
             prec = _as_float64(self.precisions_init, x.device)
             chol, info = torch.linalg.cholesky_ex(prec)
             if bool((info > 0).any()):
                 raise ConfigError("TorchGaussianMixture: precisions_init must be symmetric positive definite")
-            return _as_float64(self.weights_init, x.device), _as_float64(self.means_init, x.device), chol
+            return _as_float64(self.weights_init, x.device), _as_float64(self.means_init, x.device) - shift, chol
         if any(p is not None for p in explicit):
             raise ConfigError("TorchGaussianMixture: pass all of weights_init, means_init, precisions_init or none")
         from sklearn.cluster import KMeans
@@ -130,7 +138,9 @@ class TorchGaussianMixture:
             raise ConfigError(f"TorchGaussianMixture: need [N, D] data with N >= max(2, n_components="
                               f"{self.n_components}), got shape {x_np.shape}")
         xt = _as_float64(x_np, self.device)
-        params = self._initial(xt, x_np)
+        self._shift = xt.mean(0)
+        xt = xt - self._shift  # a new tensor: the caller's array (shared memory on the CPU) stays as it was
+        params = self._initial(xt, x_np, self._shift)
         cov = None
         lower_bound, self.converged_ = -math.inf, False
         for n_iter in range(1, self.max_iter + 1):
@@ -149,13 +159,14 @@ class TorchGaussianMixture:
         self.n_iter_, self.lower_bound_ = n_iter, lower_bound
         self._params = params
         self.weights_, self.means_, self.precisions_cholesky_ = (p.cpu().numpy() for p in params)
+        self.means_ = self.means_ + self._shift.cpu().numpy()
         self.covariances_ = cov.cpu().numpy()
         return self
 
     def score_samples(self, x: np.ndarray | Tensor) -> np.ndarray:
         """log p(x_n) under the fitted mixture [N]."""
         weights, means, prec_chol = self._params
-        xt = _as_float64(x, self.device)
+        xt = _as_float64(x, self.device) - self._shift
         return torch.logsumexp(self._log_prob(xt, means, prec_chol) + weights.log(), 1).cpu().numpy()
 
     def score(self, x: np.ndarray | Tensor) -> float:
