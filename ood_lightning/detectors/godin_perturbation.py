@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ood_lightning.detectors.input_step import best_epsilon, mean_scores_over_epsilons
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.godin import GeneralizedODIN as DecomposedModel
 from ood_lightning.scoring.api import FitData, Outputs, Scorer
@@ -100,13 +101,8 @@ class GODINPerturbation(Scorer):
         ``id_val_inputs`` are preprocessed (normalised) inputs on the model's device. One
         gradient per input serves every ε: the step direction does not depend on ε.
         """
-        totals = torch.zeros(len(self.epsilons), dtype=torch.float64)
-        for batch in id_val_inputs.split(self.batch_size):
-            direction = self.ascent_direction(model, batch)
-            with torch.no_grad():
-                for i, eps in enumerate(self.epsilons):
-                    totals[i] += self._score(model, batch + eps * direction).double().sum().cpu()
-        means = totals / max(len(id_val_inputs), 1)
-        self.search = dict(zip(self.epsilons, means.tolist()))
-        self.epsilon = self.epsilons[int(means.argmax())]  # first maximum: the smallest such ε
+        self.search = mean_scores_over_epsilons(
+            id_val_inputs, self.epsilons, self.batch_size, lambda b: self.ascent_direction(model, b),
+            lambda b, d, eps: self._score(model, b + eps * d))
+        self.epsilon = best_epsilon(self.search)
         return self.epsilon

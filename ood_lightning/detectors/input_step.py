@@ -3,11 +3,15 @@
 Inputs reach the model standardised per channel, x = (pixel − mean_c) / std_c, so a step of ε
 in pixel space is ε / std_c on the model's inputs: both reference codes divide the gradient's
 sign by the std, and their ε (ODIN's 0.0014, Mahalanobis' grid) are in pixel units.
+
+Without OOD data, ε is chosen as Generalized ODIN does (Hsu et al. 2020, used for the LSGM
+paper's ODIN* / Mahalanobis*): the ε of a grid that maximises the mean score of the perturbed
+ID *validation* inputs, :func:`mean_scores_over_epsilons` and :func:`best_epsilon`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,3 +39,40 @@ def sign_step(grad: Tensor, input_std: list[float] | None, detector: str) -> Ten
                           f"shape {tuple(grad.shape)}: pass the ID data's std (${{data.std}})")
     std = torch.tensor(input_std, dtype=grad.dtype, device=grad.device)
     return step / std.view(1, -1, *([1] * (grad.ndim - 2)))
+
+
+def check_epsilons(epsilons: Sequence[float] | None, detector: str) -> tuple[float, ...] | None:
+    """A search grid of ε as floats (None: no search, the fixed ``epsilon`` is used)."""
+    if epsilons is None:
+        return None
+    grid = tuple(float(e) for e in epsilons)
+    if not grid or any(not e >= 0 for e in grid):
+        raise ConfigError(f"detectors.{detector}.epsilons must be null or a non-empty list of values >= 0, "
+                          f"got {list(epsilons)}")
+    return grid
+
+
+def mean_scores_over_epsilons(inputs: Tensor, epsilons: Sequence[float], batch_size: int,
+                              direction: Callable[[Tensor], object],
+                              score_at: Callable[[Tensor, object, float], Tensor]) -> dict[float, float]:
+    """Mean score of the perturbed ``inputs`` for every ε of the grid (Generalized ODIN's search).
+
+    ``direction(batch)`` is computed once per batch (the step direction does not depend on ε);
+    ``score_at(batch, direction, ε)`` scores the batch stepped by ε along it. Sums are in
+    float64, so small differences between ε (ODIN at T = 1000) are not lost.
+    """
+    if inputs is None or len(inputs) == 0:
+        raise ConfigError("an ε search needs ID validation inputs (FitData.val_inputs), got none")
+    totals = torch.zeros(len(epsilons), dtype=torch.float64)
+    for batch in inputs.split(batch_size):
+        d = direction(batch)
+        with torch.no_grad():
+            for i, eps in enumerate(epsilons):
+                totals[i] += score_at(batch, d, float(eps)).double().sum().cpu()
+    return dict(zip((float(e) for e in epsilons), (totals / len(inputs)).tolist()))
+
+
+def best_epsilon(search: dict[float, float]) -> float:
+    """The ε of the highest mean ID score; among equal maxima the smallest ε (the least perturbation)."""
+    top = max(search.values())
+    return min(e for e, s in search.items() if s == top)

@@ -28,6 +28,11 @@ Choices made here (each reachable from the config):
   fitted ``weights_``, ``means_`` and ``precisions_cholesky_`` (public attributes), so the
   Dirichlet mixture is scored by its point estimate rather than by sklearn's variational
   ``score_samples``. ``min_weight`` can drop the truncation's near-empty components.
+* ``backend="torch"`` fits the ``"gmm"`` mixture with our torch EM
+  (:class:`~ood_lightning.detectors.torch_gmm.TorchGaussianMixture`: full covariance, batched,
+  float64 on the model's device, scikit-learn's k-means initialisation), the same EM as
+  scikit-learn's ``GaussianMixture`` (equal to round-off from the same start), fast enough for
+  the paper's setting of raw, un-projected layers (``standardize=False, pca_dim=None``).
 * Transitions are counted from hard traces (argmax posterior per layer, the paper's
   trace; ``transitions="hard"``) or as expected counts Σ_n γ_i(n)ᵀγ_{i+1}(n)
   (``"soft"``; exact, as each layer's posterior depends on that layer only). Counts get
@@ -226,6 +231,8 @@ class LSGM(Scorer):
         min_weight: drop components whose weight is below this (renormalising the rest).
         joint: True scores the trace (LSGM); False sums per-layer GMM log-likelihoods.
         seed: random state of the mixtures and PCA.
+        backend: ``"sklearn"`` or ``"torch"`` (our EM on the model's device; ``mixture="gmm"``,
+            ``covariance_type="full"``, ``mixture_kwargs`` only ``tol``).
         mixture_kwargs: any further keyword arguments of the sklearn mixture (``tol``,
             ``n_init``, ``init_params``, ``weight_concentration_prior``, ...).
 
@@ -251,6 +258,7 @@ class LSGM(Scorer):
         joint: bool = True,
         seed: int = 0,
         mixture_kwargs: Mapping[str, Any] | None = None,
+        backend: Literal["sklearn", "torch"] = "sklearn",
     ) -> None:
         self.layers = layer_selection(layers, "detectors.<name>.layers")
         if n_components not in ("paper", "auto") and (isinstance(n_components, str) or int(n_components) < 1):
@@ -258,10 +266,15 @@ class LSGM(Scorer):
                               f"got {n_components!r}")
         checks = {"mixture": (mixture, ("dirichlet", "gmm")), "covariance_type": (covariance_type, ("full", "diag")),
                   "transitions": (transitions, ("hard", "soft")), "smoothing_per": (smoothing_per, ("row", "cell")),
-                  "mixture_weights": (mixture_weights, ("first_layer", "every_layer")), "initial": (initial, ("weights", "counted"))}
+                  "mixture_weights": (mixture_weights, ("first_layer", "every_layer")), "initial": (initial, ("weights", "counted")),
+                  "backend": (backend, ("sklearn", "torch"))}
         for arg, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"detectors.<name>: LSGM {arg} must be one of {allowed}, got {value!r}")
+        if backend == "torch" and (mixture != "gmm" or covariance_type != "full" or set(mixture_kwargs or {}) - {"tol"}):
+            raise ConfigError("detectors.<name>: LSGM backend=torch is EM for mixture=gmm with covariance_type=full "
+                              f"(mixture_kwargs: tol only); got mixture={mixture!r}, covariance_type={covariance_type!r}, "
+                              f"mixture_kwargs={dict(mixture_kwargs or {})}")
         if transition_smoothing < 0:
             raise ConfigError(f"detectors.<name>: LSGM transition_smoothing must be >= 0, got {transition_smoothing}")
         if pca_dim is not None and int(pca_dim) < 1:
@@ -284,6 +297,9 @@ class LSGM(Scorer):
         self.joint = bool(joint)
         self.seed = int(seed)
         self.mixture_kwargs = dict(mixture_kwargs or {})
+        self.backend = backend
+        #: where the torch backend fits (the model's device, set by :meth:`fit`)
+        self.fit_device = torch.device("cpu")
         self.models: dict[str, _LayerModel] = {}
         self.log_init: Tensor | None = None
         self.log_transitions: list[Tensor] = []
@@ -314,6 +330,12 @@ class LSGM(Scorer):
     def _make_mixture(self, k: int) -> Any:
         from sklearn.mixture import BayesianGaussianMixture, GaussianMixture
 
+        if self.backend == "torch":
+            from ood_lightning.detectors.torch_gmm import TorchGaussianMixture
+
+            return TorchGaussianMixture(k, reg_covar=self.reg_covar, max_iter=self.max_iter, random_state=self.seed,
+                                        device=self.fit_device, **self.mixture_kwargs)
+
         common = {"n_components": k, "covariance_type": self.covariance_type, "reg_covar": self.reg_covar,
                   "max_iter": self.max_iter, "random_state": self.seed}
         if self.mixture == "dirichlet":
@@ -325,7 +347,7 @@ class LSGM(Scorer):
         """The layer's mixture; fitted once per feature tensor and settings, so the per-layer-GMM
         ablation fitted beside LSGM on the same outputs reuses LSGM's mixtures instead of refitting."""
         settings = (k, self.mixture, self.covariance_type, self.reg_covar, self.max_iter, self.seed, self.standardize,
-                    self.pca_dim, self.min_weight, tuple(sorted(self.mixture_kwargs.items())))
+                    self.pca_dim, self.min_weight, tuple(sorted(self.mixture_kwargs.items())), self.backend)
         key = id(h)
         ref, fitted = _FITTED.get(key, (None, None))
         if ref is None or ref() is not h:  # a new tensor (ids are reused once a tensor is gone)
@@ -380,6 +402,8 @@ class LSGM(Scorer):
         return smoothed.log() - smoothed.sum(-1, keepdim=True).log()
 
     def fit(self, model: FeatureModel, data: FitData) -> LSGM:
+        if self.backend == "torch" and isinstance(model, torch.nn.Module):
+            self.fit_device = next(model.parameters(), torch.empty(0)).device
         return self.fit_outputs(data.train)
 
     def fit_outputs(self, train: Outputs) -> LSGM:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import check_std, sign_step
+from ood_lightning.detectors.input_step import best_epsilon, check_epsilons, check_std, mean_scores_over_epsilons, sign_step
 from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, layer_selection, pool
 
@@ -50,6 +50,9 @@ class Mahalanobis(Scorer):
         layer_weights: per-layer weights (sequence aligned with the layers, or a
             name -> weight mapping); ``None`` means 1 for every layer (no OOD data used).
         shrinkage: s in Σ ← (1−s)Σ + s·(tr Σ / D)·I, for few samples or dead units.
+        epsilons: a grid (units of ``epsilon``): :meth:`fit` then sets ``epsilon`` to the grid
+            value of the highest mean score on the ID validation inputs (Generalized ODIN's
+            criterion, no OOD data: the LSGM paper's "Mahalanobis*"); None keeps ``epsilon``.
 
     Σ is inverted with the pseudo-inverse, as the reference code: a unit that is constant
     (dead) on the fit data gets zero precision, so it adds nothing to any score.
@@ -64,6 +67,8 @@ class Mahalanobis(Scorer):
         layer_weights: Sequence[float] | Mapping[str, float] | None = None,
         shrinkage: float = 0.0,
         input_std: Sequence[float] | None = None,
+        epsilons: Sequence[float] | None = None,
+        batch_size: int = 256,
     ) -> None:
         if epsilon < 0:
             raise ConfigError(f"detectors.<name>.epsilon: Mahalanobis epsilon must be >= 0, got {epsilon}")
@@ -74,6 +79,10 @@ class Mahalanobis(Scorer):
         self.layer_weights = layer_weights
         self.shrinkage = float(shrinkage)
         self.input_std = check_std(input_std, "mahalanobis")
+        self.epsilons = check_epsilons(epsilons, "mahalanobis")
+        self.batch_size = int(batch_size)
+        #: mean ID-validation score per ε of the last :meth:`select_epsilon`
+        self.search: dict[float, float] = {}
         self.classes: Tensor | None = None
         self.means: dict[str, Tensor] = {}
         self.covariances: dict[str, Tensor] = {}
@@ -111,7 +120,18 @@ class Mahalanobis(Scorer):
         return {n: float(v) for n, v in zip(names, w)}
 
     def fit(self, model: FeatureModel, data: FitData) -> Mahalanobis:
-        return self.fit_outputs(data.train)
+        self.fit_outputs(data.train)
+        if self.epsilons is not None:
+            self.select_epsilon(model, data.val_inputs)
+        return self
+
+    def select_epsilon(self, model: FeatureModel, id_val_inputs: Tensor) -> float:
+        """Set and return the grid's ε of the highest mean score on ID validation inputs."""
+        self.search = mean_scores_over_epsilons(
+            id_val_inputs, self.epsilons if self.epsilons is not None else (self.epsilon,), self.batch_size,
+            lambda b: self.ascent_directions(model, b), lambda b, d, eps: self._perturbed_score(model, b, d, eps))
+        self.epsilon = best_epsilon(self.search)
+        return self.epsilon
 
     def fit_outputs(self, train: Outputs) -> Mahalanobis:
         """Class means and the tied covariance of each layer, from ID training outputs."""
@@ -166,6 +186,28 @@ class Mahalanobis(Scorer):
         scores = self.layer_scores(outputs)
         return sum(self.weights[n] * s for n, s in scores.items())  # type: ignore[return-value]
 
+    def ascent_directions(self, model: FeatureModel, x: Tensor) -> list[Tensor]:
+        """Per layer, sign(∇ₓ score_l(x))/std: the step towards the closest class mean in that layer."""
+        self._check_fitted()
+        names = self.layer_names
+        x_in = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            feats = model.forward_features(x_in)
+            clean = [self._layer_score(n, _layer(feats, n)).sum() for n in names]
+            grads = [torch.autograd.grad(s, x_in, retain_graph=i < len(names) - 1)[0] for i, s in enumerate(clean)]
+        return [sign_step(g, self.input_std, "mahalanobis").to(x.dtype) for g in grads]
+
+    def _perturbed_score(self, model: FeatureModel, x: Tensor, directions: list[Tensor], epsilon: float) -> Tensor:
+        """Σ_l w_l · score_l(x + ε·d_l): each layer re-scored on its own stepped input."""
+        if epsilon == 0:
+            return super().score_batch(model, x)
+        total: Tensor | float = 0.0
+        with torch.no_grad():
+            for name, d in zip(self.layer_names, directions):
+                f = _layer(model.forward_features(x.detach() + epsilon * d), name)
+                total = total + self.weights[name] * self._layer_score(name, f)
+        return total  # type: ignore[return-value]
+
     def score_batch(self, model: FeatureModel, x: Tensor) -> Tensor:
         """Scores after the paper's pre-processing, done per layer.
 
@@ -174,20 +216,7 @@ class Mahalanobis(Scorer):
         """
         if self.epsilon == 0:
             return super().score_batch(model, x)
-        self._check_fitted()
-        names = self.layer_names
-        x_in = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            feats = model.forward_features(x_in)
-            clean = [self._layer_score(n, _layer(feats, n)).sum() for n in names]
-            grads = [torch.autograd.grad(s, x_in, retain_graph=i < len(names) - 1)[0] for i, s in enumerate(clean)]
-        total: Tensor | float = 0.0
-        with torch.no_grad():
-            for name, grad in zip(names, grads):
-                x_tilde = x.detach() + self.epsilon * sign_step(grad, self.input_std, "mahalanobis").to(x.dtype)
-                f = _layer(model.forward_features(x_tilde), name)
-                total = total + self.weights[name] * self._layer_score(name, f)
-        return total  # type: ignore[return-value]
+        return self._perturbed_score(model, x, self.ascent_directions(model, x), self.epsilon)
 
 
 def fit_logistic_weights(
@@ -244,6 +273,9 @@ class MahalanobisTuned(Mahalanobis):
 
     def __init__(self, layers: Sequence[str] | str = "all", **kwargs) -> None:
         super().__init__(layers=layers, **kwargs)
+        if self.epsilons is not None:
+            raise ConfigError("MahalanobisTuned: no ε search (epsilons) here; it tunes on OOD data already — "
+                              "use Mahalanobis(epsilons=...) for the ID-validation choice")
 
     def fit(self, model: FeatureModel, data: FitData) -> MahalanobisTuned:
         if data.train is not None:

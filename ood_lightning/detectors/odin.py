@@ -2,6 +2,8 @@
 
 The perturbation pushes each input towards higher confidence in its own predicted class;
 ID inputs respond more strongly than OOD ones, which widens the gap in max softmax.
+Liang et al. tune T and ε on OOD data; ``epsilons`` instead chooses ε on ID validation inputs
+only (Generalized ODIN's criterion: the highest mean score), the LSGM paper's "ODIN*".
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import check_std, sign_step
+from ood_lightning.detectors.input_step import best_epsilon, check_epsilons, check_std, mean_scores_over_epsilons, sign_step
 from ood_lightning.errors import ConfigError
-from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
 class ODIN(Scorer):
@@ -27,18 +29,30 @@ class ODIN(Scorer):
     on the model's inputs as they are.
     With ``epsilon == 0`` no gradient is computed and the score is temperature-scaled MSP,
     which can then be read from cached outputs (``per_batch`` is False).
+
+    ``epsilons`` (a grid, same units as ``epsilon``) turns on the choice of ε without OOD
+    data: :meth:`fit` sets ``epsilon`` to the grid value with the highest mean score on the
+    ID validation inputs (``FitData.val_inputs``) and records every mean in ``search``.
     """
 
-    needs_fit = False
-
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014,
-                 input_std: Sequence[float] | None = None) -> None:
+                 input_std: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,
+                 batch_size: int = 256) -> None:
         for key, value, ok, rule in (("temperature", temperature, temperature > 0, "> 0"),
                                      ("epsilon", epsilon, epsilon >= 0, ">= 0")):
             if not ok:
                 raise ConfigError(f"detectors.odin.{key} must be {rule}, got {value}")
         self.temperature, self.epsilon = float(temperature), float(epsilon)
         self.input_std = check_std(input_std, "odin")
+        self.epsilons = check_epsilons(epsilons, "odin")
+        self.batch_size = int(batch_size)
+        #: mean ID-validation score per ε of the last :meth:`select_epsilon`
+        self.search: dict[float, float] = {}
+
+    @property
+    def needs_fit(self) -> bool:  # type: ignore[override]
+        """Only the ε search fits anything (on ID validation inputs, handed over with the fit data)."""
+        return self.epsilons is not None
 
     @property
     def per_batch(self) -> bool:  # type: ignore[override]
@@ -58,8 +72,9 @@ class ODIN(Scorer):
             )
         return self._scaled_msp(outputs.logits)
 
-    def perturb(self, model: FeatureModel, x: Tensor) -> Tensor:
-        """The perturbed input x̃ (gradient w.r.t. x only: parameters' ``.grad`` are untouched)."""
+    def ascent_direction(self, model: FeatureModel, x: Tensor) -> Tensor:
+        """−sign(∇ₓ NLL)/std: the step that raises log softmax_ŷ(x/T) of the predicted class ŷ
+        (gradient w.r.t. x only: parameters' ``.grad`` are untouched)."""
         x_in = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model(x_in)
@@ -67,7 +82,29 @@ class ODIN(Scorer):
             # Summed NLL: each sample's input gradient is that of its own -log softmax_ŷ.
             loss = F.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_in)
-        return x.detach() - self.epsilon * sign_step(grad, self.input_std, "odin").to(x.dtype)
+        return -sign_step(grad, self.input_std, "odin").to(x.dtype)
+
+    def perturb(self, model: FeatureModel, x: Tensor, epsilon: float | None = None) -> Tensor:
+        """The perturbed input x̃ = x − ε·sign(∇ₓ NLL)/std, with ε = ``self.epsilon`` by default."""
+        eps = self.epsilon if epsilon is None else float(epsilon)
+        return x.detach() + eps * self.ascent_direction(model, x) if eps > 0 else x.detach()
+
+    def fit(self, model: FeatureModel, data: FitData) -> ODIN:
+        """With ``epsilons``: choose ε on ID validation inputs (no OOD data)."""
+        if self.epsilons is not None:
+            self.select_epsilon(model, data.val_inputs)
+        return self
+
+    def select_epsilon(self, model: FeatureModel, id_val_inputs: Tensor) -> float:
+        """Set and return the grid's ε of the highest mean score on ID validation inputs."""
+        grid = self.epsilons if self.epsilons is not None else (self.epsilon,)
+        def score_at(b: Tensor, d: Tensor, eps: float) -> Tensor:
+            return self._scaled_msp(model(b + eps * d if eps > 0 else b))
+
+        self.search = mean_scores_over_epsilons(id_val_inputs, grid, self.batch_size,
+                                                lambda b: self.ascent_direction(model, b), score_at)
+        self.epsilon = best_epsilon(self.search)
+        return self.epsilon
 
     def score_batch(self, model: FeatureModel, x: Tensor) -> Tensor:
         if self.epsilon == 0:
