@@ -84,8 +84,8 @@ class Progress:
             self.bars.stop()
             self.bars = None
 
-    def stage(self, description: str, total: int, unit: str = "inputs") -> Stage:
-        return Stage(self, description, total, unit)
+    def stage(self, description: str, total: int, unit: str = "inputs", quiet_under: float = 0.0) -> Stage:
+        return Stage(self, description, total, unit, quiet_under=quiet_under)
 
 
 def _reroute_log_handlers(streams: dict) -> list:
@@ -100,12 +100,14 @@ def _reroute_log_handlers(streams: dict) -> list:
 
 class Stage:
     """One stage of a :class:`Progress`: ``advance`` as work is done, ``finish`` (or leave the
-    ``with`` block) at the end, which logs the count, the time and the rate."""
+    ``with`` block) at the end, which logs the count, the time and the rate, unless the stage
+    took less than ``quiet_under`` seconds (a detector scored in milliseconds says nothing)."""
 
     def __init__(self, progress: Progress, description: str, total: int, unit: str = "inputs",
-                 owns: bool = False) -> None:
+                 owns: bool = False, quiet_under: float = 0.0) -> None:
         self.progress, self.description, self.total, self.unit = progress, description, int(total), unit
         self.owns = owns  # a display made for this stage alone: closed with it
+        self.quiet_under = float(quiet_under)
         self.start = self.last = progress.clock()
         self.done = 0
         self.fields: dict = {}
@@ -133,6 +135,8 @@ class Stage:
         stays when the bar goes)."""
         seconds = self.progress.clock() - self.start
         self._close()
+        if seconds < self.quiet_under:
+            return seconds
         extra = f"; {_fields_text(self.fields)}" if self.fields else ""
         log.info("%s: %s %s in %s (%s/s)%s", self.description, f"{self.done:,}", self.unit, human(seconds),
                  _rate(self.done / max(seconds, 1e-9)), extra)
@@ -161,13 +165,14 @@ def _rate(rate: float) -> str:
     return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
 
 
-def stage(description: str, total: int, unit: str = "inputs", progress: Progress | None = None) -> Stage:
+def stage(description: str, total: int, unit: str = "inputs", progress: Progress | None = None,
+          quiet_under: float = 0.0) -> Stage:
     """A stage of ``progress``, else of the enclosing :class:`Progress` block, else of a display of
     its own (closed with the stage)."""
     progress = progress if progress is not None else _active.get()
     if progress is not None:
-        return progress.stage(description, total, unit)
-    return Stage(Progress().__enter__(), description, total, unit, owns=True)
+        return progress.stage(description, total, unit, quiet_under)
+    return Stage(Progress().__enter__(), description, total, unit, owns=True, quiet_under=quiet_under)
 
 
 class EpochProgress(L.Callback):

@@ -186,9 +186,23 @@ def test_training_epochs_get_lines_off_a_terminal_and_none_on_one(caplog):
     ]
 
 
-def test_the_evaluation_loop_closes_one_stage_per_pass_fit_and_score(tmp_path, caplog):
+def test_a_stage_faster_than_quiet_under_gets_no_closing_line(caplog):
+    clock = FakeClock()
+    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+            Progress(console=pipe(), clock=clock) as progress:
+        for seconds in (0.5, 1.0):
+            with progress.stage(f"scoring {seconds}", 10, quiet_under=1.0) as st:
+                clock.t += seconds
+                st.advance(10)
+    assert messages(caplog) == ["scoring 1.0: 10 inputs in 1 s (10/s)"]
+
+
+def test_the_evaluation_loop_closes_one_stage_per_pass_fit_and_score(tmp_path, caplog, monkeypatch):
     """score_all on an untrained tiny classifier: a closing line for every split's pass, the fits,
     each detector's scoring and the OOD-tuned detector's per-set fits, with the right counts."""
+    from ood_lightning.scoring import loop
+
+    monkeypatch.setattr(loop, "QUIET_UNDER_S", 0.0)  # these take milliseconds: show their lines anyway
     from ood_lightning.assembly.build import build_model, connect
     from ood_lightning.data.datamodule import OODDataModule
     from ood_lightning.detectors.mahalanobis import MahalanobisTuned

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 VAL_INPUTS = 1000
 #: scorers tuned on OOD data get this fraction of each OOD set (at most TUNE_MAX); metrics use the rest
 TUNE_FRACTION, TUNE_MAX = 0.1, 1000
+#: fits and scorings faster than this get no closing line (each fit has its own line already)
+QUIET_UNDER_S = 1.0
 
 
 def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, Scorer]:
@@ -118,7 +120,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                      " (augmented)" if fit_augmented else "")
             _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
             data = FitData(train=train, val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
-            with progress.stage("fitting scorers", len(fitting), "scorers") as fits:
+            with progress.stage("fitting scorers", len(fitting), "scorers", QUIET_UNDER_S) as fits:
                 for name, scorer in scorers.items():
                     if scorer.needs_fit:
                         log.info("fitting %s ...", name)
@@ -137,7 +139,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
             if scorer.tunes_on_ood:
                 continue
             start = time.perf_counter()
-            with progress.stage(f"scoring {name}", sum(len(o) for o in outs.values())) as scoring:
+            with progress.stage(f"scoring {name}", sum(len(o) for o in outs.values()), quiet_under=QUIET_UNDER_S) as scoring:
                 for split, loader in loaders.items():
                     if scorer.per_batch:
                         value = score_batches(scorer, model, loader, preprocess, device, progress, f"{name}: {split}",
@@ -193,7 +195,7 @@ def _score_tuned_on_ood(name: str, scorer: Scorer, model, outs: dict[str, Output
     """Per OOD set: fit on ID validation outputs and a seeded tuning part of that set; its
     scores for that set (keys ``tuned_for=<set>``) cover only the rest."""
     sets = [s for s in outs if s not in ID_SPLITS]
-    with stage(f"fit+score {name}", len(sets), "OOD sets", progress) as st:
+    with stage(f"fit+score {name}", len(sets), "OOD sets", progress, QUIET_UNDER_S) as st:
         for ood in sets:
             _tune_and_score(name, scorer, model, outs, ood, scores, predictions)
             st.advance(1, last=ood)
