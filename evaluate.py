@@ -24,7 +24,7 @@ def evaluate(cfg: DictConfig):
     if cfg.get("paper") and not cfg.get("run_dir"):
         raise ConfigError("paper= compares a finished run with a paper: pass run_dir=<run or multirun dir> too")
     if cfg.get("run_dir"):
-        from ood_lightning.evaluation.aggregate import write_summary
+        from ood_lightning.evaluation.aggregate import write_summary, write_summary_artifacts
 
         md, csv_path, rows, failed = write_summary(cfg.run_dir)
         wide_console().print(Markdown(md.read_text()))
@@ -32,8 +32,9 @@ def evaluate(cfg: DictConfig):
 
         heatmap = auroc_heatmap(rows, Path(cfg.run_dir) / "summary_auroc.png")
         print(f"wrote {md}, {csv_path} and {heatmap}")
-        _sweep_outputs(cfg, rows)
-        _log_summary(cfg, rows, csv_path, heatmap)
+        figures = [heatmap, *_sweep_outputs(cfg, rows)]
+        print(f"wrote {write_summary_artifacts(cfg.run_dir, figures)}")
+        _log_summary(cfg, rows, csv_path, figures)
         return rows
     if cfg.get("ckpt_path"):
         from ood_lightning.assembly.runs import rescore
@@ -42,21 +43,22 @@ def evaluate(cfg: DictConfig):
     raise ConfigError("nothing to do: pass run_dir=<multirun dir> to aggregate, or ckpt_path=<.ckpt> to re-score")
 
 
-def _log_summary(cfg: DictConfig, rows: list[dict], csv_path: Path, heatmap: Path) -> None:
-    """``logger=wandb``: the summary as a W&B Table (the columns of summary.csv) and the heatmap, in a
-    run that joins the sweep's W&B group (the run_dir's name) as ``summary``."""
+def _log_summary(cfg: DictConfig, rows: list[dict], csv_path: Path, figures: list[Path]) -> None:
+    """``logger=wandb``: the summary as a W&B Table (the columns of summary.csv), in a run that joins
+    the sweep's W&B group (the run_dir's name) as ``summary``; the figures (heatmap, sweep plot) to
+    every configured logger that takes images."""
     from ood_lightning.assembly.loggers import build_loggers, log_summary
 
     loggers = build_loggers(cfg, {"group": Path(cfg.run_dir).resolve().name, "name": "summary"})
     if loggers:
         columns = csv_path.read_text().splitlines()[0].split(",")
-        log_summary(loggers, rows, columns, [heatmap])
+        log_summary(loggers, rows, columns, figures)
 
 
-def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:
+def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> list[Path]:
     """``compare=[...]``: Table-1 view (detectors side by side) in compare.md; ``plot=lambda|spectral_coeff``:
     the sweep figure (+ its numbers as .csv) next to summary.md; ``paper=<name|all>``: ours beside the
-    paper's published numbers in paper_compare.md."""
+    paper's published numbers in paper_compare.md. Returns the figures written."""
     from ood_lightning.evaluation.sweep_plots import plot_sweep, side_by_side
 
     if cfg.get("compare"):
@@ -75,6 +77,8 @@ def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> None:
     if cfg.get("plot"):
         path = plot_sweep(cfg.plot, cfg.run_dir, list(cfg.get("plot_detectors") or ["dhm"]))
         print(f"wrote {path} and {path.with_suffix('.csv')}")
+        return [path]
+    return []
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")

@@ -41,6 +41,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ood_lightning.analysis.volume import data_limits, evaluate_on_grid, input_log_density  # noqa: E402
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
+from ood_lightning.evaluation.style import legend, mean_std, reference, save, styled  # noqa: E402
 
 #: fixed plotting/integration windows per data set (the data's box plus a margin), so that
 #: volumes for different c integrate over the same rectangle
@@ -73,8 +74,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+@styled
 def plot_fig10(records: list[dict], path: Path) -> Path:
-    """Test accuracy and volume (log scale) against c, one line per data set, mean ± std over seeds."""
+    """Test accuracy and volume (log scale) against c, one line per data set, mean ± std (band) over seeds."""
     fig, (ax_acc, ax_vol) = plt.subplots(1, 2, figsize=(10, 3.6))
     for data in dict.fromkeys(r["data"] for r in records):
         by_c = defaultdict(list)
@@ -82,25 +84,23 @@ def plot_fig10(records: list[dict], path: Path) -> Path:
             if r["data"] == data and r["c"] is not None:
                 by_c[r["c"]].append(r)
         cs = sorted(by_c)
-        acc = [_mean_std([r["accuracy"] for r in by_c[c]]) for c in cs]
+        acc = np.array([_mean_std([r["accuracy"] for r in by_c[c]]) for c in cs]).reshape(-1, 2)
         # mean ± std of log10(volume): volumes span orders of magnitude
-        lv = [_mean_std([r["log_volume"] / math.log(10) for r in by_c[c]]) for c in cs]
-        ax_acc.errorbar(cs, [m for m, _ in acc], yerr=[s for _, s in acc], marker="o", capsize=3, label=data)
-        ax_vol.errorbar(cs, [m for m, _ in lv], yerr=[s for _, s in lv], marker="o", capsize=3, label=data)
-    ax_acc.set_ylabel("test accuracy")
+        lv = np.array([_mean_std([r["log_volume"] / math.log(10) for r in by_c[c]]) for c in cs]).reshape(-1, 2)
+        line = mean_std(ax_acc, cs, acc[:, 0], acc[:, 1], label=data)
+        mean_std(ax_vol, cs, lv[:, 0], lv[:, 1], label=data, color=line.get_color())
+    ax_acc.set_ylabel("test accuracy (fraction)")
     ax_vol.set_ylabel("log10 volume under p(x) on the grid\n(0: volume 1, a normalised density)")
     lo, hi = ax_vol.get_ylim()
     if lo - 3 <= 0 <= hi + 3:  # the volume-1 line only where it does not squash the curves
-        ax_vol.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+        reference(ax_vol, y=0.0)
     for ax in (ax_acc, ax_vol):
-        ax.set_xlabel("spectral coefficient c")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        ax.set_xlabel("spectral coefficient c (bound on each layer's Lipschitz constant)")
+        legend(ax)
+    return save(fig, path)
 
 
+@styled
 def plot_fig9(records: list[dict], path: Path, seed: int | None = None, span: float = 30.0) -> Path:
     """log p(x) on the grid (clipped to ``span`` nats below its maximum) with the test points on top."""
     seed = min(r["seed"] for r in records) if seed is None else seed
@@ -118,20 +118,15 @@ def plot_fig9(records: list[dict], path: Path, seed: int | None = None, span: fl
             g = np.load(Path(rec["run"]) / "grid_density.npz")
             logp = g["log_density"]
             top = float(np.nanmax(logp))
-            im = ax.imshow(np.clip(logp, top - span, top), origin="lower", cmap="viridis", aspect="auto",
+            im = ax.imshow(np.clip(logp, top - span, top), origin="lower", aspect="auto",
                            extent=(g["xs"][0], g["xs"][-1], g["ys"][0], g["ys"][-1]))
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             x, y = _test_points(rec)
             for k in np.unique(y):
                 ax.scatter(x[y == k, 0], x[y == k, 1], s=2, alpha=0.5, color=("white", "red", "orange")[k % 3])
-            ax.set_title(f"{data}, c={c}: acc {rec['accuracy']:.3f}\nvolume {rec['volume']:.3g}", fontsize=8)
-            ax.tick_params(labelsize=7)
-    fig.suptitle(f"log p(x) = log p_flow(normalise(f(x))) over the input plane (seed {seed}); dots: test data",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            ax.set_title(f"{data}, c={c}: acc {rec['accuracy']:.3f}\nvolume {rec['volume']:.3g}")
+            ax.grid(False)
+    return save(fig, path, f"log p(x) = log p_flow(normalise(f(x))) over the input plane (seed {seed}); dots: test data")
 
 
 def _test_points(rec: dict) -> tuple[np.ndarray, np.ndarray]:

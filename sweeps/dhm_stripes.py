@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ood_lightning.analysis.volume import evaluate_on_grid  # noqa: E402
+from ood_lightning.evaluation.style import PALETTE, legend, save, styled  # noqa: E402
 from ood_lightning.evaluation.sweep_plots import last_epoch_values  # noqa: E402
 
 
@@ -76,15 +77,16 @@ def run_one(lam: float, epochs: int, grid: int, out: Path, extra: list[str]) -> 
     return rec
 
 
+@styled
 def plot_fig8(records: list[dict], path: Path, span: float = 12.0) -> Path:
     """log p_flow over the feature plane (``span`` nats below its maximum) with the embeddings."""
     fig, axes = plt.subplots(1, len(records), figsize=(5.2 * len(records), 4.6), squeeze=False)
-    colours = ["tab:blue", "tab:orange", "tab:red", "tab:green"]
+    colours = PALETTE[:4]
     for ax, rec in zip(axes[0], records):
         g = np.load(Path(rec["run"]) / "feature_density.npz")
         logp = g["log_density"]
         top = float(np.nanmax(logp))
-        im = ax.imshow(np.clip(logp, top - span, top), origin="lower", cmap="viridis",
+        im = ax.imshow(np.clip(logp, top - span, top), origin="lower",
                        extent=(g["xs"][0], g["xs"][-1], g["ys"][0], g["ys"][-1]))
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="log p_flow(h)")
         names = [k for k in g.files if k not in ("xs", "ys", "log_density")]
@@ -95,12 +97,10 @@ def plot_fig8(records: list[dict], path: Path, span: float = 12.0) -> Path:
         ax.set_xlabel("feature 0 (max |horizontal-edge filter|)")
         ax.set_ylabel("feature 1 (max |vertical-edge filter|)")
         ax.set_title(f"λ = {rec['lambda']:g}: acc {rec['accuracy']:.3f}, DHM AUROC {rec['auroc_dhm']:.3f}\n"
-                     f"train log-det {rec['train_logdet']:.3g}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+                     f"train log-det {rec['train_logdet']:.3g}")
+        ax.grid(False)
+        legend(ax, loc="upper right")
+    return save(fig, path)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from ood_lightning.assembly.build import (
 from ood_lightning.assembly.runtime import resolve_device  # noqa: E402
 from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
 from ood_lightning.detectors.latent_flow import LatentFlowDetector  # noqa: E402
+from ood_lightning.evaluation.style import ID_COLOUR, legend, reference, save, styled  # noqa: E402
 from ood_lightning.scoring.passes import extract  # noqa: E402
 
 
@@ -65,28 +66,33 @@ def main() -> None:
     hist = det.history
     steps_per_epoch = max(1, len(train) // det.batch_size)
     ood = [k for k in sets if k != "id_test"]
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name in ood:
-        ax_a.plot([h["step"] for h in hist], [h[f"auroc/{name}"] for h in hist], label=name)
-    for name in sets:
-        ax_b.plot([h["step"] for h in hist], [h[f"bpd/{name}"] for h in hist], label=name,
-                  linewidth=2.5 if name == "id_test" else 1.2)
-    for ax in (ax_a, ax_b):
-        for e in range(1, args.epochs + 1):
-            ax.axvline(e * steps_per_epoch, color="grey", linewidth=0.5, linestyle=":")
-        ax.set_xlabel("training steps (dotted: epochs)")
-        ax.legend(fontsize=7)
-    ax_a.set(ylabel="AUROC (ID positive)", title=f"LDE ({args.flow}, {args.normalize}) AUROC vs training")
-    ax_b.set(ylabel="bits per dimension", title="mean bpd per set")
-    fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    plot_history(hist, list(sets), steps_per_epoch, args.epochs, f"LDE ({args.flow}, {args.normalize})", args.out)
     args.out.with_suffix(".json").write_text(json.dumps(hist, indent=2))
     mean_auroc = [sum(h[f"auroc/{n}"] for n in ood) / len(ood) for h in hist]
     best = max(range(len(hist)), key=mean_auroc.__getitem__)
     print(f"mean AUROC peaks at step {hist[best]['step']} (epoch {hist[best]['step'] / steps_per_epoch:.2f}): "
           f"{mean_auroc[best]:.4f}; after {args.epochs} epochs: {mean_auroc[-1]:.4f}")
     print(f"wrote {args.out}")
+
+
+@styled
+def plot_history(hist: list[dict], sets: list[str], steps_per_epoch: int, epochs: int, title: str, out: Path) -> Path:
+    """AUROC per OOD set and mean bpd per set against the flow's training steps (epochs dotted)."""
+    ood = [k for k in sets if k != "id_test"]
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name in ood:
+        ax_a.plot([h["step"] for h in hist], [h[f"auroc/{name}"] for h in hist], label=name)
+    for name in sets:
+        ax_b.plot([h["step"] for h in hist], [h[f"bpd/{name}"] for h in hist], label=name,
+                  **({"color": ID_COLOUR, "linewidth": 2.5} if name == "id_test" else {}))
+    for ax in (ax_a, ax_b):
+        for e in range(1, epochs + 1):
+            reference(ax, x=e * steps_per_epoch)
+        ax.set_xlabel("training steps (dotted: epochs)")
+        legend(ax)
+    ax_a.set(ylabel="AUROC (ID positive; 0.5 = chance)", title=f"{title}: AUROC vs training")
+    ax_b.set(ylabel="bits per dimension", title="mean bpd per set")
+    return save(fig, out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ood_lightning.detectors.lsgm import scoring_time  # noqa: E402
+from ood_lightning.evaluation.style import legend, save, styled  # noqa: E402
 from ood_lightning.scoring.api import Outputs  # noqa: E402
 
 
@@ -53,22 +54,27 @@ def main() -> None:
                         covariance_type="diag", max_iter=20)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    fig, (ax_k, ax_m) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for m in sorted({r["n_layers"] for r in rows}):
-        sel = [r for r in rows if r["n_layers"] == m]
-        ax_k.plot([r["n_components"] for r in sel], [1000 * r["seconds_per_input"] * 1000 for r in sel], "o-", label=f"{m} layers")
-    for k in args.components:
-        sel = [r for r in rows if r["n_components"] == k]
-        ax_m.plot([r["n_layers"] for r in sel], [1000 * r["seconds_per_input"] * 1000 for r in sel], "o-", label=f"k={k}")
-    ax_k.set(xlabel="components per layer k", ylabel="ms per 1000 inputs", title="LSGM scoring cost vs k")
-    ax_m.set(xlabel="layers m", ylabel="ms per 1000 inputs", title="LSGM scoring cost vs m")
-    ax_k.legend(fontsize=7)
-    ax_m.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    plot_cost(rows, args.components, args.out)
     for r in rows:
         print(f"k={r['n_components']:4d} m={r['n_layers']} {1e6 * r['seconds_per_input']:.1f} µs/input")
     print(f"wrote {args.out}")
+
+
+@styled
+def plot_cost(rows: list[dict], components: list[int], out: Path) -> Path:
+    """Scoring time per 1000 inputs against k (one line per m) and against m (one line per k)."""
+    fig, (ax_k, ax_m) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for m in sorted({r["n_layers"] for r in rows}):
+        sel = [r for r in rows if r["n_layers"] == m]
+        ax_k.plot([r["n_components"] for r in sel], [1e6 * r["seconds_per_input"] for r in sel], "o-", label=f"{m} layers")
+    for k in components:
+        sel = [r for r in rows if r["n_components"] == k]
+        ax_m.plot([r["n_layers"] for r in sel], [1e6 * r["seconds_per_input"] for r in sel], "o-", label=f"k={k}")
+    ax_k.set(xlabel="components per layer k", ylabel="scoring time (ms per 1000 inputs)", title="LSGM scoring cost vs k")
+    ax_m.set(xlabel="layers m", ylabel="scoring time (ms per 1000 inputs)", title="LSGM scoring cost vs m")
+    legend(ax_k)
+    legend(ax_m)
+    return save(fig, out)
 
 
 if __name__ == "__main__":

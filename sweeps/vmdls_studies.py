@@ -73,6 +73,12 @@ def histograms(run_dir: Path, out: Path) -> Path:
 
 def latent(run_dirs: list[Path], out: Path, limit: int = 3000) -> Path:
     """Scatter of the 2-D head mean μ per run: ID test by class, OOD sets in grey."""
+    from ood_lightning.evaluation.style import styled
+
+    return styled(_latent)(run_dirs, out, limit)
+
+
+def _latent(run_dirs: list[Path], out: Path, limit: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,6 +87,7 @@ def latent(run_dirs: list[Path], out: Path, limit: int = 3000) -> Path:
 
     from ood_lightning.assembly.build import build_model, load_weights, stored_config
     from ood_lightning.data.datamodule import OODDataModule
+    from ood_lightning.evaluation.style import legend, save
 
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 4), squeeze=False)
     for ax, run in zip(axes[0], run_dirs):
@@ -109,12 +116,9 @@ def latent(run_dirs: list[Path], out: Path, limit: int = 3000) -> Path:
                 ax.scatter(mu[:, 0], mu[:, 1], c=y % 10, cmap="tab10", vmin=0, vmax=9, s=2, alpha=0.6)
             else:
                 ax.scatter(mu[:, 0], mu[:, 1], color="grey", marker="x", s=2, alpha=0.3, label=split)
-        ax.set_title(run.name, fontsize=9)
-        ax.legend(fontsize=7, markerscale=4)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    return out
+        ax.set(title=run.name, xlabel="μ₁ (latent units)", ylabel="μ₂ (latent units)")
+        legend(ax, markerscale=4)
+    return save(fig, out)
 
 
 def main() -> None:

@@ -35,3 +35,23 @@ def test_a_run_s_console_has_no_known_noise(tmp_path):
     for noise in ("litlogger", "LeafSpec", "FLOPs"):
         assert noise not in text, noise
     assert "model Classifier: backbone SmallCNN" in text and "scoring 1 OOD sets with 3 scorers" in text
+
+
+def test_wandb_logger_does_not_pass_the_anonymous_setting_that_wandb_warns_about(monkeypatch):
+    """Lightning's WandbLogger hands wandb.init ``anonymous=None`` always; wandb warns "The
+    anonymous setting has no effect" for any value but unset. Ours leaves it out unless asked."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from ood_lightning.assembly.loggers import QuietWandbLogger
+
+    warned = []
+    monkeypatch.setattr(wandb, "termwarn", lambda msg, *a, **k: warned.append(msg))
+    wandb.Settings(**{k: v for k, v in WandbLogger(offline=True)._wandb_init.items() if k == "anonymous"})
+    assert any("anonymous setting has no effect" in m for m in warned)  # the cause, in Lightning's logger
+    warned.clear()
+    init = QuietWandbLogger(offline=True, project="p", name="n")._wandb_init
+    assert "anonymous" not in init and init["project"] == "p" and init["name"] == "n"
+    wandb.Settings(**{k: v for k, v in init.items() if k == "anonymous"})
+    assert warned == []
+    assert QuietWandbLogger(offline=True, anonymous=True)._wandb_init["anonymous"] == "allow"  # asked for: kept

@@ -169,6 +169,20 @@ def test_lambda_plot_reads_x_from_overrides_and_val_from_the_last_epoch(tmp_path
     assert float(table[0]["dhm/svhn/auroc_mean"]) == pytest.approx(0.85)
 
 
+def test_evaluate_lists_the_sweep_figure_as_an_artifact_and_logs_it(tmp_path, monkeypatch):
+    import evaluate
+    from ood_lightning.assembly import loggers
+
+    for i, lam in enumerate(["1e-3", "1e-2"]):
+        _fake_run(tmp_path / "sweep" / str(i), [f"lambda={lam}", "seed=0"], 0, 0.9 - 0.2 * i, 0.9, 0.3)
+    logged = []
+    monkeypatch.setattr(loggers, "log_image", lambda logger, key, path, step: logged.append((type(logger).__name__, key)))
+    sweep = tmp_path / "sweep"
+    evaluate.evaluate(compose_cfg("evaluate", [f"run_dir={sweep}", "plot=lambda", "logger=csv"], tmp_path / "e"))
+    assert json.loads((sweep / "summary.json").read_text()) == {"artifacts": ["summary_auroc.png", "sweep_lambda.png"]}
+    assert sorted(logged) == [("CSVLogger", "summary/summary_auroc"), ("CSVLogger", "summary/sweep_lambda")]  # every logger gets them
+
+
 def test_spectral_plot_falls_back_to_the_resolved_config(tmp_path):
     for i, c in enumerate([1.0, 6.0]):  # c set by a preset: not in the overrides
         _fake_run(tmp_path / str(i), ["experiment=dhm_cifar10"], 0, 0.9 - 0.1 * i, 0.9, 0.3,

@@ -88,7 +88,7 @@ def mahalanobis_closed_form(net: LinearNet, x_train: np.ndarray, labels: np.ndar
     for a in (net.a1.numpy(), net.a2.numpy()):
         means, prec = gaussian_fit(x_train @ a.T, labels)
 
-        def dists(f):
+        def dists(f, means=means, prec=prec):
             d = f[:, None, :] - means[None]
             return np.einsum("ncd,de,nce->nc", d, prec, d)
 

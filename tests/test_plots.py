@@ -48,3 +48,85 @@ def test_heatmap_cells_are_mean_and_std_of_the_summary(tmp_path, drawn):
     cells = sorted(t.get_text() for t in heat.texts)
     assert cells == sorted(["90.0±1.0", "80.0±2.0", "95.0±0.0", "70.0±5.0"])  # the other group is not drawn
     assert [t.get_text() for t in heat.get_yticklabels()] == ["msp", "dhm"]
+
+
+# -- the λ and c sweep figures: the same style as the others ---------------------------------------
+def _record(x, seed, auroc, val_acc, val_loss, logdet, acc=0.9):
+    return {"run": f"{x}-{seed}", "x": x, "seed": seed, "accuracy": acc, "val_acc": val_acc, "val_loss": val_loss,
+            "train_logdet": logdet, "results": {"dhm": {"svhn": {"auroc": auroc, "aupr_in": auroc - 0.05}}}}
+
+
+#: λ = 1e-3 (two seeds), 1e-2 (two seeds), 1e-1 (one seed)
+SWEEP = [_record(1e-3, 0, 0.90, 0.95, 0.2, 0.1), _record(1e-3, 1, 0.80, 0.93, 0.3, 0.2),
+         _record(1e-2, 0, 0.70, 0.90, 1.0, 5.0), _record(1e-2, 1, 0.60, 0.88, 1.4, 7.0),
+         _record(1e-1, 0, 0.50, 0.50, 9.0, 1000.0)]
+
+
+def _band(ax):
+    """The (x, lower, upper) of the axis' ± std band, read back from its polygon."""
+    from matplotlib.collections import PolyCollection
+
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    v = band.get_paths()[0].vertices
+    xs = np.unique(v[:, 0])
+    return xs, np.array([v[v[:, 0] == x, 1].min() for x in xs]), np.array([v[v[:, 0] == x, 1].max() for x in xs])
+
+
+def test_lambda_figure_has_log_lambda_axes_mean_lines_and_std_bands():
+    from ood_lightning.evaluation.sweep_plots import lambda_figure
+
+    fig = lambda_figure(SWEEP)
+    acc, loss, auroc, logdet = fig.axes
+    assert len(fig.axes) == 4 and all(ax.get_xscale() == "log" for ax in fig.axes)
+    assert all(ax.get_xlabel().startswith("λ") for ax in fig.axes)
+    assert "(nats)" in loss.get_ylabel() and "(nats)" in logdet.get_ylabel() and "fraction" in acc.get_ylabel()
+    assert logdet.get_yscale() == "log" and acc.get_yscale() == "linear"  # 0.15 .. 1000: three decades
+    (line,) = [ln for ln in auroc.lines if ln.get_label() == "dhm: svhn"]
+    np.testing.assert_allclose(line.get_xdata(), [1e-3, 1e-2, 1e-1])
+    np.testing.assert_allclose(line.get_ydata(), [0.85, 0.65, 0.50])  # seed means by hand
+    xs, lo, hi = _band(auroc)
+    sd = np.std([0.9, 0.8], ddof=1)  # both two-seed points have this spread; one seed: none
+    np.testing.assert_allclose(xs, [1e-3, 1e-2, 1e-1])
+    np.testing.assert_allclose(lo, [0.85 - sd, 0.65 - sd, 0.5])
+    np.testing.assert_allclose(hi, [0.85 + sd, 0.65 + sd, 0.5])
+    assert any(ln.get_ydata()[0] == 0.5 and ln.get_linestyle() == ":" for ln in auroc.lines)  # chance
+    labels = [t.get_text() for t in auroc.get_legend().get_texts()]
+    assert labels == ["dhm: svhn", "paper's collapse threshold"]
+
+
+def test_spectral_figure_panels_and_bands():
+    from ood_lightning.evaluation.sweep_plots import spectral_figure
+
+    records = [{**r, "x": c} for r, c in zip(SWEEP[:4], [1.0, 1.0, 3.0, 3.0])]
+    fig = spectral_figure(records)
+    acc, auroc, aupr = fig.axes
+    assert [ax.get_xscale() for ax in fig.axes] == ["linear"] * 3
+    assert all(ax.get_xlabel().startswith("spectral coefficient c") for ax in fig.axes)
+    assert auroc.get_ylabel().startswith("AUROC") and aupr.get_ylabel().startswith("AUPR-in")
+    xs, lo, hi = _band(aupr)
+    sd = np.std([0.85, 0.75], ddof=1)
+    np.testing.assert_allclose(lo, [0.80 - sd, 0.60 - sd])
+    np.testing.assert_allclose(hi, [0.80 + sd, 0.60 + sd])
+
+
+def test_every_figure_shares_one_style_and_leaves_the_global_style_alone(tmp_path, drawn):
+    """The ROC panels, the heatmap and the sweep figures: same label and title sizes, grid, palette."""
+    import matplotlib.pyplot as plt
+
+    from ood_lightning.evaluation import style
+    from ood_lightning.evaluation.sweep_plots import lambda_figure
+
+    before = dict(plt.rcParams)
+    rng = np.random.default_rng(0)
+    roc_curves({"msp": {"id_test": rng.normal(1, 1, 50), "noise": rng.normal(0, 1, 50)}}, tmp_path / "roc.png")
+    auroc_heatmap([{"group": "-", "detector": "msp", "ood_set": "noise", "auroc_mean": 0.9, "auroc_std": 0.0}],
+                  tmp_path / "h.png")
+    roc, heat = drawn[0].axes[0], drawn[1].axes[0]
+    sweep = lambda_figure(SWEEP).axes[2]
+    for ax in (roc, heat, sweep):
+        assert ax.yaxis.label.get_fontsize() == style.RC["axes.labelsize"]
+        assert ax.xaxis.get_ticklabels()[0].get_fontsize() == style.RC["xtick.labelsize"]
+    assert roc.title.get_fontsize() == heat.title.get_fontsize() == style.RC["axes.titlesize"]
+    assert roc.xaxis.get_gridlines()[0].get_visible() and sweep.xaxis.get_gridlines()[0].get_visible()
+    assert roc.lines[0].get_color() == sweep.lines[0].get_color() == style.PALETTE[0]  # the first curve
+    assert dict(plt.rcParams) == before

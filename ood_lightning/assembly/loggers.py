@@ -22,6 +22,20 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 
+class QuietWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` without the ``anonymous`` argument when it is not asked for.
+
+    Lightning passes ``anonymous=None`` to ``wandb.init`` whatever it is given, and wandb >= 0.19
+    warns about any ``anonymous`` setting that is not left unset ("The anonymous setting has no
+    effect and will be removed"): a warning on every W&B run that no config of ours can avoid.
+    ``anonymous=True`` is still passed on (and warned about, rightly)."""
+
+    def __init__(self, *args, anonymous: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, anonymous=anonymous, **kwargs)
+        if not anonymous:
+            self._wandb_init.pop("anonymous", None)
+
+
 def sweep_run_fields() -> dict:
     """``group`` and ``name`` for this job's W&B run in a multirun; empty outside one (a single
     run keeps W&B's own naming)."""

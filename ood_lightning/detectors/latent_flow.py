@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress, TextColumn
 from sklearn.decomposition import PCA
 from torch import Tensor, nn
 
@@ -28,12 +27,11 @@ from ood_lightning.errors import ConfigError, NonFiniteLossError
 from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.nn.flows.build import build_flow
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.progress import Progress, stage
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 log = logging.getLogger(__name__)
 
-#: fits with at least this many optimisation steps show a progress bar
-PROGRESS_MIN_STEPS = 200
 #: rows per forward pass when scoring (no gradients, so large batches are cheap)
 SCORE_BATCH = 4096
 
@@ -202,14 +200,8 @@ class LatentFlowDetector(Scorer):
         record = self.eval_every is not None
         losses: list[float] = []
 
-        own_bar = progress is None and total >= PROGRESS_MIN_STEPS
-        if own_bar:
-            progress = Progress(*Progress.get_default_columns(), TextColumn("bpd {task.fields[bpd]:.3f}"),
-                                transient=True)
-            progress.start()
         name = self.flow_name if isinstance(self.flow_name, str) else "latent"
-        task = progress.add_task(f"fitting {name} flow", total=total, bpd=float("nan")) if progress else None
-        try:
+        with stage(f"fitting {name} flow", total, "steps", progress=progress) as st:
             if record:
                 self._record(0, 0, losses, sets)
             step = 0
@@ -228,18 +220,12 @@ class LatentFlowDetector(Scorer):
                     opt.step()
                     step += 1
                     losses.append(loss.item())
-                    if progress:
-                        progress.update(task, advance=1, bpd=losses[-1])
+                    st.advance(1, epoch=epoch + 1, bpd=losses[-1])
                     if record and step % self.eval_every == 0:
                         self._record(step, epoch, losses, sets)
                         losses = []
             if record and losses:
                 self._record(step, self.epochs - 1, losses, sets)
-        finally:
-            if progress:
-                progress.remove_task(task)
-            if own_bar:
-                progress.stop()
         self.flow.eval()
 
     def _record(self, step: int, epoch: int, losses: list[float], sets: Mapping[str, Tensor]) -> None:

@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import best_epsilon, check_epsilons, check_std, mean_scores_over_epsilons, sign_step
+from ood_lightning.detectors.input_step import (
+    best_epsilon,
+    check_epsilons,
+    check_std,
+    mean_scores_over_epsilons,
+    sign_step,
+)
 from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, layer_selection, pool
 

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import best_epsilon, check_epsilons, check_std, mean_scores_over_epsilons, sign_step
+from ood_lightning.detectors.input_step import (
+    best_epsilon,
+    check_epsilons,
+    check_std,
+    mean_scores_over_epsilons,
+    sign_step,
+)
 from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 

@@ -143,7 +143,7 @@ class TorchGaussianMixture:
         params = self._initial(xt, x_np, self._shift)
         cov = None
         lower_bound, self.converged_ = -math.inf, False
-        for n_iter in range(1, self.max_iter + 1):
+        for n_iter in range(1, self.max_iter + 1):  # noqa: B007 (read after the loop)
             previous = lower_bound
             lower_bound, log_resp = self._e_step(xt, params)
             weights, means, cov = self._m_step(xt, log_resp.exp())

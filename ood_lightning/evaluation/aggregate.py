@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -121,3 +122,11 @@ def write_summary(run_dir: str | Path) -> tuple[Path, Path, list[dict], list[Job
     writer.writerows(rows)
     out_csv = atomic_write_text(run_dir / "summary.csv", buf.getvalue())
     return md, out_csv, rows, issues
+
+
+def write_summary_artifacts(run_dir: str | Path, figures: list[Path]) -> Path:
+    """``summary.json``: the figures of the aggregation under ``artifacts`` (paths relative to
+    ``run_dir``), as a run's ``metrics.json`` lists its plots."""
+    run_dir = Path(run_dir)
+    listed = sorted(str(Path(f).resolve().relative_to(run_dir.resolve())) for f in figures)
+    return atomic_write_text(run_dir / "summary.json", json.dumps({"artifacts": listed}, indent=2) + "\n")

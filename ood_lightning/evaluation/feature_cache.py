@@ -26,12 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ood_lightning.errors import CheckpointMismatchError, ConfigError
 from ood_lightning.io import atomic_write, atomic_write_text
+from ood_lightning.progress import Progress
 from ood_lightning.scoring.api import Outputs
 from ood_lightning.scoring.passes import extract
 

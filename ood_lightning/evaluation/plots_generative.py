@@ -8,15 +8,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from ood_lightning.evaluation.plots import hist_panel  # noqa: E402
+from ood_lightning.evaluation.plots import hist_panel
+from ood_lightning.evaluation.style import reference, save, styled
 
 
 def _grid(images: torch.Tensor, nrow: int) -> np.ndarray:
@@ -26,19 +24,18 @@ def _grid(images: torch.Tensor, nrow: int) -> np.ndarray:
     return grid[0].numpy() if images.shape[1] == 1 else grid.permute(1, 2, 0).numpy()
 
 
+@styled
 def save_image_panels(panels: Mapping[str, torch.Tensor], path: str | Path, nrow: int = 8,
                       title: str | None = None) -> Path:
     """One titled grid per entry of ``panels`` (name -> images [N, C, H, W] in [0, 1]), stacked."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     grids = {k: _grid(v, nrow) for k, v in panels.items() if len(v)}
     fig, axes = plt.subplots(len(grids), 1, figsize=(min(12, 1.1 * nrow + 1), 1 + sum(
         1.1 * g.shape[0] / g.shape[1] * nrow for g in grids.values())), squeeze=False)
     for ax, (name, grid) in zip(axes[:, 0], grids.items()):
         ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name)
         ax.axis("off")
-    return _save(fig, path, title)
+    return save(fig, path, title)
 
 
 #: the ELBO components shown, with their axis titles
@@ -50,39 +47,24 @@ COMPONENT_TITLES = {
 }
 
 
+@styled
 def elbo_component_histograms(components: Mapping[str, Mapping[str, np.ndarray]], path: str | Path,
                               title: str | None = None) -> Path:
     """``components[split][name]`` per input, one panel per component: ID test filled, OOD outlined."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     names = [n for n in COMPONENT_TITLES if all(n in c for c in components.values())]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
     for ax, name in zip(axes[0], names):
         hist_panel(ax, {split: c[name] for split, c in components.items()}, COMPONENT_TITLES[name])
-    return _save(fig, path, title)
+    return save(fig, path, title)
 
 
+@styled
 def probe_distance_histograms(probes: Mapping, path: str | Path) -> Path:
     """One panel per OOD set: held-out signed distances to the SVM hyperplane (positive = ID side)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.2), squeeze=False)
     for ax, (ood, p) in zip(axes[0], probes.items()):
         hist_panel(ax, {"id_test": p.distances_id, ood: p.distances_ood},
-                    f"{ood}: pos {p.positive_accuracy:.3f} / neg {p.negative_accuracy:.3f}")
-        ax.axvline(0.0, color="red", linewidth=0.8)
-        ax.set_xlabel("signed distance to the hyperplane (latent units)", fontsize=8)
-    fig.suptitle("linear SVM on latent means (held-out inputs)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _save(fig, path: Path, title: str | None) -> Path:
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+                    f"{ood}: pos {p.positive_accuracy:.3f} / neg {p.negative_accuracy:.3f}",
+                    "signed distance to the hyperplane (latent units)")
+        reference(ax, x=0.0)
+    return save(fig, path, "linear SVM on latent means (held-out inputs)")

@@ -14,7 +14,7 @@ Only a run's own files are read, like :mod:`ood_lightning.evaluation.aggregate`:
 * AUROC / AUPR-in per detector and OOD set, and the seed: ``metrics.json``.
 
 Runs with the same x (different seeds) give one point: the mean, with the sample standard
-deviation as an error bar. Runs without usable results (a failed.json, a damaged or absent metrics.json)
+deviation as a shaded band (the style of :mod:`ood_lightning.evaluation.style`). Runs without usable results (a failed.json, a damaged or absent metrics.json)
 are skipped; the summary lists them.
 """
 
@@ -28,15 +28,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from ood_lightning.errors import ConfigError  # noqa: E402
-from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, read_metrics  # noqa: E402
+from ood_lightning.errors import ConfigError
+from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, read_metrics
+from ood_lightning.evaluation.style import ID_COLOUR, PALETTE, legend, mean_std, reference, save, styled
 
 log = logging.getLogger(__name__)
 
@@ -154,30 +152,74 @@ def _metric(detector: str, ood: str, metric: str):
 
 
 # -- figures --------------------------------------------------------------------------------------
-def _errorbar(ax, xs, mean, std, **kw) -> None:
-    ax.errorbar(xs, mean, yerr=std, marker="o", ms=4, capsize=3, linewidth=1.3, **kw)
+#: line styles of the detectors of one panel (colours: the OOD sets)
+DETECTOR_STYLES = ("-", "--", ":", "-.")
+#: the y axes of the per-run values, with units
+VAL_LABELS = {"val_acc": "validation accuracy (fraction)", "val_loss": "validation loss CE + λ·NLL (nats)",
+              "train_logdet": "training log-det, last epoch (nats)"}
+METRIC_LABELS = {"auroc": "AUROC (ID = positive; 0.5 = chance)", "aupr_in": "AUPR-in (ID = positive)"}
 
 
-def _ood_panel(ax, records, detectors, metric: str, ylabel: str) -> None:
-    styles = ["-", "--", ":", "-."]
+def _ood_panel(ax, records, detectors, metric: str) -> None:
+    """Per detector (line style) and OOD set (colour): mean ± std over seeds against x."""
+    sets = list(dict.fromkeys(o for det in detectors for o in ood_sets(records, det)))
     for i, det in enumerate(detectors):
         for ood in ood_sets(records, det):
             xs, mean, std, _ = summarise(records, _metric(det, ood, metric))
             if len(xs):
-                _errorbar(ax, xs, mean, std, linestyle=styles[i % len(styles)], label=f"{det}: {ood}")
+                mean_std(ax, xs, mean, std, label=f"{det}: {ood}", color=PALETTE[sets.index(ood) % len(PALETTE)],
+                         linestyle=DETECTOR_STYLES[i % len(DETECTOR_STYLES)])
+    ax.set_ylabel(METRIC_LABELS[metric])
+    if metric == "auroc":
+        reference(ax, y=0.5)
+
+
+def _value_panel(ax, records, value, ylabel: str) -> None:
+    """One quantity per run (black): mean ± std over seeds; a log y axis when it spans > 2 decades."""
+    xs, mean, std, _ = summarise(records, value)
+    mean_std(ax, xs, mean, std, color=ID_COLOUR)
     ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    if len(mean) and mean.min() > 0 and mean.max() > 100 * mean.min():
+        ax.set_yscale("log")
 
 
-def _finish(fig, records, out: Path, x_label: str) -> Path:
+def _title(records, x_label: str) -> str:
     n_seeds = max((n for n in summarise(records, lambda r: r["accuracy"] or 0.0)[3]), default=0)
-    fig.suptitle(f"{len(records)} runs; mean ± std over up to {n_seeds} seeds per {x_label}", fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return f"{len(records)} runs; mean ± std (band) over up to {n_seeds} seeds per {x_label}"
+
+
+@styled
+def lambda_figure(records: list[dict], detectors: Sequence[str] = ("dhm",),
+                  threshold: tuple[float, float] | None = COLLAPSE_THRESHOLD):
+    """The figure of :func:`plot_lambda` (unsaved, for inspection): four panels on a log λ axis."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, name in zip([axes[0], axes[1], axes[3]], VAL_LABELS):
+        _value_panel(ax, records, lambda r, n=name: r[n], VAL_LABELS[name])
+    _ood_panel(axes[2], records, detectors, "auroc")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("λ (weight of the flow's NLL; log scale)")
+        if threshold is not None:
+            ax.axvspan(*threshold, color="tab:red", alpha=0.4, linewidth=1, label="paper's collapse threshold"
+                       if ax is axes[2] else None)
+    legend(axes[2])
+    fig.suptitle(_title(records, "λ"))
+    return fig
+
+
+@styled
+def spectral_figure(records: list[dict], detectors: Sequence[str] = ("dhm",)):
+    """The figure of :func:`plot_spectral_coeff` (unsaved): test accuracy, AUROC, AUPR-in against c."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    _value_panel(axes[0], records, lambda r: r["accuracy"], "test accuracy (fraction)")
+    _ood_panel(axes[1], records, detectors, "auroc")
+    _ood_panel(axes[2], records, detectors, "aupr_in")
+    for ax in axes:
+        ax.set_xlabel("spectral coefficient c (bound on each layer's Lipschitz constant)")
+    legend(axes[1])
+    legend(axes[2])
+    fig.suptitle(_title(records, "c"))
+    return fig
 
 
 def plot_lambda(run_dir: str | Path, out: str | Path | None = None, detectors: Sequence[str] = ("dhm",),
@@ -185,38 +227,20 @@ def plot_lambda(run_dir: str | Path, out: str | Path | None = None, detectors: S
     """Paper Fig. 3: validation accuracy, validation loss and AUROC per OOD set against λ (log x),
     and the last epoch's training log-det (the collapse monitor's quantity: 0.12 -> 1113 in the paper).
 
-    The red line marks the paper's collapse threshold (λ between 3.59e-3 and 3.67e-3). Axes whose
+    The red band marks the paper's collapse threshold (λ between 3.59e-3 and 3.67e-3). Axes whose
     values span more than two decades (the loss grows with λ·NLL) are drawn on a log scale.
     """
     records = [r for r in collect_sweep(run_dir, "lambda") if r["x"] is not None and r["x"] > 0]
     if not records:
         raise ConfigError(f"no finished runs with lambda > 0 under {run_dir} (log-scale x axis)")
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    panels = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"),
-              ("train_logdet", "training log-det (last epoch)"))
-    for ax, (name, label) in zip([axes[0], axes[1], axes[3]], panels):
-        xs, mean, std, _ = summarise(records, lambda r, n=name: r[n])
-        _errorbar(ax, xs, mean, std, color="black")
-        ax.set_ylabel(label)
-        if len(mean) and mean.min() > 0 and mean.max() > 100 * mean.min():
-            ax.set_yscale("log")
-    _ood_panel(axes[2], records, detectors, "auroc", "AUROC (ID = positive)")
-    axes[2].axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
-    for ax in axes:
-        ax.set_xscale("log")
-        ax.set_xlabel("λ")
-        if threshold is not None:
-            ax.axvspan(*threshold, color="tab:red", alpha=0.4, linewidth=1, label="paper's collapse threshold"
-                       if ax is axes[2] else None)
-    axes[2].legend(fontsize=7)
     out = Path(out) if out else Path(run_dir) / "sweep_lambda.png"
     write_sweep_csv(records, "lambda", out.with_suffix(".csv"), detectors)
-    return _finish(fig, records, out, "λ")
+    return save(lambda_figure(records, detectors, threshold), out)
 
 
 def plot_spectral_coeff(run_dir: str | Path, out: str | Path | None = None,
                         detectors: Sequence[str] = ("dhm",)) -> Path:
-    """Paper Fig. 4: AUROC and AUPR-in per OOD set against the spectral coefficient c."""
+    """Paper Fig. 4: test accuracy, AUROC and AUPR-in per OOD set against the spectral coefficient c."""
     records = collect_sweep(run_dir, SWEEP_KEYS["spectral_coeff"])
     skipped = sum(r["x"] is None for r in records)
     if skipped:
@@ -224,17 +248,9 @@ def plot_spectral_coeff(run_dir: str | Path, out: str | Path | None = None,
     records = [r for r in records if r["x"] is not None]
     if not records:
         raise ConfigError(f"no finished runs with method.spectral_coeff set under {run_dir}")
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    xs, mean, std, _ = summarise(records, lambda r: r["accuracy"])
-    _errorbar(axes[0], xs, mean, std, color="black")
-    axes[0].set_ylabel("test accuracy")
-    _ood_panel(axes[1], records, detectors, "auroc", "AUROC (ID = positive)")
-    _ood_panel(axes[2], records, detectors, "aupr_in", "AUPR-in")
-    for ax in axes:
-        ax.set_xlabel("spectral coefficient c")
     out = Path(out) if out else Path(run_dir) / "sweep_spectral_coeff.png"
     write_sweep_csv(records, "method.spectral_coeff", out.with_suffix(".csv"), detectors)
-    return _finish(fig, records, out, "c")
+    return save(spectral_figure(records, detectors), out)
 
 
 PLOTS = {"lambda": plot_lambda, "spectral_coeff": plot_spectral_coeff}

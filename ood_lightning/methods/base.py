@@ -78,6 +78,9 @@ class OODMethod(L.LightningModule):
         """The method's own OOD scores (higher = ID), scored beside the configured detectors."""
         return {}
 
+    #: what the evaluation pass computes, for its progress line (a VAE: "features + IWAE K=50")
+    pass_label: str = "features"
+
     def pass_values(self, x: Tensor, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-input values computed in the one evaluation pass (``Outputs.extra``), from the
         preprocessed inputs and the backbone's outputs on them; e.g. a VAE's IWAE bound."""

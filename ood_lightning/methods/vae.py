@@ -55,7 +55,9 @@ from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.dcgan import DCGANDecoder, DCGANEncoder
 from ood_lightning.nn.likelihoods import build_likelihood
 from ood_lightning.nn.modes import eval_mode
+from ood_lightning.progress import stage
 from ood_lightning.scoring.api import Outputs, Results, Scorer
+from ood_lightning.scoring.passes import n_inputs
 
 log = logging.getLogger(__name__)
 
@@ -298,14 +300,16 @@ class VAE(OODMethod):
         enc, dec = batch_norms(self.backbone), batch_norms(self.decoder)
         source = bn_state(enc + dec)
 
-        def images():
-            for x, _ in loader:
-                yield preprocess(x.to(device))
+        def images(part: str):
+            with stage(f"BatchNorm statistics ({part}): {split}", n_inputs(loader)) as st:
+                for x, _ in loader:
+                    yield preprocess(x.to(device))
+                    st.advance(len(x))
 
         if self.adapt_bn in ("encoder", "both"):
-            reestimate_bn_stats(enc, images(), self.backbone)
+            reestimate_bn_stats(enc, images("encoder"), self.backbone)
         if self.adapt_bn in ("decoder", "both"):  # z ~ q(z|x), with the encoder adapted first for "both"
-            reestimate_bn_stats(dec, images(), lambda x: self.decoder(self.reparameterize(*self.encode(x))))
+            reestimate_bn_stats(dec, images("decoder"), lambda x: self.decoder(self.reparameterize(*self.encode(x))))
         self._stream_state = bn_state(self._adapted_bns())
         load_bn_state(enc + dec, source)
         log.info("re-estimated %s BatchNorm statistics on %s", self.adapt_bn, split)
@@ -330,6 +334,11 @@ class VAE(OODMethod):
             with self.adapted_bn():
                 out.update(self._likelihood_terms(x, f"_bn_{self.adapt_bn}"))
         return out
+
+    @property
+    def pass_label(self) -> str:
+        """The evaluation pass computes the IWAE bounds (the long part): say so in its progress."""
+        return f"features + IWAE K={self.iwae_samples[-1]}"
 
     def suffixes(self) -> list[str]:
         return [""] + ([f"_bn_{self.adapt_bn}"] if self.adapt_bn != "none" else [])

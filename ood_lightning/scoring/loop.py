@@ -14,13 +14,13 @@ import zlib
 from functools import partial
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
 from ood_lightning.analysis.cost import human
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
 from ood_lightning.methods.base import OODMethod
+from ood_lightning.progress import Progress, stage
 from ood_lightning.scoring.api import ID_SPLITS, FitData, Key, Outputs, Results, Scorer
 from ood_lightning.scoring.passes import extract, n_inputs, score_batches
 from ood_lightning.scoring.ranks import SINGLE, Ranks
@@ -31,11 +31,8 @@ log = logging.getLogger(__name__)
 VAL_INPUTS = 1000
 #: scorers tuned on OOD data get this fraction of each OOD set (at most TUNE_MAX); metrics use the rest
 TUNE_FRACTION, TUNE_MAX = 0.1, 1000
-
-
-def _progress(ranks: Ranks) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, disable=not ranks.is_main)
+#: fits and scorings faster than this get no closing line (each fit has its own line already)
+QUIET_UNDER_S = 1.0
 
 
 def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, Scorer]:
@@ -92,12 +89,13 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
             torch.manual_seed(zlib.crc32(split.encode()))
             prep = (lambda x: preprocess(x, train=True)) if augment else preprocess
             model.prepare_split(split, loader, prep, device)
+
             def run(*args, **kwargs) -> Outputs:
                 extracted.add(split)  # a real pass, not a cache read: its rate may project the others
                 return extract(*args, ranks=ranks, pass_values=model.pass_values, **kwargs)
 
             if cache is None:
-                return run(model, loader, prep, device, progress, f"features: {split}")
+                return run(model, loader, prep, device, progress, f"{model.pass_label}: {split}")
             dataset, name, tag = dm.cache_key(split, limit)
             tag = f"{tag}-augmented" if augment else tag
             return cache.get_or_extract(model, split, loader, prep, device, dataset, name, tag,
@@ -117,22 +115,26 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     fit_loader = dm.fit_dataloader(fit_limit) if any(s.needs_fit for s in scorers.values()) else None
     fit_samples = None
     _log_plan(scorers, loaders, fit_loader)
-    with _progress(ranks) as progress:
+    # bars on the main rank's terminal; progress lines otherwise (a log file, a pipe, other ranks)
+    with Progress(bars=ranks.is_main) as progress:
         if fit_loader is not None:
             train = timed("features/id_train", outputs_of, "id_train", fit_loader, progress,
                           fit_limit, fit_augmented)
             fit_samples = len(train)
-            log.info("fitting %d scorers on %d ID training inputs%s", sum(s.needs_fit for s in scorers.values()),
-                     len(train), " (augmented)" if fit_augmented else "")
+            fitting = [name for name, scorer in scorers.items() if scorer.needs_fit]
+            log.info("fitting %d scorers on %d ID training inputs%s", len(fitting), len(train),
+                     " (augmented)" if fit_augmented else "")
             if "id_train" in extracted:
                 _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
             data = FitData(train=train, val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
-            for name, scorer in scorers.items():
-                if scorer.needs_fit:
-                    log.info("fitting %s ...", name)
-                timed(f"fit/{name}", scorer.fit, model, data)
-                if scorer.needs_fit:
-                    log.info("fitted %s in %s", name, human(timings[f"fit/{name}"]))
+            with progress.stage("fitting scorers", len(fitting), "scorers", QUIET_UNDER_S) as fits:
+                for name, scorer in scorers.items():
+                    if scorer.needs_fit:
+                        log.info("fitting %s ...", name)
+                    timed(f"fit/{name}", scorer.fit, model, data)
+                    if scorer.needs_fit:
+                        log.info("fitted %s in %s", name, human(timings[f"fit/{name}"]))
+                        fits.advance(1, last=name)
             if train_scores:
                 for name, scorer in scorers.items():
                     if not (scorer.per_batch or scorer.tunes_on_ood):
@@ -144,18 +146,22 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
             if scorer.tunes_on_ood:
                 continue
             start = time.perf_counter()
-            for split, loader in loaders.items():
-                if scorer.per_batch:
-                    value = score_batches(scorer, model, loader, preprocess, device, progress, f"{name}: {split}", ranks)
-                else:
-                    value = ranks.map_outputs(partial(scorer.score, model), outs[split])
-                key = Key(name, split)
-                scores[key] = value.detach().float().cpu()
-                predictions[key] = _predictions(scorer, model, outs[split])
+            with progress.stage(f"scoring {name}", sum(len(o) for o in outs.values()), quiet_under=QUIET_UNDER_S) as scoring:
+                for split, loader in loaders.items():
+                    if scorer.per_batch:
+                        value = score_batches(scorer, model, loader, preprocess, device, progress, f"{name}: {split}",
+                                              ranks)
+                    else:
+                        value = ranks.map_outputs(partial(scorer.score, model), outs[split])
+                    key = Key(name, split)
+                    scores[key] = value.detach().float().cpu()
+                    predictions[key] = _predictions(scorer, model, outs[split])
+                    scoring.advance(len(outs[split]))
             timings[f"score/{name}"] = time.perf_counter() - start
-    for name, scorer in scorers.items():
-        if scorer.tunes_on_ood:
-            timed(f"fit+score/{name}", _score_tuned_on_ood, name, scorer, model, outs, scores, predictions)
+        for name, scorer in scorers.items():
+            if scorer.tunes_on_ood:
+                timed(f"fit+score/{name}", _score_tuned_on_ood, name, scorer, model, outs, scores, predictions,
+                      progress)
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
                    has_classifier=model.has_classifier, outputs=outs, timings=timings, train_scores=on_train,
                    fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None)
@@ -192,16 +198,25 @@ def _predictions(scorer: Scorer, model, outputs: Outputs) -> Tensor:
 
 
 def _score_tuned_on_ood(name: str, scorer: Scorer, model, outs: dict[str, Outputs], scores: dict,
-                        predictions: dict) -> None:
+                        predictions: dict, progress: Progress | None = None) -> None:
     """Per OOD set: fit on ID validation outputs and a seeded tuning part of that set; its
     scores for that set (keys ``tuned_for=<set>``) cover only the rest."""
-    for ood in [s for s in outs if s not in ID_SPLITS]:
-        n = len(outs[ood])
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-        n_tune = min(TUNE_MAX, max(1, int(TUNE_FRACTION * n)))
-        tune, rest = perm[:n_tune], perm[n_tune:].sort().values
-        scorer.fit(model, FitData(val=outs["id_val"], ood_tune=outs[ood].subset(tune)))
-        for split, out in (("id_val", outs["id_val"]), ("id_test", outs["id_test"]), (ood, outs[ood].subset(rest))):
-            key = Key(name, split, tuned_for=ood)
-            scores[key] = scorer.score(model, out).detach().float().cpu()
-            predictions[key] = _predictions(scorer, model, out)
+    sets = [s for s in outs if s not in ID_SPLITS]
+    with stage(f"fit+score {name}", len(sets), "OOD sets", progress, QUIET_UNDER_S) as st:
+        for ood in sets:
+            _tune_and_score(name, scorer, model, outs, ood, scores, predictions)
+            st.advance(1, last=ood)
+
+
+def _tune_and_score(name: str, scorer: Scorer, model, outs: dict[str, Outputs], ood: str, scores: dict,
+                    predictions: dict) -> None:
+    """One OOD set of :func:`_score_tuned_on_ood`."""
+    n = len(outs[ood])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_tune = min(TUNE_MAX, max(1, int(TUNE_FRACTION * n)))
+    tune, rest = perm[:n_tune], perm[n_tune:].sort().values
+    scorer.fit(model, FitData(val=outs["id_val"], ood_tune=outs[ood].subset(tune)))
+    for split, out in (("id_val", outs["id_val"]), ("id_test", outs["id_test"]), (ood, outs[ood].subset(rest))):
+        key = Key(name, split, tuned_for=ood)
+        scores[key] = scorer.score(model, out).detach().float().cpu()
+        predictions[key] = _predictions(scorer, model, out)
