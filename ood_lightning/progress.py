@@ -49,7 +49,12 @@ class _Rate(rp.ProgressColumn):
 
 
 def _fields_text(fields: dict) -> str:
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+    """Tensors are read here, when a line is written, not at every step (no host sync per step)."""
+    def text(v) -> str:
+        v = float(v) if torch.is_tensor(v) else v
+        return f"{v:.4g}" if isinstance(v, float) else f"{v}"
+
+    return " ".join(f"{k} {text(v)}" for k, v in fields.items())
 
 
 class Progress:
@@ -202,7 +207,7 @@ class EpochProgress(L.Callback):
         if self._stage is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # what training_step returned
-        self._stage.advance(1, **({"loss": float(loss)} if torch.is_tensor(loss) and loss.numel() == 1 else {}))
+        self._stage.advance(1, **({"loss": loss.detach()} if torch.is_tensor(loss) and loss.numel() == 1 else {}))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if self._stage is not None:

@@ -233,9 +233,12 @@ def test_wandb_offline_logs_without_an_account(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
     train(compose_cfg("train", [*TINY, "logger=wandb", "detectors=fast"], tmp_path))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and list(runs[0].glob("*.wandb"))
+    assert wandb.run is None  # closed: the next job of an in-process multirun starts its own run
 
 
 @needs_shared("MNIST/raw/train-images-idx3-ubyte")

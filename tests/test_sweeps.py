@@ -147,9 +147,11 @@ def wandb_offline(monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    yield
     import wandb
 
+    if wandb.run is not None:  # a run another test left open in this process would be reused
+        wandb.finish()
+    yield
     if wandb.run is not None:
         wandb.finish()
 

@@ -99,6 +99,14 @@ def log_results(loggers, metrics: dict, plots: list[Path], step: int) -> None:
         logger.save()
 
 
+def finish_runs(loggers) -> None:
+    """Close each W&B run once its job has logged everything: Hydra's basic launcher runs a
+    multirun's jobs in one process, and an open run would be reused by the next job's logger."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def log_summary(loggers, rows: list[dict], columns: list[str], plots: list[Path]) -> None:
     """A sweep's summary (one row per setting × detector × OOD set, the columns of summary.csv) as a
     W&B Table, and its figures to every logger that takes images."""

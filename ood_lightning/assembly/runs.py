@@ -24,7 +24,7 @@ from ood_lightning.assembly.build import (
 )
 from ood_lightning.assembly.checks import check_config
 from ood_lightning.assembly.finished import ConfigHashStamp, config_hash, finished_metrics, resumable_checkpoint
-from ood_lightning.assembly.loggers import log_results
+from ood_lightning.assembly.loggers import finish_runs, log_results
 from ood_lightning.assembly.preemption import Preemption
 from ood_lightning.assembly.runtime import (
     apply_eval_layout,
@@ -152,6 +152,7 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
     if metrics is None:
         return {}
     log_results(loggers, metrics, sorted((out_dir / "plots").glob("*.png")), trainer.global_step)
+    finish_runs(loggers)
     return metrics
 
 
