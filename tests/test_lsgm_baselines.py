@@ -177,3 +177,35 @@ def test_lsgm_preset_turns_the_search_on_for_odin_star_and_mahalanobis_star(tmp_
     plain = build_detectors(compose_cfg("train", ["data=cifar10"], tmp_path))
     assert plain["odin"].epsilons is None and plain["mahalanobis_ensemble"].epsilons is None
     assert build_detectors(compose_cfg("train", ["method=lsgm", "detectors=none"], tmp_path)) == {}
+
+
+def test_the_chosen_epsilon_is_reported_and_written_to_metrics_json(problem, tmp_path) -> None:
+    """A reader of the table must see which ε won: ``Scorer.selected`` is the search's argmax, the
+    evaluation loop collects it, and ``metrics.json`` holds it beside the mean score per grid value."""
+    import json
+
+    from ood_lightning.assembly.build import build_model, connect
+    from ood_lightning.assembly.runs import score_and_write
+    from ood_lightning.data.datamodule import OODDataModule
+    from tests.conftest import TINY, compose_cfg
+
+    net, _, _, x_val = problem
+    grid = [0.0, 0.01, 0.05, 0.2, 1.0]
+    det = ODIN(temperature=1000.0, input_std=STD.tolist(), epsilons=grid).fit(net, FitData(val_inputs=torch.as_tensor(x_val)))
+    brute = [odin_closed_form(net, x_val, e, 1000.0)[1].mean() for e in grid]
+    assert det.selected()["epsilon"] == grid[int(np.argmax(brute))]
+    assert ODIN().selected() == {} and Mahalanobis().selected() == {}
+
+    cfg = compose_cfg("train", [*TINY, "data.n_train=200", "data.val_size=40", "data.n_test=60", "ood.diagonal.n=50",
+                                "+detectors.odin={_target_: ood_lightning.detectors.ODIN, epsilons: [0.0, 0.01, 0.1]}"],
+                      tmp_path)
+    dm = OODDataModule(cfg.data, cfg.ood)
+    dm.setup("fit")
+    model = build_model(cfg, dm.num_classes, pretrained=False)
+    connect(dm, model)
+    score_and_write(model, dm, cfg, tmp_path, {}, torch.device("cpu"))
+    written = json.loads((tmp_path / "metrics.json").read_text())["selected"]
+    assert set(written) == {"odin"}  # the detectors that chose nothing are absent
+    means = {float(e): s for e, s in written["odin"]["mean_id_val_score"].items()}
+    assert sorted(means) == [0.0, 0.01, 0.1]
+    assert written["odin"]["epsilon"] == best_epsilon(means)

@@ -69,7 +69,8 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
     meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
-            "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented}
+            "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
+            "selected": results.selected}
     write_results(out_dir, results, metrics, extra=meta)
     report = model.report(out_dir, results, dm, device)
     artifacts = sorted(str(p.relative_to(out_dir)) for p in (Path(out_dir) / "plots").glob("*.png"))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import best_epsilon, mean_scores_over_epsilons
+from ood_lightning.detectors.input_step import best_epsilon, epsilon_choice, mean_scores_over_epsilons
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.godin import GeneralizedODIN as DecomposedModel
 from ood_lightning.scoring.api import FitData, Outputs, Scorer
@@ -94,6 +94,9 @@ class GODINPerturbation(Scorer):
         x_tilde = self.perturb(model, x)
         with torch.no_grad():
             return self._score(model, x_tilde)
+
+    def selected(self) -> dict[str, object]:
+        return epsilon_choice(self.search, self.epsilon)
 
     def select_epsilon(self, model: DecomposedModel, id_val_inputs: Tensor) -> float:
         """Set and return the ε of the grid with the highest mean score on ID validation inputs.

@@ -76,3 +76,11 @@ def best_epsilon(search: dict[float, float]) -> float:
     """The ε of the highest mean ID score; among equal maxima the smallest ε (the least perturbation)."""
     top = max(search.values())
     return min(e for e, s in search.items() if s == top)
+
+
+def epsilon_choice(search: dict[float, float], epsilon: float) -> dict[str, object]:
+    """What an ε search chose, for :meth:`~ood_lightning.scoring.api.Scorer.selected`: the ε and the
+    mean ID-validation score at every grid value (empty when no search ran)."""
+    if not search:
+        return {}
+    return {"epsilon": epsilon, "mean_id_val_score": {f"{e:g}": s for e, s in search.items()}}

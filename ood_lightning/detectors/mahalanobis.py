@@ -19,6 +19,7 @@ from ood_lightning.detectors.input_step import (
     best_epsilon,
     check_epsilons,
     check_std,
+    epsilon_choice,
     mean_scores_over_epsilons,
     sign_step,
 )
@@ -130,6 +131,9 @@ class Mahalanobis(Scorer):
         if self.epsilons is not None:
             self.select_epsilon(model, data.val_inputs)
         return self
+
+    def selected(self) -> dict[str, object]:
+        return epsilon_choice(self.search, self.epsilon)
 
     def select_epsilon(self, model: FeatureModel, id_val_inputs: Tensor) -> float:
         """Set and return the grid's ε of the highest mean score on ID validation inputs."""

@@ -132,6 +132,11 @@ class Scorer:
         """This score's own class prediction [N] for the open-set macro-F1; None = the classifier's argmax."""
         return None
 
+    def selected(self) -> dict[str, object]:
+        """Hyperparameters :meth:`fit` chose (e.g. an ε searched on ID validation), logged and written to
+        ``metrics.json`` so a reader of the table sees which value won (default: none)."""
+        return {}
+
 
 class Key(NamedTuple):
     """One entry of a result table: ``scorer``'s values on ``split``; ``tuned_for`` names the OOD
@@ -183,6 +188,8 @@ class Results:
     #: per scorer, its scores on the ID fit (training) set, when asked for (``score_all(train_scores=True)``):
     #: the open-set F1 threshold of ``evaluation.f1_threshold: id_train``. Not an ID split of the table.
     train_scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    #: per scorer, what its fit chose (:meth:`Scorer.selected`); scorers that chose nothing are absent
+    selected: dict[str, dict[str, object]] = field(default_factory=dict)
 
     def scorers(self) -> list[str]:
         return list(dict.fromkeys(k.scorer for k in self.scores))

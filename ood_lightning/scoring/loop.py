@@ -105,6 +105,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     predictions: dict[Key, Tensor] = {}
     timings: dict[str, float] = {}
     on_train: dict[str, Tensor] = {}
+    selected: dict[str, dict[str, object]] = {}
 
     def timed(stage: str, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -135,6 +136,10 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                     if scorer.needs_fit:
                         log.info("fitted %s in %s", name, human(timings[f"fit/{name}"]))
                         fits.advance(1, last=name)
+                    if chosen := scorer.selected():
+                        selected[name] = chosen
+                        log.info("%s chose %s", name, ", ".join(f"{k}={v}" for k, v in chosen.items()
+                                                                 if not isinstance(v, dict)))
             if train_scores:
                 for name, scorer in scorers.items():
                     if not (scorer.per_batch or scorer.tunes_on_ood):
@@ -164,7 +169,8 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                       progress)
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
                    has_classifier=model.has_classifier, outputs=outs, timings=timings, train_scores=on_train,
-                   fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None)
+                   fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None,
+                   selected=selected)
 
 
 #: forward-pass equivalents of one input of a per-batch scorer (a gradient and a second forward pass)
