@@ -28,6 +28,13 @@ def section(title: str, run: Path) -> list[str]:
     out = [f"## {title}", "", f"ID test accuracy {100 * m['accuracy']:.2f}% (10,000 CIFAR-10 test images, the JPEG pack)."]
     for key, name in METRICS:
         out += ["", f"### {name} ×100 (ID = positive)", "", *table(m, key)]
+    if m.get("fit_samples"):
+        out += ["", f"Detectors fitted on {m['fit_samples']:,} ID training inputs"
+                    f"{' (augmented)' if m.get('fit_augmented') else ''}."]
+    chosen = {det: c["epsilon"] for det, c in m.get("selected", {}).items() if "epsilon" in c}
+    if chosen:
+        out += ["", "ε chosen on ID validation (pixel units): "
+                + ", ".join(f"{det} {eps:g}" for det, eps in chosen.items()) + "."]
     t = m.get("timings_s", {})
     if t:
         out += ["", "### Wall time per stage (2-core CPU, shared with other jobs)", "", "| stage | seconds |", "|---|---|"]
