@@ -146,6 +146,7 @@ def test_the_code_identity_follows_every_imported_module_source(tmp_path, monkey
     (pkg / "a.py").write_text("def f():\n    from ood_lightning.sub import b\n    return b.X\n")
     (pkg / "sub" / "b.py").write_text("X = 1\n")
     (pkg / "c.py").write_text("Y = 1\n")
+    (pkg / "d.py").write_text("import ood_lightning\nfrom ood_lightning import c\n")
     monkeypatch.setattr(fc, "_PACKAGE_ROOT", pkg)
     fc._closure.cache_clear()
     try:
@@ -157,6 +158,8 @@ def test_the_code_identity_follows_every_imported_module_source(tmp_path, monkey
         (pkg / "sub" / "b.py").write_text("X = 2\n")
         fc._closure.cache_clear()
         assert fc._closure(("ood_lightning.a",)) != first
+        assert [m for m, _ in fc._closure(("ood_lightning.d",))] == ["ood_lightning", "ood_lightning.c",
+                                                                     "ood_lightning.d"]
     finally:
         fc._closure.cache_clear()
 

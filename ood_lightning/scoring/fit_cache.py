@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import logging
@@ -94,8 +95,9 @@ def _module_file(name: str) -> Path | None:
     """The source file of an ``ood_lightning`` module (None: not one, or not a file here)."""
     if name != PACKAGE and not name.startswith(PACKAGE + "."):
         return None
-    rel = Path(*name.split(".")[1:])
-    for candidate in (_PACKAGE_ROOT / rel.with_suffix(".py"), _PACKAGE_ROOT / rel / "__init__.py"):
+    parts = name.split(".")[1:]
+    candidates = [_PACKAGE_ROOT / Path(*parts).with_suffix(".py")] if parts else []
+    for candidate in (*candidates, _PACKAGE_ROOT.joinpath(*parts, "__init__.py")):
         if candidate.is_file():
             return candidate
     return None
@@ -134,13 +136,27 @@ def _closure(roots: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(seen.items()))
 
 
+def _defining_module(target: str) -> str:
+    """The module that defines what a ``_target_`` names (``ood_lightning.detectors.LSGM`` ->
+    ``ood_lightning.detectors.lsgm``, not the re-exporting package); the name itself if unresolvable."""
+    try:
+        return importlib.import_module(target).__name__
+    except ImportError:
+        pass
+    module, _, attr = target.rpartition(".")
+    try:
+        return getattr(getattr(importlib.import_module(module), attr), "__module__", None) or module
+    except (ImportError, AttributeError, ValueError):
+        return target
+
+
 def _targets(config: object) -> set[str]:
-    """Modules named by ``_target_`` anywhere in a config (``a.b.fn`` -> ``a.b`` and ``a.b.fn``)."""
+    """The defining modules of every ``_target_`` anywhere in a config."""
     out: set[str] = set()
     if isinstance(config, dict):
         for k, v in config.items():
             if k == "_target_" and isinstance(v, str):
-                out.update({v, v.rpartition(".")[0]})
+                out.add(_defining_module(v))
             else:
                 out |= _targets(v)
     elif isinstance(config, list):
