@@ -201,16 +201,31 @@ def test_a_truncated_entry_is_refused_with_a_warning_and_removed(world, tmp_path
     assert any("corrupt" in r.message and str(path) in r.message for r in caplog.records)
 
 
-def test_a_state_the_scorer_refuses_leaves_nothing_half_restored(world, tmp_path, caplog):
+def test_a_state_the_scorer_refuses_is_refitted(world, tmp_path, caplog):
     cache, key, path, fitted = stored_entry(world, tmp_path, "mahalanobis_all")
     entry = torch.load(path, weights_only=True)
-    del entry["tensors"]["layer1/precision"]  # means restore first, then this is missing
+    del entry["tensors"]["layer1/precision"]
     torch.save(entry, path)
     scorer = Mahalanobis(layers="all")
     with caplog.at_level(logging.WARNING, logger="ood_lightning.scoring.fit_cache"):
         assert not cache.load("mahalanobis_all", key, scorer)
     assert scorer.means == {} and scorer.precisions == {} and not path.exists()
     assert "layer1/precision" in caplog.text
+
+
+class _HalfRestoring(ViM):
+    """A scorer whose restore sets one attribute, then fails."""
+
+    def load_fit_state(self, state) -> None:
+        self.alpha = float(state["alpha"])
+        raise KeyError("residual")
+
+
+def test_a_restore_that_fails_halfway_leaves_the_scorer_as_it_was(world, tmp_path):
+    cache, key, path, fitted = stored_entry(world, tmp_path)
+    scorer = _HalfRestoring(dim=2)
+    assert not cache.load("vim", key, scorer)
+    assert scorer.alpha is None and scorer.residual is None
 
 
 def test_an_entry_of_another_key_is_refused(world, tmp_path, caplog):
