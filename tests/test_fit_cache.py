@@ -318,3 +318,43 @@ def test_the_evaluation_loop_serves_fits_from_the_cache_on_a_rerun(tmp_path, cap
     with pytest.raises(pytest.fail.Exception, match="LSGM refitted"):  # another config: not served
         score_all(model, dm, detectors(), "cpu", fit_limit=100, fit_cache=cache,
                   configs={**configs, "lsgm": {"n_components": 3}})
+
+
+class _Method:
+    """What scorer_configs / fit_cache read of a model."""
+
+    trains_backbone = False
+
+    def __init__(self, own: dict) -> None:
+        self.own = own
+
+    def scorers(self) -> dict:
+        return self.own
+
+
+def test_each_scorer_is_keyed_on_its_own_resolved_config_node(tmp_path):
+    """posthoc_cifar10: LSGM by its method.scorers node (seed resolved), LDE by detectors.lde (its flow
+    too); a method without a scorers node keys its own scores on the whole method; fit_cache=false
+    and runs without a feature cache get no fit cache."""
+    from ood_lightning.assembly.build import fit_cache, scorer_configs
+    from tests.conftest import compose_cfg
+
+    over = ["experiment=posthoc_cifar10", "backbone.checkpoint=/nowhere/run/checkpoints/last.ckpt",
+            f"paths.cache_dir={tmp_path}"]
+    cfg = compose_cfg("train", [*over, "seed=7"], tmp_path / "run")
+    model = _Method({"lsgm": None, "gmm_per_layer": None})
+    configs = scorer_configs(cfg, model)
+    assert configs["lsgm"]["method"] == "ood_lightning.methods.PostHoc"
+    assert configs["lsgm"]["scorer"]["seed"] == 7 and configs["lsgm"]["scorer"]["_target_"] == "ood_lightning.detectors.LSGM"
+    assert configs["gmm_per_layer"]["scorer"]["joint"] is False
+    assert configs["lde"]["flow"]["name"] == "glow" and configs["lde"]["seed"] == 7
+    assert configs["lde_unnormalized"]["flow"] == configs["lde"]["flow"]  # the interpolation, resolved
+    assert configs["mahalanobis_ensemble"]["epsilons"] == [0.0025, 0.005, 0.01, 0.02, 0.04, 0.08]
+    assert fit_cache(cfg, model).root.parent == tmp_path / "fits"
+    other = compose_cfg("train", [*over, "method=lde"], tmp_path / "run2")
+    whole = scorer_configs(other, _Method({"lde_bpd": None}))["lde_bpd"]
+    assert set(whole) == {"method"} and "flow" in whole["method"]
+    off = compose_cfg("train", [*over, "evaluation.fit_cache=false"], tmp_path / "run3")
+    assert fit_cache(off, model) is None
+    no_features = compose_cfg("train", [*over, "evaluation.feature_cache=false"], tmp_path / "run4")
+    assert fit_cache(no_features, model) is None
