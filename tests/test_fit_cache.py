@@ -303,18 +303,19 @@ def test_the_evaluation_loop_serves_fits_from_the_cache_on_a_rerun(tmp_path, cap
     cache = FitCache(tmp_path / "fits")
 
     def detectors():
-        return {"msp": MSP(), "lsgm": LSGM(n_components=2, mixture="gmm", max_iter=5), "maha": Mahalanobis()}
+        return {"msp": MSP(), "lsgm": LSGM(n_components=2, mixture="gmm", max_iter=5), "maha": Mahalanobis(),
+                "knn": KNN(k=3)}
 
-    configs = {"msp": {}, "lsgm": {"n_components": 2}, "maha": {}}
+    configs = {"msp": {}, "lsgm": {"n_components": 2}, "maha": {}, "knn": {"k": 3}}
     first = score_all(model, dm, detectors(), "cpu", fit_limit=100, fit_cache=cache, configs=configs)
-    assert first.fit_cache == {"lsgm": "fitted", "maha": "fitted"}  # MSP needs no fit
+    assert first.fit_cache == {"lsgm": "fitted", "maha": "fitted", "knn": "not cacheable"}  # MSP needs no fit
     monkeypatch.setattr(LSGM, "fit", lambda *a: pytest.fail("LSGM refitted on a hit"))
     monkeypatch.setattr(Mahalanobis, "fit", lambda *a: pytest.fail("Mahalanobis refitted on a hit"))
     with caplog.at_level(logging.INFO, logger="ood_lightning.scoring.loop"):
         second = score_all(model, dm, detectors(), "cpu", fit_limit=100, fit_cache=cache, configs=configs)
-    assert second.fit_cache == {"lsgm": "cache", "maha": "cache"}
+    assert second.fit_cache == {"lsgm": "cache", "maha": "cache", "knn": "not cacheable"}
     assert all(torch.equal(first.scores[k], second.scores[k]) for k in first.scores)
-    assert "fit lsgm: from the fit cache (" in caplog.text and "fit cache: 2 of 2 fits served" in caplog.text
+    assert "fit lsgm: from the fit cache (" in caplog.text and "fit cache: 2 of 2 cacheable fits served" in caplog.text
     with pytest.raises(pytest.fail.Exception, match="LSGM refitted"):  # another config: not served
         score_all(model, dm, detectors(), "cpu", fit_limit=100, fit_cache=cache,
                   configs={**configs, "lsgm": {"n_components": 3}})

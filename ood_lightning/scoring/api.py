@@ -210,7 +210,8 @@ class Results:
     train_scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
     #: per scorer, what its fit chose (:meth:`Scorer.selected`); scorers that chose nothing are absent
     selected: dict[str, dict[str, object]] = field(default_factory=dict)
-    #: per fitted scorer, where its fit came from: ``"cache"`` (the fit cache) or ``"fitted"``
+    #: per fitted scorer (``needs_fit``), with a fit cache: ``"cache"`` (served), ``"fitted"`` (missed, fitted
+    #: and stored) or ``"not cacheable"`` (fitted; not ``fit_cacheable``, or ``tunes_on_ood``)
     fit_cache: dict[str, str] = field(default_factory=dict)
 
     def scorers(self) -> list[str]:

@@ -162,7 +162,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                             fit_cache.store(name, key, scorer, ingredients)
                     timings[f"fit/{name}"] = time.perf_counter() - start
                     if scorer.needs_fit:
-                        fit_sources[name] = "cache" if served else "fitted"
+                        fit_sources[name] = "cache" if served else "fitted" if cacheable else "not cacheable"
                         if served:
                             log.info("fit %s: from the fit cache (%s)", name, key[:16])
                         else:
@@ -179,8 +179,10 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                                                train).detach().float().cpu()
             if fit_cache is not None:
                 hits = [n for n, src in fit_sources.items() if src == "cache"]
-                log.info("fit cache: %d of %d fits served from %s%s", len(hits), len(fit_sources), fit_cache.root,
-                         f" ({', '.join(hits)})" if hits else "")
+                stored = [n for n, src in fit_sources.items() if src == "fitted"]
+                log.info("fit cache: %d of %d cacheable fits served from %s%s%s", len(hits), len(hits) + len(stored),
+                         fit_cache.root, f" ({', '.join(hits)})" if hits else "",
+                         f"; fitted and stored: {', '.join(stored)}" if stored else "")
             del data, train
         outs = {split: timed(f"features/{split}", outputs_of, split, loader, progress) for split, loader in loaders.items()}
         for name, scorer in scorers.items():
