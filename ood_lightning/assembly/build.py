@@ -21,10 +21,10 @@ from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError, ConfigError, InvalidCheckpointError
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.methods.base import OODMethod
-from ood_lightning.scoring.fit_cache import FitCache
 from ood_lightning.nn.spectral import apply_spectral_norm
 from ood_lightning.pretrained import check_input_normalisation
 from ood_lightning.scoring.api import Scorer
+from ood_lightning.scoring.fit_cache import FitCache
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, Union
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -94,7 +94,7 @@ class FitData:
 
 #: one value of a fitted state (:meth:`Scorer.fit_state`): a tensor, or a plain JSON value
 #: (number, string, bool, None, or lists / string-keyed dicts of those)
-StateValue = Union[Tensor, int, float, str, bool, None, list, dict]
+StateValue = Tensor | int | float | str | bool | None | list | dict
 
 
 class Scorer:

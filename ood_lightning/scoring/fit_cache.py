@@ -38,7 +38,7 @@ import os
 import pickle
 import sys
 import zipfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -120,7 +120,7 @@ def _imports(path: Path, module: str) -> set[str]:
     return {m for m in found if _module_file(m) is not None}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _closure(roots: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """(module, sha256 of its source) for ``roots`` and every ``ood_lightning`` module they import."""
     seen: dict[str, str] = {}
