@@ -197,3 +197,8 @@ def test_posthoc_run_on_changed_data_does_not_reuse_cached_features(tmp_path):
     # the inversion changes the answer (so a stale hit would show), and the cached run gives the true one
     assert orig["results"]["msp"]["gaussian"] != truth["results"]["msp"]["gaussian"]
     assert cached["results"] == truth["results"] and cached["accuracy"] == truth["accuracy"]
+    # the training split is the same in both copies: its fits are served from the fit cache (same
+    # numbers as the refit of the run without caches, above); that run has no fit cache
+    meta = {n: json.loads((tmp_path / n / "metrics.json").read_text())["fit_cache"] for n in ("p_orig", "p_inv", "p_truth")}
+    assert meta["p_orig"]["sources"] == {"mahalanobis": "fitted"} and meta["p_truth"] is None
+    assert meta["p_inv"] == {"hits": 1, "fitted": 0, "sources": {"mahalanobis": "cache"}}

@@ -24,6 +24,7 @@ from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.spectral import apply_spectral_norm
 from ood_lightning.pretrained import check_input_normalisation
 from ood_lightning.scoring.api import Scorer
+from ood_lightning.scoring.fit_cache import FitCache
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +112,42 @@ def feature_cache(cfg: DictConfig, model: OODMethod) -> FeatureCache | None:
     ckpt = cfg.backbone.get("checkpoint")
     if model.trains_backbone or not ckpt or not cfg.evaluation.get("feature_cache", True):
         return None
+    return FeatureCache(Path(cfg.paths.cache_dir) / "features" / _checkpoint_folder(ckpt))
+
+
+def _checkpoint_folder(ckpt: str) -> str:
+    """A readable, unique folder name per checkpoint path (the caches' per-checkpoint roots)."""
     path = Path(ckpt).resolve()
     tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
-    return FeatureCache(Path(cfg.paths.cache_dir) / "features" / f"{path.parent.parent.name}-{path.stem}-{tag}")
+    return f"{path.parent.parent.name}-{path.stem}-{tag}"
+
+
+def fit_cache(cfg: DictConfig, model: OODMethod) -> FitCache | None:
+    """Fitted detectors per checkpoint (``paths.cache_dir/fits``), wherever the feature cache is on and
+    ``evaluation.fit_cache`` is true: a rerun then skips the fits as it skips the passes."""
+    if feature_cache(cfg, model) is None or not cfg.evaluation.get("fit_cache", True):
+        return None
+    return FitCache(Path(cfg.paths.cache_dir) / "fits" / _checkpoint_folder(cfg.backbone.checkpoint))
+
+
+def scorer_configs(cfg: DictConfig, model: OODMethod) -> dict[str, object]:
+    """Each scorer's resolved config, for the fit cache's key: ``detectors.<name>`` for a detector;
+    ``method.scorers.<name>`` for a method's own scorer when the method lists it there, else the whole
+    ``method`` node (the scorer is built from it in code)."""
+    def plain(node) -> object:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    method = cfg.method
+    own_nodes = method.get("scorers") if isinstance(method.get("scorers"), DictConfig) else None
+    configs: dict[str, object] = {}
+    for name in model.scorers():
+        node = own_nodes.get(name) if own_nodes is not None and name in own_nodes else None
+        configs[name] = {"method": plain(method.get("_target_")), "scorer": plain(node)} if node is not None \
+            else {"method": plain(method)}
+    for name, spec in (cfg.get("detectors") or {}).items():
+        if spec is not None:
+            configs[name] = plain(spec)
+    return configs
 
 
 # -- checkpoints (every read goes through ood_lightning.checkpoints: weights_only) ----------------

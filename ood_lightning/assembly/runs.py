@@ -19,7 +19,9 @@ from ood_lightning.assembly.build import (
     choices,
     connect,
     feature_cache,
+    fit_cache,
     load_weights,
+    scorer_configs,
     stored_config,
 )
 from ood_lightning.assembly.checks import check_config
@@ -61,16 +63,21 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     apply_eval_layout(model, cfg, device)
     f1_threshold = str(cfg.evaluation.get("f1_threshold", "auto"))
     f1_threshold = check_f1_threshold(model.f1_threshold_split if f1_threshold == "auto" else f1_threshold)
+    fits = fit_cache(cfg, model) if cache is not None else None
     results = score_all(model, dm, build_detectors(cfg), device, cfg.evaluation.fit_limit, cache,
                         bool(cfg.evaluation.get("fit_augmented", False)), ranks,
-                        train_scores=f1_threshold == "id_train" and model.has_classifier)
+                        train_scores=f1_threshold == "id_train" and model.has_classifier,
+                        fit_cache=fits, configs=scorer_configs(cfg, model) if fits is not None else None)
     if not ranks.is_main:
         return None
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
     meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
-            "selected": results.selected}
+            "selected": results.selected,
+            "fit_cache": {"hits": sum(v == "cache" for v in results.fit_cache.values()),
+                          "fitted": sum(v == "fitted" for v in results.fit_cache.values()),
+                          "sources": results.fit_cache} if fits is not None else None}
     write_results(out_dir, results, metrics, extra=meta)
     report = model.report(out_dir, results, dm, device)
     artifacts = sorted(str(p.relative_to(out_dir)) for p in (Path(out_dir) / "plots").glob("*.png"))

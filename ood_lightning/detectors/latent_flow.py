@@ -28,7 +28,7 @@ from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.nn.flows.build import build_flow
 from ood_lightning.nn.modes import eval_mode
 from ood_lightning.progress import Progress, stage
-from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, StateValue
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,12 @@ class LatentFlowDetector(Scorer):
         device: "auto" (CUDA when available, else CPU) or a torch device string.
         eval_every: with ``fit_with_history``, record AUROC and mean bpd every this many steps.
         flow_kwargs: extra keyword arguments for the flow builder (e.g. ``batch_norm`` of realnvp).
+
+    The fit is cacheable: the PCA, the flow's parameters and every buffer (persistent or not; the
+    flow is rebuilt under ``seed`` as in :meth:`fit`, then overwritten) and ``history``.
     """
+
+    fit_cacheable = True
 
     def __init__(
         self,
@@ -146,6 +151,34 @@ class LatentFlowDetector(Scorer):
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         return -self.bpd(outputs.features)
+
+    def fit_state(self) -> dict[str, StateValue]:
+        if self.flow is None:
+            raise RuntimeError("LatentFlowDetector is not fitted; call fit() first")
+        state: dict[str, StateValue] = {"dim": self._dim, "history": self.history,
+                                        **{f"flow/{k}": v for k, v in self.flow.state_dict().items()},
+                                        **{f"buffer/{k}": v for k, v in self.flow.named_buffers()}}
+        if self.pca_components is not None:
+            state.update({"pca_mean": self.pca_mean, "pca_components": self.pca_components})
+        return state
+
+    def load_fit_state(self, state: dict[str, StateValue]) -> None:
+        dim = int(state["dim"])
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # build as fit does, without touching anyone's stream
+            torch.manual_seed(self.seed)
+            flow = self._build(dim)
+        flow.load_state_dict({k.removeprefix("flow/"): v for k, v in state.items() if k.startswith("flow/")})
+        buffers = dict(flow.named_buffers())
+        stored = {k.removeprefix("buffer/"): v for k, v in state.items() if k.startswith("buffer/")}
+        if set(stored) != set(buffers):
+            raise ValueError(f"flow buffers {sorted(stored)} differ from the built flow's {sorted(buffers)}")
+        with torch.no_grad():
+            for k, v in stored.items():
+                buffers[k].copy_(v)
+        flow.eval()
+        self.flow, self._dim, self.history = flow, dim, [dict(r) for r in state["history"]]
+        self.pca_mean, self.pca_components = state.get("pca_mean"), state.get("pca_components")
 
     # -- fitting -----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from ood_lightning.detectors.input_step import (
     sign_step,
 )
 from ood_lightning.errors import ConfigError
-from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, layer_selection, pool
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, StateValue, layer_selection, pool
 
 PENULTIMATE = "penultimate"
 
@@ -65,7 +65,12 @@ class Mahalanobis(Scorer):
     (dead) on the fit data gets zero precision, so it adds nothing to any score.
     Statistics are kept in float64 (squared distances in high dimension are large and
     differ by little), and scores are returned in float64 for the same reason.
+
+    Cacheable (:meth:`fit_state`): the fit itself is a covariance per layer, but an ε search makes
+    one gradient and ``len(epsilons)`` forward passes over the ID validation inputs per layer.
     """
+
+    fit_cacheable = True
 
     def __init__(
         self,
@@ -171,6 +176,28 @@ class Mahalanobis(Scorer):
             self.precisions[name] = precision
             self._mu_p_mu[name] = ((means @ precision) * means).sum(-1)
         return self
+
+    def fit_state(self) -> dict[str, StateValue]:
+        self._check_fitted()
+        state: dict[str, StateValue] = {"layers": list(self.means), "weights": dict(self.weights),
+                                        "epsilon": self.epsilon, "search": [[e, v] for e, v in self.search.items()],
+                                        "classes": self.classes}
+        for i, n in enumerate(self.means):
+            state.update({f"layer{i}/means": self.means[n], f"layer{i}/covariance": self.covariances[n],
+                          f"layer{i}/precision": self.precisions[n], f"layer{i}/mu_p_mu": self._mu_p_mu[n]})
+        return state
+
+    def load_fit_state(self, state: dict[str, StateValue]) -> None:
+        names = [str(n) for n in state["layers"]]
+        weights = {str(k): float(v) for k, v in state["weights"].items()}
+        if set(weights) != set(names) or not names:
+            raise ValueError(f"layer weights for {sorted(weights)}, layers {names}")
+        parts = {part: {n: state[f"layer{i}/{part}"] for i, n in enumerate(names)}
+                 for part in ("means", "covariance", "precision", "mu_p_mu")}
+        self.means, self.covariances, self.precisions, self._mu_p_mu = (
+            parts["means"], parts["covariance"], parts["precision"], parts["mu_p_mu"])
+        self.weights, self.classes, self.epsilon = weights, state["classes"], float(state["epsilon"])
+        self.search = {float(e): float(v) for e, v in state["search"]}
 
     def _check_fitted(self) -> None:
         if not self.means:
@@ -280,6 +307,8 @@ class MahalanobisTuned(Mahalanobis):
     """
 
     tunes_on_ood = True
+    #: refitted per OOD set on that set's tuning part: never served from the fit cache
+    fit_cacheable = False
 
     def __init__(self, layers: Sequence[str] | str = "all", **kwargs) -> None:
         super().__init__(layers=layers, **kwargs)

@@ -10,7 +10,7 @@ from ood_lightning.detectors.energy import energy_score
 from ood_lightning.detectors.fit_checks import as_float, require_samples, train_outputs
 from ood_lightning.detectors.head import linear_head
 from ood_lightning.errors import ConfigError
-from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, StateValue
 
 
 def default_dim(feature_dim: int) -> int:
@@ -37,6 +37,8 @@ class ViM(Scorer):
     """
 
     needs_linear_head = True
+    #: an eigendecomposition of a D×D matrix: cheap, but cached with the rest (three values)
+    fit_cacheable = True
 
     def __init__(self, dim: int | str = "auto") -> None:
         if dim != "auto" and (isinstance(dim, str) or int(dim) != dim or dim < 1):
@@ -63,6 +65,17 @@ class ViM(Scorer):
         vlogit = (x @ self.residual).norm(dim=-1)
         self.alpha = float(as_float(train.logits).double().amax(-1).mean() / vlogit.mean())
         return self
+
+    def fit_state(self) -> dict[str, StateValue]:
+        if self.residual is None:
+            raise RuntimeError("ViM is not fitted")
+        return {"origin": self.origin, "residual": self.residual, "alpha": self.alpha}
+
+    def load_fit_state(self, state: dict[str, StateValue]) -> None:
+        origin, residual, alpha = state["origin"], state["residual"], float(state["alpha"])
+        if residual.ndim != 2 or origin.shape != residual.shape[:1]:
+            raise ValueError(f"origin {tuple(origin.shape)} and residual {tuple(residual.shape)} do not match")
+        self.origin, self.residual, self.alpha = origin, residual, alpha
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         if self.residual is None:

@@ -92,6 +92,11 @@ class FitData:
     ood_tune: Outputs | None = None
 
 
+#: one value of a fitted state (:meth:`Scorer.fit_state`): a tensor, or a plain JSON value
+#: (number, string, bool, None, or lists / string-keyed dicts of those)
+StateValue = Tensor | int | float | str | bool | None | list | dict
+
+
 class Scorer:
     """Base class of every OOD score (higher = more in-distribution).
 
@@ -111,6 +116,21 @@ class Scorer:
     #: features: ViM, DICE, fDBD, GradNorm); skipped for methods that declare
     #: ``OODMethod.has_linear_head = False`` (G-ODIN, VMDLS)
     needs_linear_head: bool = False
+    #: the fit's result can be saved and restored (:meth:`fit_state` / :meth:`load_fit_state`), so a
+    #: rerun on the same fit data, config and code is served from the fit cache
+    #: (:mod:`ood_lightning.scoring.fit_cache`, ``evaluation.fit_cache``). Declared by the scorers whose
+    #: fit costs time (LSGM's mixtures, a latent flow, an ε search); trivial fits stay uncached.
+    #: ``tunes_on_ood`` scorers are never cached (they are refitted per OOD set).
+    fit_cacheable: bool = False
+
+    def fit_state(self) -> dict[str, StateValue]:
+        """The fitted state as a flat dict: tensors, plus plain JSON values (``fit_cacheable`` scorers)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no cacheable fit (fit_cacheable = False)")
+
+    def load_fit_state(self, state: dict[str, StateValue]) -> None:
+        """Become the fitted scorer :meth:`fit_state` described; raise (KeyError, ValueError, ...) on a
+        state that does not fit, never half-restore silently (the cache then refits)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no cacheable fit (fit_cacheable = False)")
 
     def fit(self, model: FeatureModel, data: FitData) -> Scorer:
         """Estimate whatever the score needs (default: nothing)."""
@@ -190,6 +210,9 @@ class Results:
     train_scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
     #: per scorer, what its fit chose (:meth:`Scorer.selected`); scorers that chose nothing are absent
     selected: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: per fitted scorer (``needs_fit``), with a fit cache: ``"cache"`` (served), ``"fitted"`` (missed, fitted
+    #: and stored) or ``"not cacheable"`` (fitted; not ``fit_cacheable``, or ``tunes_on_ood``)
+    fit_cache: dict[str, str] = field(default_factory=dict)
 
     def scorers(self) -> list[str]:
         return list(dict.fromkeys(k.scorer for k in self.scores))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Mapping
 from functools import partial
 
 import torch
@@ -22,6 +23,7 @@ from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerpri
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.progress import Progress, stage
 from ood_lightning.scoring.api import ID_SPLITS, FitData, Key, Outputs, Results, Scorer
+from ood_lightning.scoring.fit_cache import FitCache, fit_data_identity, fit_key
 from ood_lightning.scoring.passes import extract, n_inputs, score_batches
 from ood_lightning.scoring.ranks import SINGLE, Ranks
 
@@ -62,7 +64,8 @@ def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, 
 
 def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer], device: torch.device | str = "cpu",
               fit_limit: int | None = None, cache: FeatureCache | None = None, fit_augmented: bool = False,
-              ranks: Ranks = SINGLE, train_scores: bool = False) -> Results:
+              ranks: Ranks = SINGLE, train_scores: bool = False, fit_cache: FitCache | None = None,
+              configs: Mapping[str, object] | None = None) -> Results:
     """Fit every scorer on ID data and score ``id_val``, ``id_test`` and every OOD set.
 
     With a ``cache`` (post-hoc runs on a fixed checkpoint) each split's outputs are read from
@@ -71,6 +74,10 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     scored from outputs and fitted once (not ``per_batch``, not ``tunes_on_ood``), for an open-set
     threshold on training scores (VMDLS). With several ``ranks`` (DDP) each rank runs its block of
     every pass and the blocks are gathered, so every rank returns the same full results.
+
+    With a ``fit_cache``, every ``fit_cacheable`` scorer named in ``configs`` (its resolved config,
+    part of the key) is restored from the cache when the same fit already ran, else fitted and stored
+    (:mod:`~ood_lightning.scoring.fit_cache`); ``Results.fit_cache`` says which.
     """
     device = torch.device(device)
     model = model.to(device).eval()
@@ -115,6 +122,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
 
     fit_loader = dm.fit_dataloader(fit_limit) if any(s.needs_fit for s in scorers.values()) else None
     fit_samples = None
+    fit_sources: dict[str, str] = {}
     _log_plan(scorers, loaders, fit_loader)
     # bars on the main rank's terminal; progress lines otherwise (a log file, a pipe, other ranks)
     with Progress(bars=ranks.is_main) as progress:
@@ -128,13 +136,37 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
             if "id_train" in extracted:
                 _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
             data = FitData(train=train, val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
+            identity: dict | None = None
+
+            def data_identity() -> dict:  # content digests of the fit data, once per run
+                nonlocal identity
+                if identity is None:
+                    feature_key = None if cache is None else [*dm.cache_key("id_train", fit_limit),
+                                                              "augmented" if fit_augmented else "plain"]
+                    identity = fit_data_identity(data, fingerprint or model_fingerprint(model), feature_key)
+                return identity
+
             with progress.stage("fitting scorers", len(fitting), "scorers", QUIET_UNDER_S) as fits:
                 for name, scorer in scorers.items():
+                    cacheable = (fit_cache is not None and scorer.needs_fit and scorer.fit_cacheable
+                                 and not scorer.tunes_on_ood and configs is not None and name in configs)
+                    start, served = time.perf_counter(), False
+                    if cacheable:
+                        key, ingredients = fit_key(name, scorer, configs[name], data_identity())
+                        served = fit_cache.load(name, key, scorer)
+                    if not served:
+                        if scorer.needs_fit:
+                            log.info("fitting %s ...", name)
+                        scorer.fit(model, data)
+                        if cacheable and ranks.is_main:
+                            fit_cache.store(name, key, scorer, ingredients)
+                    timings[f"fit/{name}"] = time.perf_counter() - start
                     if scorer.needs_fit:
-                        log.info("fitting %s ...", name)
-                    timed(f"fit/{name}", scorer.fit, model, data)
-                    if scorer.needs_fit:
-                        log.info("fitted %s in %s", name, human(timings[f"fit/{name}"]))
+                        fit_sources[name] = "cache" if served else "fitted" if cacheable else "not cacheable"
+                        if served:
+                            log.info("fit %s: from the fit cache (%s)", name, key[:16])
+                        else:
+                            log.info("fitted %s in %s", name, human(timings[f"fit/{name}"]))
                         fits.advance(1, last=name)
                     if chosen := scorer.selected():
                         selected[name] = chosen
@@ -145,6 +177,12 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                     if not (scorer.per_batch or scorer.tunes_on_ood):
                         on_train[name] = timed(f"score_train/{name}", ranks.map_outputs, partial(scorer.score, model),
                                                train).detach().float().cpu()
+            if fit_cache is not None:
+                hits = [n for n, src in fit_sources.items() if src == "cache"]
+                stored = [n for n, src in fit_sources.items() if src == "fitted"]
+                log.info("fit cache: %d of %d cacheable fits served from %s%s%s", len(hits), len(hits) + len(stored),
+                         fit_cache.root, f" ({', '.join(hits)})" if hits else "",
+                         f"; fitted and stored: {', '.join(stored)}" if stored else "")
             del data, train
         outs = {split: timed(f"features/{split}", outputs_of, split, loader, progress) for split, loader in loaders.items()}
         for name, scorer in scorers.items():
@@ -170,7 +208,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
                    has_classifier=model.has_classifier, outputs=outs, timings=timings, train_scores=on_train,
                    fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None,
-                   selected=selected)
+                   selected=selected, fit_cache=fit_sources)
 
 
 #: forward-pass equivalents of one input of a per-batch scorer (a gradient and a second forward pass)
