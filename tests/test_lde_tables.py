@@ -93,6 +93,7 @@ def test_pca_table_writes_its_figure(T, tmp_path):
     (["--table", "pca", "--pca", "0"], "--pca: '0' is not a positive number"),
     (["--table", "pca", "--pca", "4,4"], "--pca: 4 is listed twice"),
     (["--table", "flows", "--flows", "glow,nice"], "--flows: unknown flow 'nice'"),
+    (["--table", "flows", "--score-limit", "1"], "--score-limit must be >= 2"),
 ])
 def test_bad_options_give_one_line(T, argv, message, capsys):
     assert T.main(argv) == 2
@@ -111,3 +112,11 @@ def test_user_overrides_replace_the_defaults(T):
     assert "backbone=cifar_resnet20_pretrained" not in out and out[-2:] == ["backbone=cifar_resnet56_pretrained",
                                                                            "seed=1"]
     assert "evaluation.fit_augmented=true" in out and "evaluation.fit_limit=null" in out
+
+
+def test_score_subset_is_seeded_and_leaves_small_sets_whole(T):
+    sets = {"a": torch.arange(10.0)[:, None], "b": torch.arange(3.0)[:, None]}
+    one, two = T.subsample(sets, 4), T.subsample(sets, 4)
+    assert one["a"].shape == (4, 1) and torch.equal(one["a"], two["a"]) and torch.equal(one["b"], sets["b"])
+    assert len(set(one["a"].flatten().tolist())) == 4  # without replacement
+    assert T.subsample(sets, None) is sets
