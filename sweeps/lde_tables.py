@@ -267,8 +267,11 @@ def markdown(table: str, rows: list[Row], setting: dict, paper: list[dict]) -> s
 @styled
 def pca_figure(rows: list[Row], feature_dim: int, title: str, out: Path) -> Path:
     """AUROC per OOD set (and their mean) and mean bpd per set against the number of components."""
-    rows = sorted(rows, key=lambda r: r.dim)
-    xs = [r.dim for r in rows]
+    # "none" sits at the feature dimension, or one octave right of it when pca=D (a centred
+    # rotation, which differs from none through the centring before L2 normalisation) is a row too
+    full = 2 * feature_dim if any(r.pca_dim == feature_dim for r in rows) else feature_dim
+    rows = sorted(rows, key=lambda r: full if r.pca_dim is None else r.pca_dim)
+    xs = [full if r.pca_dim is None else r.pca_dim for r in rows]
     fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name in rows[0].auroc:
         ax_a.plot(xs, [r.auroc[name] for r in rows], marker="o", label=name)
@@ -276,7 +279,7 @@ def pca_figure(rows: list[Row], feature_dim: int, title: str, out: Path) -> Path
     for name in rows[0].bpd:
         ax_b.plot(xs, [r.bpd[name] for r in rows], marker="o", label=name,
                   **({"color": ID_COLOUR, "linewidth": 2.5} if name == ID_SET else {}))
-    labels = [f"{x}\n(none)" if r.pca_dim is None else str(x) for x, r in zip(xs, rows)]
+    labels = [f"none\n({r.dim})" if r.pca_dim is None else str(x) for x, r in zip(xs, rows)]
     for ax in (ax_a, ax_b):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, labels)
