@@ -31,6 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from _common import ROOT, compose_train  # noqa: E402  (puts the project on sys.path)
 from omegaconf import OmegaConf  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -138,6 +139,21 @@ def flow_preset(name: str) -> dict:
     return spec
 
 
+def flow_args(pairs: list[str], flows: list[str]) -> dict[str, dict]:
+    """``["actnorm=true"]`` -> each flow's preset with that key replaced (every flow must have the key)."""
+    presets = {f: flow_preset(f) for f in flows}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--flow-arg: expected KEY=VALUE (e.g. --flow-arg actnorm=true), got {pair!r}")
+        for name, spec in presets.items():
+            if key not in spec or key == "name":
+                raise ConfigError(f"--flow-arg: flow preset {name!r} has no argument {key!r}; it has "
+                                  f"{', '.join(k for k in spec if k != 'name')}")
+            spec[key] = yaml.safe_load(value)
+    return presets
+
+
 def lde_fit_settings(seed: int) -> dict:
     """The LDE preset's fit block (ε, lr, epochs, batch size) with the run's seed."""
     fit = OmegaConf.to_container(OmegaConf.load(LDE_PRESET).method.fit, resolve=False)
@@ -238,7 +254,8 @@ def markdown(table: str, rows: list[Row], setting: dict, paper: list[dict]) -> s
            f"Adam lr {setting['lr']:g}, ε = 1/{round(1 / setting['epsilon'])}), feature dim {setting['feature_dim']}. "
            f"AUROC ×100, {ID_SET} (ID positive) vs each OOD set; bpd = mean bits per dimension. "
            + (f"Scored on a seeded random {setting['score_limit']:,} inputs per set. " if setting.get("score_limit")
-              else "") + f"Wall time {setting.get('wall_s', '?')} s (features {setting.get('features_s', '?')} s), "
+              else "") + (f"Flow preset arguments replaced: {', '.join(setting['flow_args'])}. "
+                          if setting.get("flow_args") else "") + f"Wall time {setting.get('wall_s', '?')} s (features {setting.get('features_s', '?')} s), "
            f"{setting.get('rows_done', f'{len(rows)}/{len(rows)}')} rows.", "",
            "| config | d | fit s | score s | " + " | ".join(f"AUROC {o}" for o in ood) + " | mean AUROC | "
            + " | ".join(f"bpd {s}" for s in sets) + " |",
@@ -353,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", required=True, choices=TABLES)
     ap.add_argument("--pca", default=DEFAULT_PCA, help=f"pca_dim grid, 'none' = unreduced (default {DEFAULT_PCA})")
     ap.add_argument("--flows", default=DEFAULT_FLOWS, help=f"flow presets of conf/method/flow (default {DEFAULT_FLOWS})")
+    ap.add_argument("--flow-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="replace one argument of every flow preset used (e.g. actnorm=true for residual)")
     ap.add_argument("--score-limit", type=int, default=None,
                     help="score a seeded random subset of at most this many inputs per set (default: all)")
     ap.add_argument("--out", type=Path, default=Path("outputs/lde_tables"))
@@ -364,13 +383,15 @@ def main(argv: list[str] | None = None) -> int:
                                  parse_flows(args.flows) if args.table == "flows" else None)
         if args.score_limit is not None and args.score_limit < 2:
             raise ConfigError(f"--score-limit must be >= 2 inputs per set, got {args.score_limit}")
+        presets = flow_args(args.flow_arg, sorted({c.flow for c in configs}))
         overrides = merged_overrides(args.overrides)
         start = time.perf_counter()
         train, sets, setting = load_features(overrides, args.out / args.table)
         check_configs(configs, train.shape[1])
         fit = lde_fit_settings(setting["seed"])
         sets = subsample(sets, args.score_limit)
-        setting.update(fit, score_limit=args.score_limit, scored={k: len(v) for k, v in sets.items()})
+        setting.update(fit, score_limit=args.score_limit, scored={k: len(v) for k, v in sets.items()},
+                       flow_args=args.flow_arg, flows=presets)
         paths: list[Path] = []
 
         def write(rows: list[Row]) -> None:
@@ -378,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                            wall_s=round(time.perf_counter() - start, 1), rows_done=f"{len(rows)}/{len(configs)}")
             paths[:] = write_outputs(args.table, rows, setting, args.out)
 
-        run_table(configs, train, sets, fit, device=setting["device"], on_row=write)
+        run_table(configs, train, sets, fit, presets=presets, device=setting["device"], on_row=write)
     except OODLightningError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

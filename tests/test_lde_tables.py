@@ -94,6 +94,9 @@ def test_pca_table_writes_its_figure(T, tmp_path):
     (["--table", "pca", "--pca", "4,4"], "--pca: 4 is listed twice"),
     (["--table", "flows", "--flows", "glow,nice"], "--flows: unknown flow 'nice'"),
     (["--table", "flows", "--score-limit", "1"], "--score-limit must be >= 2"),
+    (["--table", "flows", "--flows", "glow,residual", "--flow-arg", "actnorm=true"],
+     "--flow-arg: flow preset 'glow' has no argument 'actnorm'"),
+    (["--table", "pca", "--flow-arg", "n_blocks"], "--flow-arg: expected KEY=VALUE"),
 ])
 def test_bad_options_give_one_line(T, argv, message, capsys):
     assert T.main(argv) == 2
@@ -120,3 +123,9 @@ def test_score_subset_is_seeded_and_leaves_small_sets_whole(T):
     assert one["a"].shape == (4, 1) and torch.equal(one["a"], two["a"]) and torch.equal(one["b"], sets["b"])
     assert len(set(one["a"].flatten().tolist())) == 4  # without replacement
     assert T.subsample(sets, None) is sets
+
+
+def test_flow_arg_replaces_a_preset_argument(T):
+    presets = T.flow_args(["actnorm=true", "n_blocks=3"], ["residual"])
+    assert presets["residual"]["actnorm"] is True and presets["residual"]["n_blocks"] == 3
+    assert presets["residual"]["hidden"] == T.flow_preset("residual")["hidden"]
