@@ -105,6 +105,9 @@ class LatentFlowDetector(Scorer):
         self.pca_mean: Tensor | None = None
         self.pca_components: Tensor | None = None
         self.history: list[dict[str, float]] = []
+        #: after a fit: its number of samples and optimiser steps (the paper's point is that steps matter)
+        self.fit_samples = 0
+        self.fit_steps = 0
 
     # -- features -> flow inputs -------------------------------------------------------------
 
@@ -225,6 +228,7 @@ class LatentFlowDetector(Scorer):
         # A lone last sample would break batch statistics (ActNorm init, batch norm): skip it.
         per_epoch = n // self.batch_size + int(n % self.batch_size >= 2)
         total = per_epoch * self.epochs
+        self.fit_samples, self.fit_steps = n, total
         # the paper's point is that the step count matters (under-training works): say it
         log.info("latent flow fit: %d samples, %d steps (%d epoch(s) x %d batches of %d)",
                  n, total, self.epochs, per_epoch, self.batch_size)

@@ -87,26 +87,11 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     loaders = dm.eval_dataloaders()
     fingerprint = model_fingerprint(model) if cache is not None else None
 
-    extracted: set[str] = set()
+    extracted: set[str] = set()  # splits that ran a real pass, not a cache read: their rate may project the others
 
     def outputs_of(split: str, loader, progress, limit=None, augment: bool = False) -> Outputs:
-        # each split's pass draws from its own seeded stream, so stochastic values (a VAE's
-        # posterior samples) are the same whenever a checkpoint is scored, whatever ran before
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(zlib.crc32(split.encode()))
-            prep = (lambda x: preprocess(x, train=True)) if augment else preprocess
-            model.prepare_split(split, loader, prep, device)
-
-            def run(*args, **kwargs) -> Outputs:
-                extracted.add(split)  # a real pass, not a cache read: its rate may project the others
-                return extract(*args, ranks=ranks, pass_values=model.pass_values, **kwargs)
-
-            if cache is None:
-                return run(model, loader, prep, device, progress, f"{model.pass_label}: {split}")
-            dataset, name, tag = dm.cache_key(split, limit)
-            tag = f"{tag}-augmented" if augment else tag
-            return cache.get_or_extract(model, split, loader, prep, device, dataset, name, tag,
-                                        extract_fn=run, progress=progress, fingerprint=fingerprint)
+        return split_outputs(model, dm, split, loader, preprocess, device, cache, fingerprint, progress, limit,
+                             augment, ranks, on_extract=extracted.add)
 
     scores: dict[Key, Tensor] = {}
     predictions: dict[Key, Tensor] = {}
@@ -209,6 +194,36 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                    has_classifier=model.has_classifier, outputs=outs, timings=timings, train_scores=on_train,
                    fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None,
                    selected=selected, fit_cache=fit_sources)
+
+
+def split_outputs(model: OODMethod, dm: OODDataModule, split: str, loader, preprocess, device: torch.device,
+                  cache: FeatureCache | None = None, fingerprint: str | None = None, progress: Progress | None = None,
+                  limit: int | None = None, augment: bool = False, ranks: Ranks = SINGLE,
+                  on_extract=None) -> Outputs:
+    """One split's outputs: from ``cache`` when a previous run stored them, else one pass (then stored).
+
+    Shared by :func:`score_all` and the study drivers (``sweeps/lde_tables.py``), so both read and
+    write the same cache entries. ``augment`` passes the training augmentation (``fit_augmented``);
+    ``on_extract(split)`` is called when a real pass runs. Each split's pass draws from its own
+    seeded stream, so stochastic values (a VAE's posterior samples, the augmentation) are the same
+    whenever a checkpoint is scored, whatever ran before.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(zlib.crc32(split.encode()))
+        prep = (lambda x: preprocess(x, train=True)) if augment else preprocess
+        model.prepare_split(split, loader, prep, device)
+
+        def run(*args, **kwargs) -> Outputs:
+            if on_extract is not None:
+                on_extract(split)
+            return extract(*args, ranks=ranks, pass_values=model.pass_values, **kwargs)
+
+        if cache is None:
+            return run(model, loader, prep, device, progress, f"{model.pass_label}: {split}")
+        dataset, name, tag = dm.cache_key(split, limit)
+        tag = f"{tag}-augmented" if augment else tag
+        return cache.get_or_extract(model, split, loader, prep, device, dataset, name, tag,
+                                    extract_fn=run, progress=progress, fingerprint=fingerprint)
 
 
 #: forward-pass equivalents of one input of a per-batch scorer (a gradient and a second forward pass)
