@@ -83,27 +83,30 @@ def run_one(lam: float, epochs: int, grid: int, out: Path, extra: list[str]) -> 
 @styled
 def plot_fig8(records: list[dict], path: Path, span: float = 12.0) -> Path:
     """log p_flow over the feature plane (``span`` nats below its maximum) with the embeddings."""
-    fig, axes = plt.subplots(1, len(records), figsize=(5.2 * len(records), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(records), figsize=(max(6.5, 5.2 * len(records)), 4.8), squeeze=False)
     # the paper's colours (Fig. 8): horizontal blue, vertical green, diagonal (OOD) orange
     colours = {"horizontal": PALETTE[0], "vertical": PALETTE[2], "diagonal": PALETTE[1]}
     for ax, rec in zip(axes[0], records):
         g = np.load(Path(rec["run"]) / "feature_density.npz")
         logp = g["log_density"]
         top = float(np.nanmax(logp))
-        im = ax.imshow(np.clip(logp, top - span, top), origin="lower",
+        # grey scale (dark = dense) so the blue / green / orange points stay readable on it
+        im = ax.imshow(np.clip(logp, top - span, top), origin="lower", cmap="Greys", alpha=0.85,
                        extent=(g["xs"][0], g["xs"][-1], g["ys"][0], g["ys"][-1]))
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="log p_flow(h)")
         names = [k for k in g.files if k not in ("xs", "ys", "log_density")]
         for k, name in enumerate(names):
             h, colour = g[name], colours.get(name, PALETTE[3 + k % 4])
             label = f"{name} ({'ID' if name in ('horizontal', 'vertical') else 'OOD'})"
-            ax.scatter(h[:, 0], h[:, 1], s=6, alpha=0.6, color=colour, label=label)
-        ax.set_xlabel("feature 0 (max |horizontal-edge filter|)")
-        ax.set_ylabel("feature 1 (max |vertical-edge filter|)")
+            ax.scatter(h[:, 0], h[:, 1], s=8, alpha=0.7, color=colour, linewidths=0, label=label)
+        # which channel answers which direction is learned (random init); with the softmax head
+        # feature k is class k's logit (0 horizontal, 1 vertical)
+        ax.set_xlabel("feature 0 (max-pooled |conv channel 0|)")
+        ax.set_ylabel("feature 1 (max-pooled |conv channel 1|)")
         ax.set_title(f"λ = {rec['lambda']:g}: acc {rec['accuracy']:.3f}, DHM AUROC {rec['auroc_dhm']:.3f}\n"
                      f"train log-det {rec['train_logdet']:.3g}")
         ax.grid(False)
-        legend(ax, loc="upper right")
+        legend(ax, loc="upper right", frameon=True, framealpha=0.85)
     return save(fig, path, f"DHM stripes (§4.3 Fig. 8): log p_flow(h) over the feature plane, {_epochs(records)}")
 
 
