@@ -14,7 +14,8 @@ separates ID from OOD. Writes, under --out:
     lambda<λ>/                     each run's directory (metrics.json, csv/metrics.csv, checkpoint)
     fig8_stripes.png               one heat-map per λ
     fig8_lambda_curve.png          AUROC (DHM, MSP), accuracy and log-det against λ (two or more λ)
-    results.json                   λ, test accuracy, AUROC (DHM, MSP), last train log-det, volume;
+    results.json                   λ, test accuracy, AUROC (DHM, MSP), last train log-det, volume,
+                                   |cos| of the learned filters with the Prewitt ones;
                                    rerunning with the same --out keeps the (λ, epochs) already in it
 
     python sweeps/dhm_stripes.py                              # paper scale: λ = 1e-3 and 1, 160 epochs
@@ -40,6 +41,7 @@ import torch  # noqa: E402
 from ood_lightning.analysis.volume import evaluate_on_grid  # noqa: E402
 from ood_lightning.evaluation.style import PALETTE, legend, reference, save, styled  # noqa: E402
 from ood_lightning.evaluation.sweep_plots import last_epoch_values  # noqa: E402
+from ood_lightning.nn.backbones.prewitt import PREWITT_HORIZONTAL, PREWITT_VERTICAL  # noqa: E402
 
 
 @torch.no_grad()
@@ -51,6 +53,21 @@ def embeddings(model, dm) -> dict[str, np.ndarray]:
     out = {"horizontal (ID)": feats[labels == 0], "vertical (ID)": feats[labels == 1]}
     for name, data in dm.ood_sets.items():
         out[f"{name} (OOD)"] = model.backbone(pre(data.images)).numpy()
+    return out
+
+
+def prewitt_alignment(weight: torch.Tensor) -> dict[str, float]:
+    """|cosine| between each learned 3x3 filter and the Prewitt solution (§4.3: "compare the DHM's
+    parameters after training to a known solution"), after removing the filter's mean (a constant
+    offset answers no stripe direction). Absolute: |·| follows the conv, so a filter and its
+    negative give the same feature. ``weight``: (2, 1, 3, 3), channel k = class k's logit."""
+    out = {}
+    for k in range(2):
+        f = weight[k, 0].detach().float()
+        f = f - f.mean()
+        for ref_name, ref in (("horizontal", PREWITT_HORIZONTAL), ("vertical", PREWITT_VERTICAL)):
+            cos = (f * ref).sum() / (f.norm() * ref.norm()).clamp_min(1e-12)
+            out[f"ch{k}_{ref_name}"] = round(abs(float(cos)), 4)
     return out
 
 
@@ -74,7 +91,8 @@ def run_one(lam: float, epochs: int, grid: int, out: Path, extra: list[str]) -> 
            "auroc_dhm": res.get("dhm", {}).get(first_ood, {}).get("auroc"),
            "auroc_msp": res.get("msp", {}).get(first_ood, {}).get("auroc"),
            "train_logdet": log_rows.get("train/logdet"), "train_nll": log_rows.get("train/nll"),
-           "feature_plane_volume": density.volume, "seconds": round(time.time() - start, 1), "run": str(run_dir)}
+           "feature_plane_volume": density.volume,
+           "prewitt_cos": prewitt_alignment(model.backbone.conv.weight), "seconds": round(time.time() - start, 1), "run": str(run_dir)}
     print(f"[dhm_stripes] λ={lam}: acc {rec['accuracy']:.3f}, AUROC dhm {rec['auroc_dhm']:.3f} / msp "
           f"{rec['auroc_msp']:.3f}, log-det {rec['train_logdet']:.3g}, {rec['seconds']} s", flush=True)
     return rec

@@ -470,3 +470,18 @@ def test_lambda_curve_figure_is_drawn(sweeps_module, tmp_path):
     recs = [{"lambda": lam, "epochs": 160, "accuracy": 1.0, "auroc_dhm": a, "auroc_msp": 0.55, "train_logdet": ld}
             for lam, a, ld in ((1e-3, 0.99, 2.0), (1e-2, 0.97, 4.0), (1.0, 0.5, 300.0))]
     assert study.plot_lambda_curve(recs, tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_prewitt_alignment_is_one_for_the_solution_and_zero_across(sweeps_module):
+    """Hand-computable: the Prewitt filters (any sign, scale or constant offset) align 1 with
+    themselves and 0 with each other; a filter that answers no edge (a checkerboard) is 0 with both."""
+    study = sweeps_module("dhm_stripes")
+    from ood_lightning.nn.backbones.prewitt import PREWITT_VERTICAL
+
+    w = torch.stack([-3.0 * PREWITT_HORIZONTAL + 0.7, 0.5 * PREWITT_VERTICAL]).unsqueeze(1)
+    assert study.prewitt_alignment(w) == {"ch0_horizontal": 1.0, "ch0_vertical": 0.0,
+                                          "ch1_horizontal": 0.0, "ch1_vertical": 1.0}
+    checker = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
+    a = study.prewitt_alignment(torch.stack([checker, PREWITT_HORIZONTAL + PREWITT_VERTICAL]).unsqueeze(1))
+    assert a["ch0_horizontal"] == a["ch0_vertical"] == 0.0
+    assert a["ch1_horizontal"] == a["ch1_vertical"] == pytest.approx(2 ** -0.5, abs=1e-4)
