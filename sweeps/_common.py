@@ -7,6 +7,7 @@ a Hydra run, so ``python evaluate.py run_dir=<study dir>`` aggregates the runs o
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -58,6 +59,21 @@ def load_run(cfg: DictConfig, ckpt: str | Path):
     connect(dm, model)
     load_weights(model, ckpt)
     return model.eval(), dm
+
+
+def log_progress(stream=None) -> bool:
+    """Send INFO log lines (the epoch and scoring progress of ``ood_lightning.progress``) to
+    ``stream`` (stdout): train.py gets this from Hydra's job logging, a study script run outside
+    Hydra would otherwise train for an hour without a line. No-op when logging is already set up
+    (a test's capture handler, an application's own config); returns whether it installed one."""
+    root = logging.getLogger()
+    if root.handlers:
+        return False
+    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return True
 
 
 def tag(value: float | None) -> str:

@@ -8,8 +8,8 @@ A true density over the inputs would have volume ≈ 1; the encoder is not a bij
 DHM's need not. Writes, under --out:
 
     <data>/c<c>/seed<s>/          each run's directory (metrics.json, checkpoints, csv, .hydra)
-    results.csv, results.json     data, c, seed, test accuracy, log-volume, volume (or the error of a
-                                  failed run); rerunning with the same --out skips finished runs
+    results.csv, results.json     data, c, seed, epochs, test accuracy, log-volume, volume (or the error of a
+                                  failed run); rerunning with the same --out skips finished runs (same epochs)
     fig10_accuracy_volume.png     test accuracy and volume (log scale) against c, mean ± std
     fig9_heatmaps.png             log p(x) on the grid with the test data on top, one panel per data x c
 
@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repository on sys.path)
+import _common  # also puts the repository on sys.path
 import matplotlib
 
 matplotlib.use("Agg")
@@ -62,7 +62,7 @@ def run_one(data: str, c: float | None, seed: int, epochs: int, grid: int, out: 
     xlim, ylim = LIMITS.get(data) or data_limits(x_test, 0.25)
     density = evaluate_on_grid(input_log_density(model), xlim, ylim, grid)
     np.savez_compressed(run_dir / "grid_density.npz", xs=density.xs, ys=density.ys, log_density=density.log_density)
-    rec = {"data": data, "c": c, "seed": seed, "accuracy": metrics["accuracy"], "log_volume": density.log_volume,
+    rec = {"data": data, "c": c, "seed": seed, "epochs": epochs, "accuracy": metrics["accuracy"], "log_volume": density.log_volume,
            "volume": density.volume, "max_log_density": float(density.log_density.max()),
            "seconds": round(time.time() - start, 1), "run": str(run_dir)}
     print(f"[dhm_2d] {data} c={c} seed={seed}: test acc {rec['accuracy']:.4f}, volume {rec['volume']:.4g} "
@@ -97,7 +97,14 @@ def plot_fig10(records: list[dict], path: Path) -> Path:
     for ax in (ax_acc, ax_vol):
         ax.set_xlabel("spectral coefficient c (bound on each layer's Lipschitz constant)")
         legend(ax)
-    return save(fig, path)
+    seeds = len({r["seed"] for r in records})
+    return save(fig, path, f"DHM 2-D (§4.4 Fig. 10): {_epochs(records)}, {seeds} seed{'s' if seeds > 1 else ''}")
+
+
+def _epochs(records: list[dict]) -> str:
+    """``50 epochs`` (or ``epochs 12, 50``): the figures say how long the models trained."""
+    epochs = sorted({r.get("epochs") for r in records} - {None})
+    return f"{epochs[0]} epochs" if len(epochs) == 1 else f"epochs {', '.join(map(str, epochs))}" if epochs else "epochs ?"
 
 
 @styled
@@ -126,7 +133,7 @@ def plot_fig9(records: list[dict], path: Path, seed: int | None = None, span: fl
                 ax.scatter(x[y == k, 0], x[y == k, 1], s=2, alpha=0.5, color=("white", "red", "orange")[k % 3])
             ax.set_title(f"{data}, c={c}: acc {rec['accuracy']:.3f}\nvolume {rec['volume']:.3g}")
             ax.grid(False)
-    return save(fig, path, f"log p(x) = log p_flow(normalise(f(x))) over the input plane (seed {seed}); dots: test data")
+    return save(fig, path, f"log p(x) = log p_flow(normalise(f(x))) over the input plane (seed {seed}, {_epochs(sel)}); dots: test data")
 
 
 def _test_points(rec: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -155,6 +162,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("outputs/sweeps/dhm_2d") / time.strftime("%Y-%m-%d_%H-%M-%S"))
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for train.py (after --)")
     args = ap.parse_args()
+    _common.log_progress()
     coeffs = args.coeffs or (CPU_COEFFS if args.cpu else COEFFS)
     seeds = args.seeds or ([0] if args.cpu else [0, 1, 2])
     epochs = args.epochs or (12 if args.cpu else 50)
@@ -163,13 +171,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # a study directory is resumable: finished runs in its results.json are kept, failed ones retried
     done = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").exists() else []
-    done = {(r["data"], r["c"], r["seed"]): r for r in done if "error" not in r}
+    done = {(r["data"], r["c"], r["seed"], r.get("epochs")): r for r in done if "error" not in r}
     records = []
     for data in args.data:
         for c in coeffs:
             for seed in seeds:
-                if (data, c, seed) in done:
-                    records.append(done[(data, c, seed)])
+                if (data, c, seed, epochs) in done:
+                    records.append(done[(data, c, seed, epochs)])
                     continue
                 try:
                     records.append(run_one(data, c, seed, epochs, grid, args.out, extra))

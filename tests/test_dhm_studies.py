@@ -418,3 +418,70 @@ def test_sweep_scripts_compose_their_experiments(tmp_path):
     for script in ("dhm_lambda.sh", "dhm_spectral.sh", "dhm_seeds.sh"):
         text = (ROOT / "sweeps" / script).read_text()
         assert "train.py -m" in text and "evaluate.py" in text
+
+
+def test_log_progress_shows_the_epoch_lines_outside_hydra(sweeps_module, monkeypatch):
+    """A study script runs train() outside Hydra's job logging: without a handler the epoch
+    progress lines (INFO on ``ood_lightning.progress``) vanish and a 160-epoch run is silent."""
+    import io
+    import logging
+
+    common = sweeps_module("_common")
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    stream = io.StringIO()
+    assert common.log_progress(stream) is True
+    logging.getLogger("ood_lightning.progress").info("epoch 3/160: 9 steps in 2 s")
+    assert "epoch 3/160: 9 steps in 2 s" in stream.getvalue()
+    other = io.StringIO()  # already set up: left alone
+    assert common.log_progress(other) is False and len(root.handlers) == 1
+
+
+def test_stripes_script_resumes_by_lambda_and_epochs_and_plots_the_lambda_curve(sweeps_module, tmp_path, monkeypatch):
+    study = sweeps_module("dhm_stripes")
+    trained = []
+
+    def fake_run(lam, epochs, grid, out, extra):
+        trained.append((lam, epochs))
+        return {"lambda": lam, "epochs": epochs, "accuracy": 0.9, "auroc_dhm": 0.9 if lam < 0.1 else 0.5,
+                "auroc_msp": 0.6, "train_logdet": 1.0 if lam < 0.1 else 50.0, "feature_plane_volume": 1.0}
+
+    monkeypatch.setattr(study, "run_one", fake_run)
+    monkeypatch.setattr(study, "plot_fig8", lambda records, path: path)
+    curves = []
+    monkeypatch.setattr(study, "plot_lambda_curve", lambda records, path: curves.append(records) or path)
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["dhm_stripes.py", "--out", str(tmp_path), *args])
+        study.main()
+
+    main("--lambdas", "1e-3", "1", "--epochs", "3")
+    main("--lambdas", "1e-3", "0.1", "1", "--epochs", "3")  # only the new λ trains
+    main("--lambdas", "1e-3", "--epochs", "4")  # other epochs: a new run
+    assert trained == [(1e-3, 3), (1.0, 3), (0.1, 3), (1e-3, 4)]
+    assert [r["lambda"] for r in curves[-1]] == [1e-3, 0.1, 1.0] and len(curves) == 2  # one λ: no curve
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert sorted((r["lambda"], r["epochs"]) for r in saved) == sorted(trained)
+
+
+def test_lambda_curve_figure_is_drawn(sweeps_module, tmp_path):
+    study = sweeps_module("dhm_stripes")
+    recs = [{"lambda": lam, "epochs": 160, "accuracy": 1.0, "auroc_dhm": a, "auroc_msp": 0.55, "train_logdet": ld}
+            for lam, a, ld in ((1e-3, 0.99, 2.0), (1e-2, 0.97, 4.0), (1.0, 0.5, 300.0))]
+    assert study.plot_lambda_curve(recs, tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_prewitt_alignment_is_one_for_the_solution_and_zero_across(sweeps_module):
+    """Hand-computable: the Prewitt filters (any sign, scale or constant offset) align 1 with
+    themselves and 0 with each other; a filter that answers no edge (a checkerboard) is 0 with both."""
+    study = sweeps_module("dhm_stripes")
+    from ood_lightning.nn.backbones.prewitt import PREWITT_VERTICAL
+
+    w = torch.stack([-3.0 * PREWITT_HORIZONTAL + 0.7, 0.5 * PREWITT_VERTICAL]).unsqueeze(1)
+    assert study.prewitt_alignment(w) == {"ch0_horizontal": 1.0, "ch0_vertical": 0.0,
+                                          "ch1_horizontal": 0.0, "ch1_vertical": 1.0}
+    checker = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
+    a = study.prewitt_alignment(torch.stack([checker, PREWITT_HORIZONTAL + PREWITT_VERTICAL]).unsqueeze(1))
+    assert a["ch0_horizontal"] == a["ch0_vertical"] == 0.0
+    assert a["ch1_horizontal"] == a["ch1_vertical"] == pytest.approx(2 ** -0.5, abs=1e-4)
