@@ -109,10 +109,17 @@ def build_trainer(cfg: DictConfig, model: OODMethod, dm: OODDataModule,
 def feature_cache(cfg: DictConfig, model: OODMethod) -> FeatureCache | None:
     """A cache of outputs per fixed checkpoint (post-hoc methods), so that every later
     detector or flow run on it skips the backbone; off for runs that train (new weights)."""
+    ckpt = _cached_checkpoint(cfg, model)
+    return None if ckpt is None else FeatureCache(Path(cfg.paths.cache_dir) / "features" / _checkpoint_folder(ckpt))
+
+
+def _cached_checkpoint(cfg: DictConfig, model: OODMethod) -> str | None:
+    """The fixed checkpoint whose passes (and fits) may be cached; None when the run trains the
+    backbone, has no checkpoint, or turns the feature cache off."""
     ckpt = cfg.backbone.get("checkpoint")
     if model.trains_backbone or not ckpt or not cfg.evaluation.get("feature_cache", True):
         return None
-    return FeatureCache(Path(cfg.paths.cache_dir) / "features" / _checkpoint_folder(ckpt))
+    return ckpt
 
 
 def _checkpoint_folder(ckpt: str) -> str:
@@ -125,9 +132,10 @@ def _checkpoint_folder(ckpt: str) -> str:
 def fit_cache(cfg: DictConfig, model: OODMethod) -> FitCache | None:
     """Fitted detectors per checkpoint (``paths.cache_dir/fits``), wherever the feature cache is on and
     ``evaluation.fit_cache`` is true: a rerun then skips the fits as it skips the passes."""
-    if feature_cache(cfg, model) is None or not cfg.evaluation.get("fit_cache", True):
+    ckpt = _cached_checkpoint(cfg, model)
+    if ckpt is None or not cfg.evaluation.get("fit_cache", True):
         return None
-    return FitCache(Path(cfg.paths.cache_dir) / "fits" / _checkpoint_folder(cfg.backbone.checkpoint))
+    return FitCache(Path(cfg.paths.cache_dir) / "fits" / _checkpoint_folder(ckpt))
 
 
 def scorer_configs(cfg: DictConfig, model: OODMethod) -> dict[str, object]:

@@ -21,7 +21,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -43,26 +43,31 @@ MANIFEST_FILE = "manifest.json"
 HASH_CHARS = 16
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's state_dict (names, dtypes, shapes and raw bytes, in sorted key order), truncated.
-
-    Any changed weight or buffer changes it; moving the model between devices does not.
-    """
+def tensor_digest(values: Mapping[str, object]) -> str:
+    """sha256 (hex) of named values in sorted name order: a tensor by its dtype, shape and raw bytes,
+    anything else (a module's extra state, a missing tensor) by its ``repr``."""
     digest = hashlib.sha256()
-    state = model.state_dict()
-    for key in sorted(state):
-        value = state[key]
+    for key in sorted(values):
+        value = values[key]
         digest.update(key.encode())
         if torch.is_tensor(value):
             t = value.detach().cpu().contiguous()
             digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
             digest.update(t.reshape(-1).view(torch.uint8).numpy())
-        else:  # e.g. a module's extra state
+        else:
             digest.update(repr(value).encode())
-    return digest.hexdigest()[:HASH_CHARS]
+    return digest.hexdigest()
 
 
-def _slug(part: str) -> str:
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's state_dict (:func:`tensor_digest`), truncated.
+
+    Any changed weight or buffer changes it; moving the model between devices does not.
+    """
+    return tensor_digest(model.state_dict())[:HASH_CHARS]
+
+
+def slug(part: str) -> str:
     """A path component that reads like ``part`` but cannot escape the cache root."""
     return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", str(part)).strip("._") or "_"
 
@@ -85,7 +90,7 @@ def _to_dict(out: Outputs) -> dict:
             "extra": dict(out.extra)}
 
 
-def _tensors(out: Outputs) -> dict[str, Tensor]:
+def flat_tensors(out: Outputs) -> dict[str, Tensor]:
     """Every stored tensor by a flat name (the manifest's ``shapes``)."""
     return {"logits": out.logits, "features": out.features,
             **({"labels": out.labels} if out.labels is not None else {}),
@@ -100,7 +105,7 @@ class FeatureCache:
 
     def path(self, dataset: str, split: str, transform: str) -> Path:
         """The entry's folder: ``root/<dataset>/<split>/<transform>``."""
-        return self.root / _slug(dataset) / _slug(split) / _slug(transform)
+        return self.root / slug(dataset) / slug(split) / slug(transform)
 
     def load(self, fingerprint: str, dataset: str, split: str, transform: str) -> Outputs | None:
         """The cached outputs, ``None`` if absent; raises if they were made by another backbone."""
@@ -133,7 +138,7 @@ class FeatureCache:
         data = torch.load(entry / OUTPUTS_FILE, map_location="cpu", weights_only=True)
         out = Outputs(logits=data["logits"], features=data["features"], layers=dict(data["layers"]),
                       labels=data["labels"], extra=dict(data.get("extra") or {}))
-        shapes = {k: list(v.shape) for k, v in _tensors(out).items()}
+        shapes = {k: list(v.shape) for k, v in flat_tensors(out).items()}
         if shapes != manifest.get("shapes"):
             raise _CorruptEntry(f"tensor shapes {shapes} differ from the manifest's {manifest.get('shapes')}")
         return out
@@ -150,7 +155,7 @@ class FeatureCache:
         """Write an entry (outputs first, manifest last) and return its folder."""
         entry = self.path(dataset, split, transform)
         entry.mkdir(parents=True, exist_ok=True)
-        tensors = _tensors(out)
+        tensors = flat_tensors(out)
         manifest = {
             "backbone": fingerprint, "name": name, "dataset": dataset, "split": split, "transform": transform,
             "dtype": str(out.features.dtype).removeprefix("torch."), "n": len(out),

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ood_lightning.evaluation.feature_cache import flat_tensors, slug, tensor_digest
 from ood_lightning.io import atomic_write, atomic_write_text
 from ood_lightning.scoring.api import FitData, Outputs, Scorer, StateValue
 
@@ -60,26 +61,9 @@ _CORRUPT = (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, In
             pickle.UnpicklingError, zipfile.BadZipFile, json.JSONDecodeError)
 
 
-def tensor_digest(tensors: dict[str, Tensor | None]) -> str:
-    """sha256 of named tensors (name, dtype, shape and raw bytes, in sorted name order)."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        digest.update(name.encode())
-        if t is None:
-            digest.update(b"<none>")
-            continue
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def outputs_digest(out: Outputs) -> str:
-    """sha256 of every tensor of a split's outputs."""
-    return tensor_digest({"logits": out.logits, "features": out.features, "labels": out.labels,
-                          **{f"layers/{k}": v for k, v in out.layers.items()},
-                          **{f"extra/{k}": v for k, v in out.extra.items()}})
+    """sha256 of every tensor of a split's outputs (the feature cache's flat names)."""
+    return tensor_digest(flat_tensors(out))
 
 
 def fit_data_identity(data: FitData, model_fingerprint: str, feature_key: object = None) -> dict:
@@ -204,8 +188,7 @@ class FitCache:
         self.root = Path(root)
 
     def path(self, name: str, key: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "_"
-        return self.root / f"{safe}-{key[:SHORT]}.pt"
+        return self.root / f"{slug(name)}-{key[:SHORT]}.pt"
 
     def load(self, name: str, key: str, scorer: Scorer) -> bool:
         """Restore ``scorer`` from the entry of ``key``: True on a hit; False when there is none, or when

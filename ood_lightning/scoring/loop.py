@@ -147,7 +147,8 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                             fit_cache.store(name, key, scorer, ingredients)
                     timings[f"fit/{name}"] = time.perf_counter() - start
                     if scorer.needs_fit:
-                        fit_sources[name] = "cache" if served else "fitted" if cacheable else "not cacheable"
+                        if fit_cache is not None:
+                            fit_sources[name] = "cache" if served else "fitted" if cacheable else "not cacheable"
                         if served:
                             log.info("fit %s: from the fit cache (%s)", name, key[:16])
                         else:
