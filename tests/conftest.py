@@ -49,6 +49,20 @@ def compose_cfg(config_name: str, overrides: list[str], out_dir: Path):
     return cfg
 
 
+def untrained_run(overrides: list[str], out_dir: Path):
+    """(cfg, data module set up for fitting, model built without pretrained weights and connected to
+    it): what an in-process evaluation test scores, as the run's assembly builds it."""
+    from ood_lightning.assembly.build import build_model, connect
+    from ood_lightning.data.datamodule import OODDataModule
+
+    cfg = compose_cfg("train", overrides, out_dir)
+    dm = OODDataModule(cfg.data, cfg.ood)
+    dm.setup("fit")
+    model = build_model(cfg, dm.num_classes, pretrained=False)
+    connect(dm, model)
+    return cfg, dm, model
+
+
 def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an entrypoint as a user would (a fresh interpreter)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}

@@ -12,13 +12,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ood_lightning.assembly.build import build_backbone, build_model, connect
-from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.assembly.build import build_backbone, build_model
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.backbones.base import Backbone
 from ood_lightning.scoring.api import FitData, Outputs, Scorer, pool
 from ood_lightning.scoring.loop import score_all
-from tests.conftest import CONF, TINY, compose_cfg
+from tests.conftest import CONF, TINY, compose_cfg, untrained_run
 
 torch.set_num_threads(1)
 
@@ -142,11 +141,7 @@ def test_every_method_trains_one_step_and_scores(name: str, tmp_path: Path) -> N
     tiny = [o for o in TINY if not o.startswith("backbone")] if any(o.startswith("backbone=") for o in extra) else TINY
     overrides = [*tiny, f"method={name}", "detectors=fast", "data.n_train=200", "data.val_size=40", "data.n_test=60",
                  "ood.diagonal.n=60", "evaluation.fit_limit=120", *extra]
-    cfg = compose_cfg("train", overrides, tmp_path)
-    dm = OODDataModule(cfg.data, cfg.ood)
-    dm.setup("fit")
-    model = build_model(cfg, dm.num_classes, pretrained=False)
-    connect(dm, model)
+    cfg, dm, model = untrained_run(overrides, tmp_path)
     if model.trains_backbone:
         trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False)

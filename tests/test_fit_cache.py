@@ -289,17 +289,11 @@ def test_a_crash_during_the_write_leaves_no_entry(world, tmp_path, monkeypatch):
 def test_the_evaluation_loop_serves_fits_from_the_cache_on_a_rerun(tmp_path, caplog, monkeypatch):
     """score_all twice with a fit cache: the second serves LSGM and Mahalanobis (their fit is never
     called) with the same scores, logs it per scorer, and counts it; a changed config refits."""
-    from ood_lightning.assembly.build import build_model, connect
-    from ood_lightning.data.datamodule import OODDataModule
     from ood_lightning.scoring.loop import score_all
-    from tests.conftest import TINY, compose_cfg
+    from tests.conftest import TINY, untrained_run
 
-    cfg = compose_cfg("train", [*TINY, "data.n_train=150", "data.val_size=30", "data.n_test=40", "ood.diagonal.n=30"],
-                      tmp_path)
-    dm = OODDataModule(cfg.data, cfg.ood)
-    dm.setup("fit")
-    model = build_model(cfg, dm.num_classes, pretrained=False)
-    connect(dm, model)
+    _, dm, model = untrained_run([*TINY, "data.n_train=150", "data.val_size=30", "data.n_test=40",
+                                  "ood.diagonal.n=30"], tmp_path)
     cache = FitCache(tmp_path / "fits")
 
     def detectors():

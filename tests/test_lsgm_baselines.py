@@ -184,10 +184,8 @@ def test_the_chosen_epsilon_is_reported_and_written_to_metrics_json(problem, tmp
     evaluation loop collects it, and ``metrics.json`` holds it beside the mean score per grid value."""
     import json
 
-    from ood_lightning.assembly.build import build_model, connect
     from ood_lightning.assembly.runs import score_and_write
-    from ood_lightning.data.datamodule import OODDataModule
-    from tests.conftest import TINY, compose_cfg
+    from tests.conftest import TINY, untrained_run
 
     net, _, _, x_val = problem
     grid = [0.0, 0.01, 0.05, 0.2, 1.0]
@@ -196,13 +194,9 @@ def test_the_chosen_epsilon_is_reported_and_written_to_metrics_json(problem, tmp
     assert det.selected()["epsilon"] == grid[int(np.argmax(brute))]
     assert ODIN().selected() == {} and Mahalanobis().selected() == {}
 
-    cfg = compose_cfg("train", [*TINY, "data.n_train=200", "data.val_size=40", "data.n_test=60", "ood.diagonal.n=50",
-                                "+detectors.odin={_target_: ood_lightning.detectors.ODIN, epsilons: [0.0, 0.01, 0.1]}"],
-                      tmp_path)
-    dm = OODDataModule(cfg.data, cfg.ood)
-    dm.setup("fit")
-    model = build_model(cfg, dm.num_classes, pretrained=False)
-    connect(dm, model)
+    cfg, dm, model = untrained_run([*TINY, "data.n_train=200", "data.val_size=40", "data.n_test=60", "ood.diagonal.n=50",
+                                    "+detectors.odin={_target_: ood_lightning.detectors.ODIN, epsilons: [0.0, 0.01, 0.1]}"],
+                                   tmp_path)
     score_and_write(model, dm, cfg, tmp_path, {}, torch.device("cpu"))
     written = json.loads((tmp_path / "metrics.json").read_text())["selected"]
     assert set(written) == {"odin"}  # the detectors that chose nothing are absent

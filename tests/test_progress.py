@@ -203,19 +203,13 @@ def test_the_evaluation_loop_closes_one_stage_per_pass_fit_and_score(tmp_path, c
     from ood_lightning.scoring import loop
 
     monkeypatch.setattr(loop, "QUIET_UNDER_S", 0.0)  # these take milliseconds: show their lines anyway
-    from ood_lightning.assembly.build import build_model, connect
-    from ood_lightning.data.datamodule import OODDataModule
     from ood_lightning.detectors.mahalanobis import MahalanobisTuned
     from ood_lightning.detectors.msp import MSP
     from ood_lightning.scoring.loop import score_all
-    from tests.conftest import TINY, compose_cfg
+    from tests.conftest import TINY, untrained_run
 
-    cfg = compose_cfg("train", [*TINY, "data.n_train=200", "data.val_size=40", "data.n_test=60", "ood.diagonal.n=50"],
-                      tmp_path)
-    dm = OODDataModule(cfg.data, cfg.ood)
-    dm.setup("fit")
-    model = build_model(cfg, dm.num_classes, pretrained=False)
-    connect(dm, model)
+    _, dm, model = untrained_run([*TINY, "data.n_train=200", "data.val_size=40", "data.n_test=60",
+                                  "ood.diagonal.n=50"], tmp_path)
     with caplog.at_level(logging.INFO, logger="ood_lightning.progress"):
         score_all(model, dm, {"msp": MSP(), "maha_tuned": MahalanobisTuned(layers="penultimate")}, "cpu", fit_limit=120)
     closing = sorted(m.split(" in ")[0] for m in messages(caplog))
