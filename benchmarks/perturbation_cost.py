@@ -24,7 +24,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,12 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ood_lightning.assembly.build import build_data, build_model  # noqa: E402
+from extraction_speed import setup as extraction_setup  # noqa: E402  (the same model, images and loader)
+
 from ood_lightning.assembly.runtime import apply_eval_layout  # noqa: E402
 from ood_lightning.detectors import ODIN, Mahalanobis  # noqa: E402
 from ood_lightning.scoring.loop import VAL_INPUTS  # noqa: E402
 from ood_lightning.scoring.passes import extract  # noqa: E402
-from tests.conftest import compose_cfg  # noqa: E402
 
 #: the preset's split sizes on CIFAR-10: fit, ID validation, ID test, seven OOD sets of 10,000
 FIT, VAL, TEST, OOD = 45_000, 5_000, 10_000, 70_000
@@ -57,17 +56,11 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse(argv)
-    cfg = compose_cfg("train", ["data=cifar10", "ood=odin", f"backbone={args.backbone}", "method=classifier",
-                                "trainer=cpu", "logger=csv", f"data.eval_batch_size={args.batch_size}",
-                                "data.num_workers=0"], Path(tempfile.mkdtemp(prefix="perturbation_cost_")))
-    dm = build_data(cfg)
-    test = dm._id_split("test")
-    test = test.subset(torch.arange(min(args.n, len(test))))
-    model = build_model(cfg, len(test.classes), pretrained=True).eval()
+    cfg, model, loader, preprocess = extraction_setup(argparse.Namespace(tiny=False, backbone=args.backbone, n=args.n,
+                                                                         batch_size=args.batch_size))
     apply_eval_layout(model, cfg, torch.device("cpu"))  # channels_last, as the evaluation on the CPU
-    loader = dm._loader(test, train=False)
-    outputs = extract(model, loader, dm.preprocess, "cpu")
-    x = torch.cat([dm.preprocess(b) for b, _ in loader])
+    outputs = extract(model, loader, preprocess, "cpu")
+    x = torch.cat([preprocess(b) for b, _ in loader])
     std = list(cfg.data.std)
     odin = ODIN(temperature=1000.0, epsilon=0.0025, input_std=std)
     maha = Mahalanobis(layers="all", epsilon=0.0025, input_std=std).fit_outputs(outputs)
