@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 SAFE_GLOBALS: tuple[type, ...] = ()
 torch.serialization.add_safe_globals(list(SAFE_GLOBALS))  # also for Lightning's own resume load
 
-#: the top-level config key that lets a run fully unpickle a trusted file
+#: the top-level config key that lets a run fully unpickle a trusted file (and build its stored config)
 OPT_IN = "allow_unsafe_checkpoint"
+#: the same opt-in as a flag of the study and benchmark scripts
+SCRIPT_OPT_IN = "--allow-unsafe-checkpoint"
 #: first-level module names third-party code gives the classifier head
 HEAD_NAMES = ("linear", "fc")
 #: keys a mismatch message lists per kind (the counts are always complete)

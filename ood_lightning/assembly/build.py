@@ -25,6 +25,7 @@ from ood_lightning.nn.spectral import apply_spectral_norm
 from ood_lightning.pretrained import check_input_normalisation
 from ood_lightning.scoring.api import Scorer
 from ood_lightning.scoring.fit_cache import FitCache
+from ood_lightning.stored_config import check_stored_targets
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +186,15 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path, allow_unsafe: bo
     load_state_strict(model, state["state_dict"], path, "model")
 
 
-def stored_config(ckpt_path: str | Path, allow_unsafe: bool = False) -> DictConfig:
-    """The resolved config a ``train.py`` checkpoint was trained with."""
+def stored_config(ckpt_path: str | Path, allow_unsafe: bool = False,
+                  opt_in: str = f"{OPT_IN}=true") -> DictConfig:
+    """The resolved config a ``train.py`` checkpoint was trained with: the one reader of a stored
+    config, which refuses any ``_target_`` the project does not name (``stored_config`` module)
+    unless the user passes ``opt_in`` (``allow_unsafe``)."""
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path, allow_unsafe, key="ckpt_path", hint="pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
-    if "ood_lightning_config" not in ckpt:
+    stored = ckpt.get("ood_lightning_config")
+    if not isinstance(stored, dict):
         raise CheckpointMismatchError(f"checkpoint {path} has no stored ood-lightning config; was it written by train.py?")
-    return OmegaConf.create(ckpt["ood_lightning_config"])
+    check_stored_targets(stored, f"ckpt_path={path}", allow_unsafe, opt_in)
+    return OmegaConf.create(stored)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -45,6 +46,16 @@ def run_safely(fn, cfg: DictConfig):
         raise
     finally:
         _finish_wandb()
+
+
+def exit_on_error(main: Callable[[], object]) -> None:
+    """Run a study or benchmark script's ``main``: a framework error ends it with its one line on
+    stderr and its exit status, as the entrypoints do, instead of a traceback."""
+    try:
+        main()
+    except OODLightningError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 def _finish_wandb() -> None:
