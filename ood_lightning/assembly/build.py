@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood_lightning.analysis.ood_monitor import OODMonitor
 from ood_lightning.assembly.loggers import build_loggers
-from ood_lightning.checkpoints import OPT_IN, load_state_strict, read_checkpoint, to_project_layout
+from ood_lightning.checkpoints import OPT_IN, AtomicCheckpointIO, load_state_strict, read_checkpoint, to_project_layout
 from ood_lightning.config import to_dict
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointMismatchError, ConfigError, InvalidCheckpointError
@@ -101,7 +101,8 @@ def build_trainer(cfg: DictConfig, model: OODMethod, dm: OODDataModule,
         names = list(dm.ood_sets) if sets == "all" else list(sets)
         callbacks.append(OODMonitor(dm.val_set.images, {n: dm.ood_sets[n].images for n in names}, dm.preprocess,
                                     int(model.monitor_ood.get("limit", 500))))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a full disk keeps last.ckpt
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **plugins)
     for logger in loggers:
         logger.log_hyperparams(to_dict(cfg))
     return trainer, loggers

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -13,8 +14,9 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ood_lightning.errors import OODLightningError
-from ood_lightning.evaluation.run_dir import write_failure
+from ood_lightning.errors import DiskFullError, OODLightningError
+from ood_lightning.evaluation.run_dir import FAILED_FILE, write_failure
+from ood_lightning.io import DISK_FULL
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +25,15 @@ def run_safely(fn, cfg: DictConfig):
     """Run ``fn(cfg)``; on failure write ``failed.json``, close loggers, and either exit with
     one clear line (single run) or carry on with the next job (multirun)."""
     out_dir = Path(cfg.paths.output_dir)
+    logging.raiseExceptions = False  # a log file on a full disk: no traceback per log line
     try:
         return fn(cfg)
     except Exception as err:
         if isinstance(err, InstantiationException) and isinstance(err.__cause__, OODLightningError):
             err = err.__cause__  # a constructor's clear error, not Hydra's wrapper around it
-        write_failure(out_dir, err, err.failure_fields() if isinstance(err, OODLightningError) else None)
+        if isinstance(err, OSError) and not isinstance(err, OODLightningError) and err.errno in DISK_FULL:
+            err = DiskFullError.of(err.filename or out_dir)  # a write outside io.atomic_write
+        _record_failure(out_dir, err)
         multirun = False
         try:
             multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -46,6 +51,18 @@ def run_safely(fn, cfg: DictConfig):
         raise
     finally:
         _finish_wandb()
+
+
+def _record_failure(out_dir: Path, err: BaseException) -> None:
+    """``failed.json``; where it cannot be written (a full disk), the record goes to stderr and the log."""
+    fields = err.failure_fields() if isinstance(err, OODLightningError) else None
+    try:
+        write_failure(out_dir, err, fields)
+    except OSError as write_err:
+        record = json.dumps({"error": f"{type(err).__name__}: {err}", **(fields or {})})
+        line = f"could not write {out_dir / FAILED_FILE} ({write_err.strerror or write_err}); the record: {record}"
+        log.error("%s", line)
+        print(line, file=sys.stderr)
 
 
 def exit_on_error(main: Callable[[], object]) -> None:

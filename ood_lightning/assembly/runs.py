@@ -24,7 +24,7 @@ from ood_lightning.assembly.build import (
     scorer_configs,
     stored_config,
 )
-from ood_lightning.assembly.checks import check_config
+from ood_lightning.assembly.checks import check_config, ood_overlapping_id, warn_ood_overlap
 from ood_lightning.assembly.finished import ConfigHashStamp, config_hash, finished_metrics, resumable_checkpoint
 from ood_lightning.assembly.loggers import finish_runs, log_results
 from ood_lightning.assembly.preemption import Preemption
@@ -74,7 +74,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
     meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
-            "selected": results.selected,
+            "selected": results.selected, "ood_overlaps_id": ood_overlapping_id(cfg),
             "fit_cache": {"hits": sum(v == "cache" for v in results.fit_cache.values()),
                           "fitted": sum(v == "fitted" for v in results.fit_cache.values()),
                           "sources": results.fit_cache} if fits is not None else None}
@@ -125,6 +125,7 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
     clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
     check_config(cfg)  # before any data is read
     check_accelerator(cfg)
+    warn_ood_overlap(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     dm = build_data(cfg)
@@ -165,16 +166,24 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
 
 
 def rescore(cfg: DictConfig) -> dict:
-    """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets). SIGTERM
+    or Ctrl-C ends it as it ends ``train``: one line, ``failed.json``, the command that re-runs it."""
+    out_dir = HydraConfig.get().runtime.output_dir
+    with Preemption(out_dir, entry="evaluate.py").installed():
+        return _rescore(cfg)
+
+
+def _rescore(cfg: DictConfig) -> dict:
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
-    check_config(cfg)  # before any data is read
+    check_config(cfg, stored=True)  # before any data is read
     trained = stored_config(cfg.ckpt_path, allow_unsafe)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood
     with open_dict(cfg):  # the detectors' ${data.*} (e.g. ODIN's input std) resolve against the data scored
         cfg.data, cfg.ood = data, ood
     check_input_normalisation(trained.backbone, data)  # e.g. data=cifar10 for weights trained otherwise
+    warn_ood_overlap(cfg)
     dm = OODDataModule(data, ood)
     dm.setup("test")
     model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
