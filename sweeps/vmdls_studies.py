@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def table(run_dirs: list[Path]) -> str:
@@ -85,10 +82,10 @@ def _latent(run_dirs: list[Path], out: Path, limit: int, allow_unsafe: bool) -> 
     import matplotlib.pyplot as plt
     import torch
 
-    from ood_lightning.assembly.build import build_model, load_weights, stored_config
-    from ood_lightning.checkpoints import SCRIPT_OPT_IN
+    from ood_lightning.core.checkpoints import SCRIPT_OPT_IN
     from ood_lightning.data.datamodule import OODDataModule
     from ood_lightning.evaluation.style import legend, save
+    from ood_lightning.run.build import build_model, load_weights, stored_config
 
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 4), squeeze=False)
     for ax, run in zip(axes[0], run_dirs):
@@ -141,6 +138,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from ood_lightning.assembly.cli import exit_on_error
+    from ood_lightning.run.cli import exit_on_error
 
     exit_on_error(main)

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.assembly.runs import train  # at import: Lightning's log handler binds to the session's stderr
+from ood_lightning.run.cli import run_safely
+from ood_lightning.run.runs import train  # at import: Lightning's log handler binds to the session's stderr
 from tests.conftest import TINY, compose_cfg, run_script
 from tests.tiny_data import MNIST_FILES, write_mnist_raw, write_pack
 
@@ -230,7 +230,7 @@ def test_bad_input_gives_one_clear_line(case: Case, tmp_path, capsys):
 # -- an OOD set drawn from the ID classes: warned about and marked in metrics.json -----------------
 
 def test_ood_sets_that_hold_id_classes_are_found(tmp_path):
-    from ood_lightning.assembly.checks import ood_overlapping_id
+    from ood_lightning.run.checks import ood_overlapping_id
 
     same = "+ood.same={dataset: mnist, split: test, classes: [0,1,2,3,4,5]}"
     some = "+ood.some={dataset: mnist, split: test, classes: [4,5,6,7]}"
@@ -306,7 +306,7 @@ def test_a_second_sigterm_stops_at_once(tmp_path, capsys):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     cfg = compose_cfg("train", [*TINY, *FAST, "callbacks.progress_bar=null"], tmp_path)
-    from ood_lightning.assembly import runs
+    from ood_lightning.run import runs
 
     original = runs.build_trainer
     runs.build_trainer = lambda *a, extra_callbacks=(), **k: original(*a, extra_callbacks=[*extra_callbacks, Twice()], **k)
@@ -324,7 +324,7 @@ def test_a_signal_while_evaluate_scores_is_one_line_and_failed_json(tmp_path, ca
     import json
 
     from evaluate import evaluate
-    from ood_lightning.assembly import runs
+    from ood_lightning.run import runs
 
     trained = tmp_path / "trained"
     train(compose_cfg("train", [*TINY, *FAST, "detectors=none"], trained))
@@ -349,7 +349,7 @@ def test_a_signal_while_evaluate_scores_is_one_line_and_failed_json(tmp_path, ca
 def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoint(tmp_path, capsys, monkeypatch):
     import errno
 
-    import ood_lightning.io
+    import ood_lightning.core.io
 
     out = tmp_path / "run"
     train(compose_cfg("train", [*TINY, *FAST, "detectors=none"], out))
@@ -359,7 +359,7 @@ def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoint(tmp_path, ca
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ood_lightning.io.os, "fsync", full)  # every atomic write fails as a full disk fails
+    monkeypatch.setattr(ood_lightning.core.io.os, "fsync", full)  # every atomic write fails as a full disk fails
     cfg = compose_cfg("train", [*TINY, *FAST, "detectors=none", "trainer.max_epochs=2", f"ckpt_path={last}"], out)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ood_lightning.assembly.build import stored_config
-from ood_lightning.assembly.runs import train
-from ood_lightning.config import to_dict
-from ood_lightning.errors import UnsafeCheckpointError
-from ood_lightning.stored_config import allowed_targets, check_stored_targets
+from ood_lightning.core.errors import UnsafeCheckpointError
+from ood_lightning.run.build import stored_config
+from ood_lightning.run.config import to_dict
+from ood_lightning.run.runs import train
+from ood_lightning.run.stored_config import allowed_targets, check_stored_targets
 from tests.conftest import CONF, TINY, compose_cfg, run_script
 
 #: where each crafted form puts the code-running node
@@ -84,7 +84,7 @@ def test_every_preset_config_passes(tmp_path):
     ("method.optimizer.momentum", "torch.load"),
     ("method.flow.hidden", "numpy.load"),
     ("method.scheduler", "torch.serialization.load"),
-    ("backbone", "ood_lightning.checkpoints._read_unsafe"),  # a project function no config group names
+    ("backbone", "ood_lightning.core.checkpoints._read_unsafe"),  # a project function no config group names
     ("backbone", "torch.optim.SGD"),  # named by the presets, but under method only
     ("method.optimizer", "torch.optim.Optimizer.load_state_dict"),
     ("data.kwargs", "builtins.eval"),
@@ -150,7 +150,7 @@ def test_opt_in_warns_and_builds(trained, tmp_path, caplog):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_rescore_refuses_before_building(trained, tmp_path, form):
-    from ood_lightning.assembly.runs import rescore
+    from ood_lightning.run.runs import rescore
 
     ckpt, marker = craft(trained, tmp_path / "run", form)
     with pytest.raises(UnsafeCheckpointError, match=ONE_LINE[form]):
