@@ -141,6 +141,10 @@ CASES = [
     Case("NaN loss with a density term", [*DHM, "method.optimizer.lr=1e30", "detectors=none"], NAN_LAMBDA),
     Case("trainer key typo", [*TINY, "trainer.max_epoch=1"], TYPO, entry="cli:train.py"),
     Case("trainer key typo with +", [*TINY, "+trainer.max_epoch=1"], TYPO),
+    Case("mistyped top-level key", [*TINY, "lamda=3.5e-3"], "error: unknown key lamda (lamda=3.5e-3); did you mean lambda?",
+         entry="cli:train.py"),
+    Case("mistyped evaluate.py key", ["ckpt_pth=x.ckpt"], "error: unknown key ckpt_pth (ckpt_pth=x.ckpt); did you mean ckpt_path?",
+         entry="cli:evaluate.py"),
     # every key a run reads, checked in one pass before any data is read (UNREAD: the data is not there)
     Case("data.batch_size=0", [*UNREAD, "data.batch_size=0"], "data.batch_size=0: must be a whole number >= 1"),
     Case("negative learning rate", [*UNREAD, "method.optimizer.lr=-1"], "method.optimizer.lr=-1: must be a number > 0"),
@@ -225,6 +229,20 @@ def test_bad_input_gives_one_clear_line(case: Case, tmp_path, capsys):
         assert fragment in err, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err[-3000:]  # one line
+
+
+def test_typo_check_passes_every_real_key_and_names_unknown_ones():
+    from ood_lightning.run.typos import unknown_key
+
+    fine = ["lambda=1e-3", "data=cifar10", "+foo=1", "~callbacks.progress_bar", "hydra.run.dir=x", "-m", "seed=0,1",
+            "data.batch_size=3", "method/flow=glow", "experiment=dhm_tiny", "debug=fast", "trainer.max_epochs=2"]
+    assert unknown_key(fine, "train") is None
+    assert unknown_key(["run_dir=x", "compare=[a,b]", "ckpt_path=y", "detectors=all", "ood=[noise]", "plot=lambda"],
+                       "evaluate") is None
+    assert unknown_key(["evalutaion.tpr=0.9"], "train").startswith("unknown key evalutaion (evalutaion.tpr=0.9); did you "
+                                                                  "mean evaluation?")
+    assert "the top-level keys are: allow_unsafe_checkpoint, backbone," in unknown_key(["zzz=1"], "train")
+    assert unknown_key(["method=dhm"], "evaluate").startswith("unknown key method")  # evaluate.py builds no method
 
 
 # -- an OOD set drawn from the ID classes: warned about and marked in metrics.json -----------------
