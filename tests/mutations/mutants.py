@@ -10,6 +10,7 @@ never touched.
     python tests/mutations/mutants.py              # all; exit 1 unless every mutation is killed
     python tests/mutations/mutants.py --fast       # the subset marked fast (CI)
     python tests/mutations/mutants.py --only dhm   # names containing "dhm"
+    python tests/mutations/mutants.py --shard 0/2  # every second mutation (two shards side by side)
     python tests/mutations/mutants.py --check      # every patch applies, every named test exists; runs nothing
 
 A patch that no longer applies (its old text is not in the file exactly once, e.g. after a file
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fast", action="store_true", help="only the mutations marked fast (the CI subset)")
     ap.add_argument("--only", nargs="+", default=None, help="only mutations whose name contains one of these")
+    ap.add_argument("--shard", default=None, help="i/n: every n-th mutation from the i-th (0-based), for runs side by side")
     ap.add_argument("--check", action="store_true", help="check that every patch applies; run no tests")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the named tests")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         mutations = [m for m in mutations if m.fast]
     if args.only:
         mutations = [m for m in mutations if any(s in m.name for s in args.only)]
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        mutations = mutations[i::n]
     problems = check(mutations)
     if problems:
         print("mutations that no longer apply:\n  " + "\n  ".join(problems), file=sys.stderr)
