@@ -13,6 +13,10 @@ never touched.
     python tests/mutations/mutants.py --shard 0/2  # every second mutation (two shards side by side)
     python tests/mutations/mutants.py --check      # every patch applies, every named test exists; runs nothing
 
+Each test run is a fork of this process, which has imported torch, Lightning, Hydra, scikit-learn
+and pytest once (never the project's package), so a run costs the test, not the imports;
+``--no-fork`` starts a fresh interpreter per run instead.
+
 A patch that no longer applies (its old text is not in the file exactly once, e.g. after a file
 moved) stops the run before anything else, naming the mutation and the fix. Before mutating, the
 named tests run once on the unmutated copy and must pass (``--no-baseline`` skips that), so a
@@ -29,13 +33,18 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the stdlib reader is 3.11+; pyproject's test extra installs tomli on 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 LIST = Path(__file__).with_name("mutations.toml")
@@ -110,17 +119,31 @@ def scratch_copy(root: Path) -> Path:
 
 
 def environment(scratch: Path) -> dict[str, str]:
-    sys.path.insert(0, str(ROOT))
-    from ood_lightning.data.registry import default_data_root  # the real tree's data root, not the scratch's
-
-    return {**os.environ, "PYTHONPATH": str(scratch), "OOD_LIGHTNING_DATA": str(default_data_root()),
+    """The tests' environment: the scratch copy first on the path, the real tree's data root (asked of a
+    fresh interpreter, so that this process never imports the package it is about to mutate)."""
+    data_root = subprocess.run([sys.executable, "-c", "from ood_lightning.data.registry import default_data_root; "
+                                "print(default_data_root())"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               capture_output=True, text=True, check=True).stdout.strip()
+    return {**os.environ, "PYTHONPATH": str(scratch), "OOD_LIGHTNING_DATA": data_root,
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "WANDB_MODE": "offline"}
 
 
-def run_pytest(tests: list[str], scratch: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str, float]:
-    """(exit code or None on timeout, output, seconds) of ``pytest -x`` on the named tests."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rf",
-           "-W", "ignore", *tests]
+#: imported once here and inherited by every forked test run (their import is most of a short run's time);
+#: the project's own package is never among them, so each fork imports the mutated copy
+PRELOAD = ("numpy", "scipy.stats", "sklearn.metrics", "sklearn.mixture", "sklearn.svm", "torch", "lightning",
+           "hydra", "omegaconf", "nflows.transforms", "matplotlib.pyplot", "pytest")
+
+
+PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rf", "-W", "ignore"]
+
+
+def run_pytest(tests: list[str], scratch: Path, env: dict[str, str], timeout: float,
+               fork: bool = True) -> tuple[int | None, str, float]:
+    """(exit code or None on timeout, output, seconds) of ``pytest -x`` on the named tests: in a fork of
+    this process (libraries already imported) or, with ``fork=False``, in a fresh interpreter."""
+    if fork:
+        return _run_forked(tests, scratch, env, timeout)
+    cmd = [sys.executable, "-m", "pytest", *PYTEST_ARGS, *tests]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout)
@@ -128,6 +151,49 @@ def run_pytest(tests: list[str], scratch: Path, env: dict[str, str], timeout: fl
         out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
         return None, out, time.perf_counter() - start
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - start
+
+
+def _run_forked(tests: list[str], scratch: Path, env: dict[str, str], timeout: float) -> tuple[int | None, str, float]:
+    log = scratch.parent / f"{scratch.name}-pytest.log"
+    start = time.perf_counter()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: run pytest in the scratch copy, exit with its code
+        code = 3
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.environ.clear()
+            os.environ.update(env)
+            os.chdir(scratch)
+            sys.path.insert(0, str(scratch))
+            import pytest
+
+            code = int(pytest.main([*PYTEST_ARGS, *tests]))
+        except BaseException:  # noqa: BLE001  (anything: report it, never return into the parent's loop)
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            break
+        if time.perf_counter() - start > timeout:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            code = None
+            break
+        time.sleep(0.2)
+    out = log.read_text(errors="replace") if log.exists() else ""
+    log.unlink(missing_ok=True)
+    return code, out, time.perf_counter() - start
 
 
 def first_failure(output: str) -> str:
@@ -144,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the named tests")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run")
     ap.add_argument("--list", type=Path, default=LIST, help="the mutation list (TOML)")
+    ap.add_argument("--no-fork", action="store_true", help="a fresh interpreter per test run (slower, no shared imports)")
     args = ap.parse_args(argv)
 
     mutations = load(args.list)
@@ -165,9 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         print("no mutation selected", file=sys.stderr)
         return 2
 
+    fork = not args.no_fork and os.name == "posix"
     scratch = scratch_copy(ROOT)
     try:
         env = environment(scratch)
+        if fork:
+            import importlib
+
+            for name in PRELOAD:
+                importlib.import_module(name)
         where = subprocess.run([sys.executable, "-c", "import ood_lightning; print(ood_lightning.__file__)"], cwd=scratch,
                                env=env, capture_output=True, text=True).stdout.strip()
         if not where.startswith(str(scratch)):
@@ -176,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if not args.no_baseline:
             tests = list(dict.fromkeys(t for m in mutations for t in m.tests))
-            code, out, secs = run_pytest(tests, scratch, env, args.timeout * 2)
+            code, out, secs = run_pytest(tests, scratch, env, args.timeout * 2, fork)
             if code != PASSED:
                 print(f"the named tests do not pass on the unmutated tree ({secs:.0f} s), so nothing could count as a "
                       f"kill; first failure: {first_failure(out)}\n{out[-3000:]}", file=sys.stderr)
@@ -187,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             original = target.read_text()
             target.write_text(original.replace(m.old, m.new, 1))
             try:
-                code, out, secs = run_pytest(m.tests, scratch, env, args.timeout)
+                code, out, secs = run_pytest(m.tests, scratch, env, args.timeout, fork)
             finally:
                 target.write_text(original)
             if code == FAILED:
