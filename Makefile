@@ -32,8 +32,9 @@ test-fast: install  ## unit tests only, no end-to-end runs
 mutants: install  ## curated wrong implementations of the papers' methods, each must fail its named tests (tests/mutations/); ARGS=--fast for the CI subset
 	$(BIN)/python tests/mutations/mutants.py $(ARGS)
 
-lint: install
+lint: install  ## ruff, and the import contract in pyproject.toml (layers, no cycles; docs/architecture.md)
 	$(BIN)/ruff check ood_lightning tests benchmarks sweeps train.py evaluate.py
+	$(BIN)/lint-imports
 
 bench: install  ## train images/s: plain PyTorch vs Lightning classifier vs DHM (tiny model on CPU); docs/performance.md
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

@@ -183,7 +183,7 @@ def test_2d_encoder_is_near_the_identity_at_small_c_with_a_free_output(tmp_path)
     operator norm ≤ c, each residual branch x + ReLU(Wx) has ‖W‖ ≤ c, so the residual stack's
     Jacobian has singular values in [(1 − c)^6, (1 + c)^6] (measured on random points), and the output
     Linear is not bounded (its norm is free to undo the input's contraction)."""
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     cfg = compose_cfg("train", ["experiment=dhm_2d", "method.spectral_coeff=0.2"], tmp_path)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from ood_lightning.analysis.latent_probe import fit_latent_probe
+from ood_lightning.methods.vae.latent_probe import fit_latent_probe
 
 
 def _rows(a: np.ndarray) -> set[tuple[float, ...]]:

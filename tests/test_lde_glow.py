@@ -12,8 +12,8 @@ import torch
 from nflows.transforms import ActNorm, AffineCouplingTransform, LULinear
 from torch import nn
 
-from ood_lightning.assembly.build import build_model
 from ood_lightning.nn.flows.coupling import glow
+from ood_lightning.run.build import build_model
 from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.usefixtures("single_thread")
