@@ -9,7 +9,7 @@ ARGS   ?=
 # single-threaded end-to-end runs, so two workers on two cores take about half the time)
 WORKERS ?= auto
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast mutants lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: install  ## the whole CPU suite (CI runs this)
 
 test-fast: install  ## unit tests only, no end-to-end runs
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow" $(ARGS)
+
+mutants: install  ## curated wrong implementations of the papers' methods, each must fail its named tests (tests/mutations/); ARGS=--fast for the CI subset
+	$(BIN)/python tests/mutations/mutants.py $(ARGS)
 
 lint: install  ## ruff, and the import contract in pyproject.toml (layers, no cycles; docs/architecture.md)
 	$(BIN)/ruff check ood_lightning tests benchmarks sweeps train.py evaluate.py
