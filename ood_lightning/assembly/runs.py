@@ -30,6 +30,7 @@ from ood_lightning.assembly.loggers import finish_runs, log_results
 from ood_lightning.assembly.preemption import Preemption
 from ood_lightning.assembly.runtime import (
     apply_eval_layout,
+    apply_eval_precision,
     apply_speedups,
     check_accelerator,
     resolve_device,
@@ -61,6 +62,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     (so a failing method report loses nothing), then the report merged into ``metrics.json``.
     Returns the metrics on the main rank, None on the others."""
     apply_eval_layout(model, cfg, device)
+    apply_eval_precision(model, cfg, device)
     f1_threshold = str(cfg.evaluation.get("f1_threshold", "auto"))
     f1_threshold = check_f1_threshold(model.f1_threshold_split if f1_threshold == "auto" else f1_threshold)
     fits = fit_cache(cfg, model) if cache is not None else None
