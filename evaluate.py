@@ -9,15 +9,19 @@
 
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-from rich.markdown import Markdown
+from ood_lightning.cpu_runtime import configure_threads
 
-import ood_lightning.config  # noqa: F401  (registers the config resolvers)
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.console import quiet_known_noise
-from ood_lightning.errors import ConfigError
-from ood_lightning.evaluation.results import wide_console
+configure_threads()  # before torch loads OpenMP: it reads OMP_* once
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from rich.markdown import Markdown  # noqa: E402
+
+import ood_lightning.config  # noqa: E402,F401  (registers the config resolvers)
+from ood_lightning.assembly.cli import run_safely  # noqa: E402
+from ood_lightning.console import quiet_known_noise  # noqa: E402
+from ood_lightning.errors import ConfigError  # noqa: E402
+from ood_lightning.evaluation.results import wide_console  # noqa: E402
 
 
 def evaluate(cfg: DictConfig):

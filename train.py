@@ -7,14 +7,18 @@
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from ood_lightning.cpu_runtime import configure_threads
 
-import ood_lightning.config  # noqa: F401  (registers the config resolvers)
-from ood_lightning.assembly.checks import check_cli_overrides
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.assembly.runs import train
-from ood_lightning.console import quiet_known_noise
+configure_threads()  # before torch loads OpenMP: it reads OMP_* once
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import ood_lightning.config  # noqa: E402,F401  (registers the config resolvers)
+from ood_lightning.assembly.checks import check_cli_overrides  # noqa: E402
+from ood_lightning.assembly.cli import run_safely  # noqa: E402
+from ood_lightning.assembly.runs import train  # noqa: E402
+from ood_lightning.console import quiet_known_noise  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

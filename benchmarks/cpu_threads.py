@@ -53,7 +53,6 @@ def parse(argv=None) -> argparse.Namespace:
 # -- child: one setting -------------------------------------------------------------------------------
 def child(args) -> dict:
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, str(ROOT))
     from ood_lightning.data.transforms import Preprocess
@@ -68,32 +67,40 @@ def child(args) -> dict:
     for fast in [p == "bf16_cl" for p in args.precisions.split(",")]:
         backbone = SmallCNN(in_channels=3, widths=(8, 16), feature_dim=16) if args.tiny else cifar_resnet20()
         model = torch.nn.Sequential(backbone, torch.nn.Linear(backbone.feature_dim, 10))
-        layout = torch.channels_last if fast else torch.contiguous_format
-        model = model.to(memory_format=layout)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         name = "bf16_cl" if fast else "fp32"
-
-        def train_step(i):
-            idx = torch.arange(i * 128, (i + 1) * 128) % len(labels)
-            x = prep(images[idx], train=True).contiguous(memory_format=layout)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-                loss = F.cross_entropy(model(x), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return 128
-
-        def infer_step(i):
-            idx = torch.arange(i * 256, (i + 1) * 256) % len(labels)
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-                model(prep(images[idx]).contiguous(memory_format=layout))
-            return 256
-
-        model.train()
-        out[f"train_{name}"] = _rate(train_step, args.seconds)
-        model.eval()
-        out[f"infer_{name}"] = _rate(infer_step, args.seconds)
+        out[f"train_{name}"], out[f"infer_{name}"] = _rates(model, fast, images, labels, prep, args.seconds)
     return out
+
+
+def _rates(model, fast: bool, images, labels, prep, seconds: float) -> tuple[float, float]:
+    """Images/s of training steps (batch 128) and of inference (batch 256)."""
+    import torch
+    import torch.nn.functional as F
+
+    layout = torch.channels_last if fast else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def train_step(i):
+        idx = torch.arange(i * 128, (i + 1) * 128) % len(labels)
+        x = prep(images[idx], train=True).contiguous(memory_format=layout)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            loss = F.cross_entropy(model(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return 128
+
+    def infer_step(i):
+        idx = torch.arange(i * 256, (i + 1) * 256) % len(labels)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            model(prep(images[idx]).contiguous(memory_format=layout))
+        return 256
+
+    model.train()
+    train = _rate(train_step, seconds)
+    model.eval()
+    return train, _rate(infer_step, seconds)
 
 
 def _rate(step, seconds: float) -> float:

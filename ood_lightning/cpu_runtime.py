@@ -24,7 +24,8 @@ _choice: str | None = None
 def configure_threads(environ=os.environ, cores: int | None = None) -> str:
     """Set ``OMP_NUM_THREADS`` (and ``MKL_NUM_THREADS``) to 1 on a machine of at most
     ``SMALL_MACHINE_CORES`` cores unless the user set them; leave larger machines to torch's
-    default. Returns (and remembers, for :func:`log_thread_choice`) a one-line description."""
+    default. Where the user asked for several threads and no wait policy, ``OMP_WAIT_POLICY=PASSIVE``.
+    Returns (and remembers, for :func:`log_thread_choice`) a one-line description."""
     global _choice
     cores = os.cpu_count() or 1 if cores is None else cores
     if "OMP_NUM_THREADS" in environ:
@@ -37,7 +38,14 @@ def configure_threads(environ=os.environ, cores: int | None = None) -> str:
                "(more threads were measured far slower under load; set OMP_NUM_THREADS to change it)")
     else:
         threads, why = "torch default", f"{cores} cores: torch's default (set OMP_NUM_THREADS to change it)"
-    policy = environ.get("OMP_WAIT_POLICY", "runtime default")
+    if "OMP_WAIT_POLICY" in environ:
+        policy = f"{environ['OMP_WAIT_POLICY']} (set by the user)"
+    elif threads not in ("1", "torch default"):
+        # more than one thread on a shared box: the runtime's spinning default was 2-2.6x slower than
+        # one thread under load, PASSIVE was not (docs/performance.md, "Threads")
+        environ["OMP_WAIT_POLICY"] = policy = "PASSIVE"
+    else:
+        policy = "runtime default"
     _choice = f"CPU threads: {threads} intra-op ({why}); OMP_WAIT_POLICY={policy}; {cores} cores"
     return _choice
 

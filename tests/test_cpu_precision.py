@@ -129,10 +129,9 @@ def test_evaluation_precision_key(caplog):
 
 def test_bf16_extraction_has_its_own_feature_cache_entry(tmp_path):
     """An fp32 run must never read features a bf16 run stored (nor the reverse)."""
-    from tests.conftest import untrained_run
-
     from ood_lightning.evaluation.feature_cache import FeatureCache
     from ood_lightning.scoring.loop import split_outputs
+    from tests.conftest import untrained_run
 
     cfg, dm, model = untrained_run(["data=stripes", "ood=diagonal_stripes", "backbone=cnn", "backbone.widths=[8,16]",
                                     "backbone.feature_dim=16", "data.n_train=64", "data.n_test=48",
@@ -157,9 +156,13 @@ def test_threads_default_to_one_on_a_small_machine_unless_the_user_chose():
     line = cpu_runtime.configure_threads(env, cores=2)
     assert env["OMP_NUM_THREADS"] == "1" and env["MKL_NUM_THREADS"] == "1"
     assert "CPU threads: 1 intra-op" in line and "2 cores" in line
+    assert "OMP_WAIT_POLICY" not in env  # one thread: nothing waits
     env = {"OMP_NUM_THREADS": "2"}
     line = cpu_runtime.configure_threads(env, cores=2)
-    assert env == {"OMP_NUM_THREADS": "2"} and "set by the user" in line
+    assert env == {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"} and "set by the user" in line
+    env = {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}
+    line = cpu_runtime.configure_threads(env, cores=2)
+    assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "ACTIVE (set by the user)" in line
     env = {}
     line = cpu_runtime.configure_threads(env, cores=16)
     assert "OMP_NUM_THREADS" not in env and "torch's default" in line

@@ -38,6 +38,7 @@ from ood_lightning.assembly.runtime import (
     share_rank_zero_state,
 )
 from ood_lightning.checkpoints import OPT_IN
+from ood_lightning.cpu_runtime import log_thread_choice
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.feature_cache import FeatureCache
 from ood_lightning.evaluation.results import (
@@ -96,6 +97,7 @@ def train(cfg: DictConfig) -> dict:
     ``skip_finished=true`` (a re-launched sweep): a job that already finished with this config
     returns its ``metrics.json`` without running; one that left a checkpoint of this config
     resumes from it (``assembly.finished``)."""
+    log_thread_choice(log)
     digest = config_hash(cfg)
     if cfg.get("skip_finished"):
         done = _finished_or_resume(cfg, digest)
@@ -168,6 +170,7 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
 
 def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    log_thread_choice(log)
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
     check_config(cfg)  # before any data is read
