@@ -7,18 +7,18 @@
 
 import sys
 
-from ood_lightning.cpu_runtime import configure_threads
+from ood_lightning.core.cpu_runtime import configure_threads
 
 configure_threads()  # before torch loads OpenMP: it reads OMP_* once
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-import ood_lightning.config  # noqa: E402,F401  (registers the config resolvers)
-from ood_lightning.assembly.checks import check_cli_overrides  # noqa: E402
-from ood_lightning.assembly.cli import run_safely  # noqa: E402
-from ood_lightning.assembly.runs import train  # noqa: E402
-from ood_lightning.console import quiet_known_noise  # noqa: E402
+import ood_lightning.run.config  # noqa: E402,F401  (registers the config resolvers)
+from ood_lightning.core.console import quiet_known_noise  # noqa: E402
+from ood_lightning.run.checks import check_cli_overrides  # noqa: E402
+from ood_lightning.run.cli import run_safely  # noqa: E402
+from ood_lightning.run.runs import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

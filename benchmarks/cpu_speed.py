@@ -49,16 +49,16 @@ import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf, open_dict  # noqa: E402
 
-from ood_lightning.assembly.build import build_model, build_trainer  # noqa: E402
-from ood_lightning.assembly.runtime import (  # noqa: E402
+from ood_lightning.core.cpu_runtime import fast_bf16  # noqa: E402
+from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
+from ood_lightning.data.registry import ArrayData  # noqa: E402
+from ood_lightning.run.build import build_model, build_trainer  # noqa: E402
+from ood_lightning.run.runtime import (  # noqa: E402
     apply_eval_layout,
     apply_eval_precision,
     apply_speedups,
     set_nan_check_every,
 )
-from ood_lightning.cpu_runtime import fast_bf16  # noqa: E402
-from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
-from ood_lightning.data.registry import ArrayData  # noqa: E402
 from ood_lightning.scoring.loop import split_outputs  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 

@@ -46,7 +46,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a small CNN on 16x16 images (CI smoke run)")
     p.add_argument("--precisions", default="auto",
                    help="fp32,bf16_cl or auto (bf16 + channels_last only where the CPU has fast bf16: "
-                        "ood_lightning.cpu_runtime.fast_bf16)")
+                        "ood_lightning.core.cpu_runtime.fast_bf16)")
     return p.parse_args(argv)
 
 
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     args = parse(argv)
     if args.precisions == "auto":
         sys.path.insert(0, str(ROOT))
-        from ood_lightning.cpu_runtime import fast_bf16
+        from ood_lightning.core.cpu_runtime import fast_bf16
 
         args.precisions = "fp32,bf16_cl" if fast_bf16() else "fp32"
     if args.child:

@@ -117,7 +117,7 @@ def write_block(doc: Path, block: str) -> None:
 
 def cpu_line() -> str:
     sys.path.insert(0, str(ROOT))
-    from ood_lightning.cpu_runtime import fast_bf16
+    from ood_lightning.core.cpu_runtime import fast_bf16
 
     kind = "AMX: bf16 native" if fast_bf16() else "no AMX: bf16 emulated by oneDNN, same rounding"
     return f"{os.cpu_count()}-core CPU ({kind}), 1 torch thread"

@@ -14,13 +14,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ood_lightning import cpu_runtime
-from ood_lightning.assembly.runtime import apply_eval_precision, resolve_channels_last
-from ood_lightning.errors import ConfigError
+from ood_lightning.core import cpu_runtime
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.methods.dhm import DeepHybridModel
 from ood_lightning.nn.backbones import SmallCNN
 from ood_lightning.nn.flows.residual import ResidualFlow
 from ood_lightning.nn.spectral import spectral_norm_bound
+from ood_lightning.run.runtime import apply_eval_precision, resolve_channels_last
 from ood_lightning.scoring.passes import extract
 
 torch.set_num_threads(1)
@@ -129,7 +129,7 @@ def test_evaluation_precision_key(caplog):
 
 def test_bf16_extraction_has_its_own_feature_cache_entry(tmp_path):
     """An fp32 run must never read features a bf16 run stored (nor the reverse)."""
-    from ood_lightning.evaluation.feature_cache import FeatureCache
+    from ood_lightning.scoring.feature_cache import FeatureCache
     from ood_lightning.scoring.loop import split_outputs
     from tests.conftest import untrained_run
 
