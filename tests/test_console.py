@@ -4,6 +4,7 @@ that Lightning triggers, no 'FLOPs 0' table; the one-line parameter summary and 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import pytest
@@ -35,6 +36,9 @@ def test_a_run_s_console_has_no_known_noise(tmp_path):
     for noise in ("litlogger", "LeafSpec", "FLOPs"):
         assert noise not in text, noise
     assert "model Classifier: backbone SmallCNN" in text and "scoring 1 OOD sets with 3 scorers" in text
+    # the thread choice is among the run's first lines, with the count torch really uses
+    assert re.search(r"CPU threads: \S+ intra-op \(.*\); OMP_WAIT_POLICY=.*; torch uses \d+", text)
+    assert text.index("CPU threads:") < text.index("model Classifier")
 
 
 def test_wandb_logger_does_not_pass_the_anonymous_setting_that_wandb_warns_about(monkeypatch):

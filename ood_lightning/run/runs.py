@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from ood_lightning.core.checkpoints import OPT_IN
+from ood_lightning.core.cpu_runtime import log_thread_choice
 from ood_lightning.core.pretrained import check_input_normalisation
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.results import (
@@ -42,6 +43,7 @@ from ood_lightning.run.loggers import finish_runs, log_results
 from ood_lightning.run.preemption import Preemption
 from ood_lightning.run.runtime import (
     apply_eval_layout,
+    apply_eval_precision,
     apply_speedups,
     check_accelerator,
     resolve_device,
@@ -61,6 +63,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     (so a failing method report loses nothing), then the report merged into ``metrics.json``.
     Returns the metrics on the main rank, None on the others."""
     apply_eval_layout(model, cfg, device)
+    apply_eval_precision(model, cfg, device)
     f1_threshold = str(cfg.evaluation.get("f1_threshold", "auto"))
     f1_threshold = check_f1_threshold(model.f1_threshold_split if f1_threshold == "auto" else f1_threshold)
     fits = fit_cache(cfg, model) if cache is not None else None
@@ -94,6 +97,7 @@ def train(cfg: DictConfig) -> dict:
     ``skip_finished=true`` (a re-launched sweep): a job that already finished with this config
     returns its ``metrics.json`` without running; one that left a checkpoint of this config
     resumes from it (``assembly.finished``)."""
+    log_thread_choice(log)
     digest = config_hash(cfg)
     if cfg.get("skip_finished"):
         done = _finished_or_resume(cfg, digest)
@@ -174,6 +178,7 @@ def rescore(cfg: DictConfig) -> dict:
 
 
 def _rescore(cfg: DictConfig) -> dict:
+    log_thread_choice(log)
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
     check_config(cfg, stored=True)  # before any data is read
