@@ -39,13 +39,14 @@ def _off_axis_note(below: int, above: int, n: int) -> str:
     return f" ({below + above} of {n} off the axis, {where})"
 
 
-def hist_panel(ax, by_split: dict, title: str, xlabel: str | None = None) -> None:
+def hist_panel(ax, by_split: dict, title: str, xlabel: str | None = None, legend_below_axis: bool = False) -> None:
     """ID test values filled, every other split outlined, on an axis around the ID range.
 
     The axis spans the ID values' range plus as much again on each side, so heavy tails
     (Mahalanobis) do not squash the overlap. Values beyond it are not drawn: each split's legend
     entry says how many lie off the axis, and on which side. Densities are per value of the
-    whole split, so a split half off the axis has half the area.
+    whole split, so a split half off the axis has half the area. The legend lies outside the axis:
+    beside it (a column of panels) or below it (``legend_below_axis``: a row of panels).
     """
     values = {k: np.asarray(v, dtype=np.float64) for k, v in by_split.items()}
     finite = np.concatenate([v[np.isfinite(v)] for v in values.values()] or [np.zeros(1)])
@@ -70,7 +71,7 @@ def hist_panel(ax, by_split: dict, title: str, xlabel: str | None = None) -> Non
     if xlabel:
         ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
-    legend_beside(ax)
+    (legend_below if legend_below_axis else legend_beside)(ax, **({"ncol": 1} if legend_below_axis else {}))
 
 
 def _tuned_sets(by_split: dict) -> list[str]:
