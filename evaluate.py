@@ -72,7 +72,7 @@ def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> list[Path]:
 
     if cfg.get("compare"):
         text = side_by_side(rows, list(cfg.compare), list(cfg.get("compare_metrics") or ["auroc", "aupr_in", "autc"]),
-                            title=f"{' vs '.join(cfg.compare)} (mean ± std over seeds; AuTC: lower is better)")
+                            title=f"{' vs '.join(cfg.compare)} (×100, mean ± std over seeds; AuTC: lower is better)")
         path = Path(cfg.run_dir) / "compare.md"
         path.write_text(text)
         wide_console().print(Markdown(text))
