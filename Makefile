@@ -29,8 +29,9 @@ test: install  ## the whole CPU suite (CI runs this)
 test-fast: install  ## unit tests only, no end-to-end runs
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow" $(ARGS)
 
-lint: install
+lint: install  ## ruff, and the import contract in pyproject.toml (layers, no cycles; docs/architecture.md)
 	$(BIN)/ruff check ood_lightning tests benchmarks sweeps train.py evaluate.py
+	$(BIN)/lint-imports
 
 bench: install  ## train images/s: plain PyTorch vs Lightning classifier vs DHM (tiny model on CPU); docs/performance.md
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

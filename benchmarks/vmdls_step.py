@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ood_lightning.assembly.build import build_model  # noqa: E402
-from ood_lightning.assembly.runtime import apply_speedups  # noqa: E402
+from ood_lightning.run.build import build_model  # noqa: E402
+from ood_lightning.run.runtime import apply_speedups  # noqa: E402
 from tests.conftest import compose_cfg  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
     for _ in range(args.rounds):
         for name, (model, opts) in rows.items():
-            times[name].append(timed(lambda: step(model, opts, x, y), args.steps))
+            times[name].append(timed(lambda m=model, o=opts: step(m, o, x, y), args.steps))
     for name, ts in times.items():
         print(f"{name:14s} wall {statistics.median(t[0] for t in ts):6.2f} s/step   CPU {statistics.median(t[1] for t in ts):6.2f} s/step")
     ratio = statistics.median(a[1] / b[1] for a, b in zip(times["NCHW"], times["channels_last"]))

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from ood_lightning.console import quiet_known_noise
+from ood_lightning.core.console import quiet_known_noise
 from tests.conftest import TINY, run_script
 
 
@@ -43,7 +43,7 @@ def test_wandb_logger_does_not_pass_the_anonymous_setting_that_wandb_warns_about
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from ood_lightning.assembly.loggers import QuietWandbLogger
+    from ood_lightning.run.loggers import QuietWandbLogger
 
     warned = []
     monkeypatch.setattr(wandb, "termwarn", lambda msg, *a, **k: warned.append(msg))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from ood_lightning.core.errors import CorruptDataError, DatasetNotFoundError
 from ood_lightning.data import registry
 from ood_lightning.data.idx import read_idx
 from ood_lightning.data.registry import FASHION_MNIST_PACKAGE, load_dataset
-from ood_lightning.errors import CorruptDataError, DatasetNotFoundError
 
 needs_package = pytest.mark.skipif(
     not (FASHION_MNIST_PACKAGE / "t10k-images-idx3-ubyte.gz").is_file(),

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ood_lightning.errors import CorruptDataError
-from ood_lightning.io import atomic_write
+from ood_lightning.core.errors import CorruptDataError
+from ood_lightning.core.io import atomic_write
 
 log = logging.getLogger(__name__)
 
