@@ -96,7 +96,8 @@ def test_mnist_preset_trains_channels_last_with_the_nchw_step(tmp_path):
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for ga, gb in zip(grads_a, grads_b):  # float32 summation order: relative to each gradient's norm
-        assert float((gb - ga).norm() / ga.norm()) < 1e-3  # a wrong layout is off by O(1)
+        # float32 summation order through five 100-channel convs: ~1e-3 relative; a wrong layout is O(1)
+        assert float((gb - ga).norm() / ga.norm()) < 1e-2
 
 
 # ---------------------------------------------------------------------------------- CIFAR-10 optimiser
