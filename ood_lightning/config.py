@@ -21,6 +21,12 @@ def _epochs_every(max_epochs: int, step: int) -> ListConfig:
     return OmegaConf.create(list(range(int(step), int(max_epochs), int(step))))
 
 
+def _smoke(fast, full, *, _root_):
+    """``${smoke:FAST,FULL}``: FAST in a smoke run (the top-level ``smoke: true`` that debug=fast
+    sets), else FULL; so each method's config names its own cut for a smoke run."""
+    return fast if _root_.get("smoke", False) else full
+
+
 def register_resolvers() -> None:
     """Idempotent: the project's resolvers and the data schema (``data/schema``)."""
     register_schema()
@@ -38,6 +44,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("epochs_at", _epochs_at)
     if not OmegaConf.has_resolver("epochs_every"):
         OmegaConf.register_new_resolver("epochs_every", _epochs_every)
+    if not OmegaConf.has_resolver("smoke"):
+        OmegaConf.register_new_resolver("smoke", _smoke)
 
 
 def to_dict(cfg: DictConfig) -> dict:
