@@ -46,8 +46,9 @@ lock: test-latest  ## once the suite passes on the newest releases, their exact 
 	  $(LATEST)/bin/python -m pip freeze --exclude-editable; } > $(LOCK)
 	rm -rf $(LATEST)
 
-lint: install
+lint: install  ## ruff, and the import contract in pyproject.toml (layers, no cycles; docs/architecture.md)
 	$(BIN)/ruff check ood_lightning tests benchmarks sweeps train.py evaluate.py
+	$(BIN)/lint-imports
 
 bench: install  ## train images/s: plain PyTorch vs Lightning classifier vs DHM (tiny model on CPU); docs/performance.md
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

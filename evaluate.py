@@ -13,11 +13,11 @@ import hydra
 from omegaconf import DictConfig
 from rich.markdown import Markdown
 
-import ood_lightning.config  # noqa: F401  (registers the config resolvers)
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.console import quiet_known_noise
-from ood_lightning.errors import ConfigError
+import ood_lightning.run.config  # noqa: F401  (registers the config resolvers)
+from ood_lightning.core.console import quiet_known_noise
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.evaluation.results import wide_console
+from ood_lightning.run.cli import run_safely
 
 
 def evaluate(cfg: DictConfig):
@@ -37,7 +37,7 @@ def evaluate(cfg: DictConfig):
         _log_summary(cfg, rows, csv_path, figures)
         return rows
     if cfg.get("ckpt_path"):
-        from ood_lightning.assembly.runs import rescore
+        from ood_lightning.run.runs import rescore
 
         return rescore(cfg)
     raise ConfigError("nothing to do: pass run_dir=<multirun dir> to aggregate, or ckpt_path=<.ckpt> to re-score")
@@ -47,7 +47,7 @@ def _log_summary(cfg: DictConfig, rows: list[dict], csv_path: Path, figures: lis
     """``logger=wandb``: the summary as a W&B Table (the columns of summary.csv), in a run that joins
     the sweep's W&B group (the run_dir's name) as ``summary``; the figures (heatmap, sweep plot) to
     every configured logger that takes images."""
-    from ood_lightning.assembly.loggers import build_loggers, log_summary
+    from ood_lightning.run.loggers import build_loggers, log_summary
 
     loggers = build_loggers(cfg, {"group": Path(cfg.run_dir).resolve().name, "name": "summary"})
     if loggers:

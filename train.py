@@ -10,11 +10,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import ood_lightning.config  # noqa: F401  (registers the config resolvers)
-from ood_lightning.assembly.checks import check_cli_overrides
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.assembly.runs import train
-from ood_lightning.console import quiet_known_noise
+import ood_lightning.run.config  # noqa: F401  (registers the config resolvers)
+from ood_lightning.core.console import quiet_known_noise
+from ood_lightning.run.checks import check_cli_overrides
+from ood_lightning.run.cli import run_safely
+from ood_lightning.run.runs import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

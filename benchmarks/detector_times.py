@@ -4,7 +4,7 @@ same process on the same inputs; docs/results/detectors_demo.md reports one run.
 
     OOD_LIGHTNING_DATA=../shared/data python benchmarks/detector_times.py <run>/checkpoints/last.ckpt <out_dir>
 
-Needs the Scorer evaluation (ood_lightning.assembly, ood_lightning.scoring.passes) and pytorch-ood
+Needs the Scorer evaluation (ood_lightning.run, ood_lightning.scoring.passes) and pytorch-ood
 (the ``test`` extra). Writes ``<out_dir>/times.json``: our fit/score seconds and AUROC / FPR@95 per
 detector and OOD set, pytorch-ood's seconds per detector, and the speed ratio on the shared ones.
 """
@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.evaluation import metrics as M
+from ood_lightning.run.build import build_detectors, build_model, connect, load_weights, stored_config
+from ood_lightning.run.config import compose
+from ood_lightning.scoring.api import FitData
+from ood_lightning.scoring.passes import extract
 
-from ood_lightning.assembly.build import build_detectors, build_model, connect, load_weights, stored_config  # noqa: E402
-from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
-from ood_lightning.evaluation import metrics as M  # noqa: E402
-from ood_lightning.scoring.api import FitData  # noqa: E402
-from ood_lightning.scoring.passes import extract  # noqa: E402
-from tests.conftest import compose_cfg  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Preprocessed(nn.Module):
@@ -57,7 +56,7 @@ def ours(model, dm, fit_limit: int, device) -> tuple[float, dict]:
     train = extract(model, dm.fit_dataloader(fit_limit), pre, device)
     outs = {split: extract(model, loader, pre, device) for split, loader in loaders.items()}
     rows = {"extract_s": time.perf_counter() - start}
-    for name, det in build_detectors(compose_cfg("train", ["detectors=all"], "/tmp/unused")).items():
+    for name, det in build_detectors(compose("train", ["detectors=all"], "/tmp/unused", ROOT / "conf")).items():
         start = time.perf_counter()
         if det.needs_fit:
             det.fit(model, FitData(train=train))
@@ -121,7 +120,7 @@ def pytorch_ood(model, dm, fit_limit: int, device) -> dict:
 def main(ckpt: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     trained = stored_config(ckpt)
-    fit_limit = int(compose_cfg("train", [], "/tmp/unused").evaluation.fit_limit)
+    fit_limit = int(compose("train", [], "/tmp/unused", ROOT / "conf").evaluation.fit_limit)
     dm = OODDataModule(trained.data, trained.ood)
     dm.setup("test")
     model = build_model(trained, dm.num_classes, pretrained=False)

@@ -1,5 +1,5 @@
 """Feature-extraction speed (images/s) of the framework's pass against a plain PyTorch loop, in one
-process, on the same tensors and model, with channels_last off and on (issue 16, item 7).
+process, on the same tensors and model, with channels_last off and on.
 
     OMP_NUM_THREADS=1 python benchmarks/extraction_speed.py                      # published ResNet-56, 2,000 test images
     python benchmarks/extraction_speed.py --backbone cifar_resnet20_pretrained --n 1000 --rounds 2
@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,14 +30,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ood_lightning.run.build import build_data, build_model
+from ood_lightning.run.config import compose
+from ood_lightning.run.runtime import apply_speedups
+from ood_lightning.scoring.passes import extract
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ood_lightning.assembly.build import build_data, build_model  # noqa: E402
-from ood_lightning.assembly.runtime import apply_speedups  # noqa: E402
-from ood_lightning.scoring.passes import extract  # noqa: E402
-from tests.conftest import compose_cfg  # noqa: E402
-
 TINY = ["data=stripes", "ood=diagonal_stripes", "backbone=cnn", "backbone.widths=[8,16]", "backbone.feature_dim=16",
         "data.n_train=300", "data.n_test=200", "data.val_size=100"]
 
@@ -58,13 +55,13 @@ def setup(args):
     """The model (weights loaded, eval mode), the evaluation DataLoader over the first ``n`` ID
     test images, and the data module's preprocessing: as ``score_and_write`` gets them."""
     overrides = TINY if args.tiny else ["data=cifar10", "ood=odin", f"backbone={args.backbone}"]
-    cfg = compose_cfg("train", [*overrides, "method=classifier", "trainer=cpu", "logger=csv",
-                                f"data.eval_batch_size={args.batch_size}", "data.num_workers=0"],
-                      Path(tempfile.mkdtemp(prefix="extraction_speed_")))
+    cfg = compose("train", [*overrides, "method=classifier", "trainer=cpu", "logger=csv",
+                            f"data.eval_batch_size={args.batch_size}", "data.num_workers=0"],
+                  Path(tempfile.mkdtemp(prefix="extraction_speed_")), ROOT / "conf")
     dm = build_data(cfg)
-    test = dm._id_split("test")  # the test pack only: setup() would decode the 50k training images too
+    test = dm.id_split("test")  # the test pack only: setup() would decode the 50k training images too
     test = test.subset(torch.arange(min(args.n, len(test))))
-    loader = dm._loader(test, train=False)  # the evaluation loader the scoring loop uses on the CPU
+    loader = dm.dataloader(test, train=False)  # the evaluation loader the scoring loop uses on the CPU
     model = build_model(cfg, len(test.classes) or int(test.labels.max()) + 1, pretrained=not args.tiny).eval()
     return cfg, model, loader, dm.preprocess
 

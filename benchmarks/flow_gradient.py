@@ -5,7 +5,7 @@
 
 Both estimators draw the same Russian-roulette term counts (same seed). Reported per
 training step (forward + backward of the NLL): ops dispatched (about one kernel launch each
-on a GPU, counted by ``ood_lightning.host_sync``), median wall time, peak GPU memory, and the
+on a GPU, counted by ``ood_lightning.core.host_sync``), median wall time, peak GPU memory, and the
 ratios backprop / neumann, all from one process.
 """
 
@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ood_lightning.host_sync import HostSyncCounter  # noqa: E402
-from ood_lightning.nn.flows.residual import ResidualFlow  # noqa: E402
+from ood_lightning.core.host_sync import HostSyncCounter
+from ood_lightning.nn.flows.residual import ResidualFlow
 
 
 def parse_args(argv=None) -> argparse.Namespace:

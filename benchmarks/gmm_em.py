@@ -12,18 +12,13 @@ differences, and the wall time of each fit and their ratio, measured in this run
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ood_lightning.detectors.torch_gmm import TorchGaussianMixture  # noqa: E402
+from ood_lightning.detectors.torch_gmm import TorchGaussianMixture
 
 
 def problem(n: int, d: int, k: int, seed: int) -> np.ndarray:

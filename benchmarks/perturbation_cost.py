@@ -1,5 +1,5 @@
 """What the input-perturbation detectors cost, in forward-pass equivalents per input, and the pass
-bound of the whole `experiment=posthoc_cifar10` preset that follows (issue 16, item 7).
+bound of the whole `experiment=posthoc_cifar10` preset that follows.
 
     OMP_NUM_THREADS=2 python benchmarks/perturbation_cost.py                     # published ResNet-56
     python benchmarks/perturbation_cost.py --backbone cifar_resnet20_pretrained --n 512
@@ -23,21 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from extraction_speed import setup as extraction_setup  # the same model, images and loader
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from extraction_speed import setup as extraction_setup  # noqa: E402  (the same model, images and loader)
-
-from ood_lightning.assembly.runtime import apply_eval_layout  # noqa: E402
-from ood_lightning.detectors import ODIN, Mahalanobis  # noqa: E402
-from ood_lightning.scoring.loop import VAL_INPUTS  # noqa: E402
-from ood_lightning.scoring.passes import extract  # noqa: E402
+from ood_lightning.detectors import ODIN, Mahalanobis
+from ood_lightning.run.runtime import apply_eval_layout
+from ood_lightning.scoring.loop import VAL_INPUTS
+from ood_lightning.scoring.passes import extract
 
 #: the preset's split sizes on CIFAR-10: fit, ID validation, ID test, seven OOD sets of 10,000
 FIT, VAL, TEST, OOD = 45_000, 5_000, 10_000, 70_000

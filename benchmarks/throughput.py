@@ -35,28 +35,26 @@ import time
 import traceback
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
 from torch import nn
 
+import ood_lightning.run.config  # noqa: F401  (resolvers)
+from ood_lightning.core.host_sync import CountHostSyncs
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.data.registry import ArrayData
+from ood_lightning.data.transforms import Preprocess
+from ood_lightning.nn.backbones import SmallCNN, WideResNet
+from ood_lightning.run.build import build_model
+from ood_lightning.run.runtime import apply_speedups, set_nan_check_every
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import lightning as L  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
-import ood_lightning.config  # noqa: E402,F401  (resolvers)
-from ood_lightning.assembly.build import build_model  # noqa: E402
-from ood_lightning.assembly.runtime import apply_speedups, set_nan_check_every  # noqa: E402
-from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
-from ood_lightning.data.registry import ArrayData  # noqa: E402
-from ood_lightning.data.transforms import Preprocess  # noqa: E402
-from ood_lightning.host_sync import CountHostSyncs  # noqa: E402
-from ood_lightning.nn.backbones import SmallCNN, WideResNet  # noqa: E402
 
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 NUM_CLASSES = 10
@@ -267,7 +265,7 @@ def run_lightning(args, images, labels, method: str, profile_dir: Path | None) -
 
 
 def count_host_syncs(args, images, labels, method: str, steps: int = 4) -> float:
-    """Host syncs per steady-state training step of this row (``ood_lightning/host_sync.py``).
+    """Host syncs per steady-state training step of this row (``ood_lightning/core/host_sync.py``).
 
     A short separate eager run (compile off: it inserts no host reads, and dispatch-mode
     interception would interfere with tracing), counted after 2 warm-up steps.
@@ -396,7 +394,7 @@ def report(args, results: dict) -> str:
                 verdict = "" if args.tiny else (" (meets the target)" if rate / base >= target else " (MISSES the target)")
                 lines.append(f"\n{row}/a = {rate / base:.3f}; target ≥ {target}{verdict}")
     lines.append("host syncs/step: reads of device values on the host per steady-state training step of b and c "
-                 "(ood_lightning/host_sync.py; an eager run; the non-finite check reads the loss every "
+                 "(ood_lightning/core/host_sync.py; an eager run; the non-finite check reads the loss every "
                  "nan_check_every steps: 50 on CUDA, 1 on the CPU)")
     lines.append(f"\nprojection: {args.epochs} epochs × {args.dataset_size} images at the measured rate, training "
                  "steps only (no validation, no OOD evaluation)")

@@ -12,31 +12,20 @@ import sys
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
+
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.run.build import build_model, connect, load_weights
+from ood_lightning.run.config import compose, to_dict  # also registers the config resolvers
+from ood_lightning.run.runs import train
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python sweeps/<script>.py` from anywhere, without installing
-    sys.path.insert(0, str(ROOT))
-
-from ood_lightning.assembly.build import build_model, connect, load_weights  # noqa: E402
-from ood_lightning.assembly.runs import train  # noqa: E402
-from ood_lightning.config import to_dict  # noqa: E402  (also registers the config resolvers)
-from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
 
 
 def compose_train(overrides: list[str], out_dir: str | Path) -> DictConfig:
     """The config ``python train.py <overrides>`` would run, with its run directory at ``out_dir``."""
     out_dir = Path(out_dir)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, f"hydra.run.dir={out_dir}"], return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = compose("train", overrides, out_dir, ROOT / "conf")
     (out_dir / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(to_dict(cfg)), out_dir / ".hydra" / "config.yaml")  # resolved
     (out_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
@@ -62,7 +51,7 @@ def load_run(cfg: DictConfig, ckpt: str | Path):
 
 
 def log_progress(stream=None) -> bool:
-    """Send INFO log lines (the epoch and scoring progress of ``ood_lightning.progress``) to
+    """Send INFO log lines (the epoch and scoring progress of ``ood_lightning.core.progress``) to
     ``stream`` (stdout): train.py gets this from Hydra's job logging, a study script run outside
     Hydra would otherwise train for an hour without a line. No-op when logging is already set up
     (a test's capture handler, an application's own config); returns whether it installed one."""

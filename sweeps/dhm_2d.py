@@ -3,7 +3,7 @@
 For every data set (moons, rings), c and seed, trains ``experiment=dhm_2d`` through the real
 entrypoint (6-block residual MLP, hidden 128, bounded by c, 2-D raw features; 5-block residual
 flow, hidden 128; rings = 5 rings), then evaluates p(x) = p_flow(f(x)) on an n x n grid over
-the input plane and integrates it with the trapezoid rule (ood_lightning/analysis/volume.py).
+the input plane and integrates it with the trapezoid rule (ood_lightning/methods/dhm/volume.py).
 A true density over the inputs would have volume ≈ 1; the encoder is not a bijection, so the
 DHM's need not. Writes, under --out:
 
@@ -31,17 +31,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import _common  # also puts the repository on sys.path
+import _common
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from omegaconf import OmegaConf
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.evaluation.style import legend, mean_std, reference, save, styled
+from ood_lightning.methods.dhm.volume import data_limits, evaluate_on_grid, input_log_density
 
-from ood_lightning.analysis.volume import data_limits, evaluate_on_grid, input_log_density  # noqa: E402
-from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
-from ood_lightning.evaluation.style import legend, mean_std, reference, save, styled  # noqa: E402
+matplotlib.use("Agg")  # no display: figures go to files
 
 #: fixed plotting/integration windows per data set (the data's box plus a margin), so that
 #: volumes for different c integrate over the same rectangle

@@ -3,7 +3,7 @@
 Loads a checkpoint written by train.py (its config is stored inside), perturbs ID test inputs
 with random δ of growing norm and fits feature deviation ‖g(f(x+δ)) − g(f(x))‖₂ against ‖δ‖₂ for
 every feature normalisation g (none, l1, l2, l∞): slope and Pearson r
-(ood_lightning/analysis/sensitivity.py). Prints the table and writes sensitivity.md/.json next
+(ood_lightning/methods/dhm/sensitivity.py). Prints the table and writes sensitivity.md/.json next
 to the checkpoint's run directory (or --out).
 
     python sweeps/dhm_sensitivity.py <run_dir>/checkpoints/last.ckpt
@@ -18,13 +18,12 @@ import argparse
 import json
 from pathlib import Path
 
-import _common  # noqa: F401  (puts the repository on sys.path)
 import torch
 
-from ood_lightning.analysis.sensitivity import sensitivity, to_markdown
-from ood_lightning.assembly.build import build_model, load_weights, stored_config
-from ood_lightning.assembly.runtime import resolve_device
 from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.methods.dhm.sensitivity import sensitivity, to_markdown
+from ood_lightning.run.build import build_model, load_weights, stored_config
+from ood_lightning.run.runtime import resolve_device
 
 
 def run(ckpt: Path, n: int, max_norm: float | None, levels: int, seed: int, device: str) -> tuple[str, dict]:

@@ -32,16 +32,16 @@ from pathlib import Path
 
 import _common
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from ood_lightning.evaluation.style import PALETTE, legend, reference, save, styled
+from ood_lightning.evaluation.sweep_plots import last_epoch_values
+from ood_lightning.methods.dhm.volume import evaluate_on_grid
+from ood_lightning.nn.backbones.prewitt import PREWITT_HORIZONTAL, PREWITT_VERTICAL
 
-from ood_lightning.analysis.volume import evaluate_on_grid  # noqa: E402
-from ood_lightning.evaluation.style import PALETTE, legend, reference, save, styled  # noqa: E402
-from ood_lightning.evaluation.sweep_plots import last_epoch_values  # noqa: E402
-from ood_lightning.nn.backbones.prewitt import PREWITT_HORIZONTAL, PREWITT_VERTICAL  # noqa: E402
+matplotlib.use("Agg")  # no display: figures go to files
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ the framework's feature cache (a re-run reads it from disk); every configuration
 the same fit features: the paper's fit data, one epoch over the augmented latents of the whole
 training split (``conf/method/lde.yaml``: ``fit_augmented: true, fit_limit: null``), with the
 LDE preset's optimiser settings and the flow presets of ``conf/method/flow/``. Writes
-``lde_<table>.md`` (ours, then the paper's rows from ``ood_lightning/references/lde.yaml``),
+``lde_<table>.md`` (ours, then the paper's rows from ``ood_lightning/evaluation/references/lde.yaml``),
 ``lde_<table>.json`` (the numbers) and, for the PCA sweep, ``lde_pca.png`` under ``--out``.
 """
 
@@ -27,20 +27,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import torch
+import yaml
+from _common import ROOT, compose_train
+from omegaconf import OmegaConf
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from _common import ROOT, compose_train  # noqa: E402  (puts the project on sys.path)
-from omegaconf import OmegaConf  # noqa: E402
-from torch import Tensor  # noqa: E402
+from ood_lightning.core.errors import ConfigError, OODLightningError
+from ood_lightning.evaluation.metrics import auroc
+from ood_lightning.evaluation.references import load as load_references
+from ood_lightning.evaluation.style import ID_COLOUR, legend, reference, save, styled
+from ood_lightning.methods.lde.latent_flow import LatentFlowDetector
 
-from ood_lightning.detectors.latent_flow import LatentFlowDetector  # noqa: E402
-from ood_lightning.errors import ConfigError, OODLightningError  # noqa: E402
-from ood_lightning.evaluation.metrics import auroc  # noqa: E402
-from ood_lightning.evaluation.style import ID_COLOUR, legend, reference, save, styled  # noqa: E402
-from ood_lightning.references import load as load_references  # noqa: E402
+matplotlib.use("Agg")  # no display: figures go to files
 
 log = logging.getLogger("lde_tables")
 
@@ -331,9 +331,9 @@ def write_outputs(table: str, rows: list[Row], setting: dict, out_dir: Path) -> 
 def load_features(overrides: list[str], run_dir: Path) -> tuple[Tensor, dict[str, Tensor], dict]:
     """(fit features, {ID_SET, OOD sets: features}, setting) of the composed config's backbone,
     each split read from the feature cache or extracted once into it (as ``train.py`` would)."""
-    from ood_lightning.assembly.build import build_data, build_model, choices, connect, feature_cache
-    from ood_lightning.assembly.runtime import resolve_device
-    from ood_lightning.evaluation.feature_cache import model_fingerprint
+    from ood_lightning.run.build import build_data, build_model, choices, connect, feature_cache
+    from ood_lightning.run.runtime import resolve_device
+    from ood_lightning.scoring.feature_cache import model_fingerprint
     from ood_lightning.scoring.loop import split_outputs
 
     cfg = compose_train(overrides, run_dir)

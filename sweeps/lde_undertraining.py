@@ -15,22 +15,22 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import ood_lightning.config  # noqa: E402,F401
-from ood_lightning.assembly.build import (
+import ood_lightning.run.config  # noqa: F401
+from ood_lightning.data.datamodule import OODDataModule
+from ood_lightning.evaluation.style import ID_COLOUR, legend, reference, save, styled
+from ood_lightning.methods.lde.latent_flow import LatentFlowDetector
+from ood_lightning.run.build import (
     build_model,
     load_weights,
-    stored_config,  # noqa: E402
+    stored_config,
 )
-from ood_lightning.assembly.runtime import resolve_device  # noqa: E402
-from ood_lightning.data.datamodule import OODDataModule  # noqa: E402
-from ood_lightning.detectors.latent_flow import LatentFlowDetector  # noqa: E402
-from ood_lightning.evaluation.style import ID_COLOUR, legend, reference, save, styled  # noqa: E402
-from ood_lightning.scoring.passes import extract  # noqa: E402
+from ood_lightning.run.runtime import resolve_device
+from ood_lightning.scoring.passes import extract
+
+matplotlib.use("Agg")  # no display: figures go to files
 
 
 def main() -> None:

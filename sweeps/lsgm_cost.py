@@ -16,14 +16,14 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from ood_lightning.detectors.lsgm import scoring_time
+from ood_lightning.evaluation.style import legend, save, styled
+from ood_lightning.scoring.api import Outputs
 
-from ood_lightning.detectors.lsgm import scoring_time  # noqa: E402
-from ood_lightning.evaluation.style import legend, save, styled  # noqa: E402
-from ood_lightning.scoring.api import Outputs  # noqa: E402
+matplotlib.use("Agg")  # no display: figures go to files
 
 
 def synthetic_outputs(n: int, n_layers: int, dim: int, n_classes: int = 10, seed: int = 0) -> Outputs:

@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def table(run_dirs: list[Path]) -> str:
@@ -85,9 +82,9 @@ def _latent(run_dirs: list[Path], out: Path, limit: int) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
-    from ood_lightning.assembly.build import build_model, load_weights, stored_config
     from ood_lightning.data.datamodule import OODDataModule
     from ood_lightning.evaluation.style import legend, save
+    from ood_lightning.run.build import build_model, load_weights, stored_config
 
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 4), squeeze=False)
     for ax, run in zip(axes[0], run_dirs):

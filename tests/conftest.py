@@ -11,14 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from sklearn.metrics import f1_score, roc_auc_score
 
-import ood_lightning.config  # noqa: F401  (resolvers)
 from ood_lightning.data.registry import default_data_root
+from ood_lightning.run.config import compose  # also registers the config resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -39,21 +35,14 @@ def needs_shared(*names: str):
 
 def compose_cfg(config_name: str, overrides: list[str], out_dir: Path):
     """Compose like ``@hydra.main`` would, with the run directory set to ``out_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name, overrides=[*overrides, f"hydra.run.dir={out_dir}"], return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose(config_name, overrides, out_dir, CONF)
 
 
 def untrained_run(overrides: list[str], out_dir: Path):
     """(cfg, data module set up for fitting, model built without pretrained weights and connected to
     it): what an in-process evaluation test scores, as the run's assembly builds it."""
-    from ood_lightning.assembly.build import build_model, connect
     from ood_lightning.data.datamodule import OODDataModule
+    from ood_lightning.run.build import build_model, connect
 
     cfg = compose_cfg("train", overrides, out_dir)
     dm = OODDataModule(cfg.data, cfg.ood)

@@ -7,9 +7,9 @@ import torch
 from hydra.errors import InstantiationException
 from torch import nn
 
-from ood_lightning.assembly.build import build_backbone as build_from_config
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.backbones import ResidualMLP, SmallCNN, WideResNet, resnet18, resnet34
+from ood_lightning.run.build import build_backbone as build_from_config
 from tests.conftest import compose_cfg
 
 NUM_CLASSES = 10

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.assembly.runs import train  # at import: Lightning's log handler binds to the session's stderr
+from ood_lightning.run.cli import run_safely
+from ood_lightning.run.runs import train  # at import: Lightning's log handler binds to the session's stderr
 from tests.conftest import TINY, compose_cfg, run_script
 from tests.tiny_data import MNIST_FILES, write_mnist_raw, write_pack
 

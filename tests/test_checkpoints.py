@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from ood_lightning.assembly.build import build_model
-from ood_lightning.assembly.runs import train
-from ood_lightning.checkpoints import OPT_IN, load_state_strict, read_checkpoint, to_project_layout
-from ood_lightning.errors import (
+from ood_lightning.core.checkpoints import OPT_IN, load_state_strict, read_checkpoint, to_project_layout
+from ood_lightning.core.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     InvalidCheckpointError,
     UnsafeCheckpointError,
 )
+from ood_lightning.core.pretrained import models_root
 from ood_lightning.nn.backbones import CifarResNet
-from ood_lightning.pretrained import models_root
+from ood_lightning.run.build import build_model
+from ood_lightning.run.runs import train
 from tests.conftest import ROOT, TINY, compose_cfg, run_script
 
 
@@ -124,7 +124,7 @@ def test_missing_file_says_where_it_looked_and_where_to_get_known_weights(tmp_pa
 def test_models_root_env_then_shared_then_project(monkeypatch, tmp_path):
     from omegaconf import OmegaConf
 
-    import ood_lightning.config  # noqa: F401  (resolvers)
+    import ood_lightning.run.config  # noqa: F401  (resolvers)
 
     monkeypatch.setenv("OOD_LIGHTNING_MODELS", str(tmp_path))
     assert models_root() == str(tmp_path)
@@ -237,7 +237,7 @@ def test_mismatch_message_is_short_with_counts_and_first_keys():
 # -- the three entry paths -----------------------------------------------------------------
 
 def test_malicious_checkpoint_refused_by_every_entry_path_in_process(tmp_path):
-    from ood_lightning.assembly.runs import rescore
+    from ood_lightning.run.runs import rescore
 
     marker, files = _evil_files(tmp_path)
     tiny_posthoc = [o for o in TINY if o != "debug=fast"] + ["debug=fast", "method=posthoc"]
@@ -252,7 +252,7 @@ def test_malicious_checkpoint_refused_by_every_entry_path_in_process(tmp_path):
 
 
 def test_bad_checkpoints_are_one_clear_error_in_process(tmp_path):
-    from ood_lightning.assembly.runs import rescore
+    from ood_lightning.run.runs import rescore
 
     bad = _bad_files(tmp_path)
     tiny_posthoc = [o for o in TINY if o != "debug=fast"] + ["debug=fast", "method=posthoc"]

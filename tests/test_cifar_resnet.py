@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from ood_lightning.assembly.build import build_backbone, build_model
+from ood_lightning.core.errors import CheckpointNotFoundError, ConfigError
+from ood_lightning.core.pretrained import models_root
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.errors import CheckpointNotFoundError, ConfigError
 from ood_lightning.nn.backbones import CifarResNet
-from ood_lightning.pretrained import models_root
+from ood_lightning.run.build import build_backbone, build_model
 from tests.conftest import compose_cfg, needs_shared
 
 #: He et al. (2016) Table 6: parameters of the 10-class models (with their classifier)
@@ -133,8 +133,8 @@ def test_preset_without_the_weights_says_where_it_looked_and_where_to_get_them(m
 
 def test_rescoring_a_preset_checkpoint_with_cifar_normalisation_is_refused(tmp_path) -> None:
     """evaluate.py ckpt_path=... data=cifar10 would bring CIFAR's mean/std back: refused before any data is read."""
-    from ood_lightning.assembly.runs import rescore
-    from ood_lightning.config import to_dict
+    from ood_lightning.run.config import to_dict
+    from ood_lightning.run.runs import rescore
 
     trained = compose_cfg("train", ["data=cifar10", "backbone=cifar_resnet20_pretrained"], tmp_path / "train")
     ckpt = tmp_path / "last.ckpt"

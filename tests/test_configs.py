@@ -12,9 +12,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ood_lightning.assembly.build import build_backbone, build_model
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.backbones.base import Backbone
+from ood_lightning.run.build import build_backbone, build_model
 from ood_lightning.scoring.api import FitData, Outputs, Scorer, pool
 from ood_lightning.scoring.loop import score_all
 from tests.conftest import CONF, TINY, compose_cfg, untrained_run

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from ood_lightning.console import quiet_known_noise
+from ood_lightning.core.console import quiet_known_noise
+from ood_lightning.core.progress import Progress, TrainingBar
 from ood_lightning.data import packs
-from ood_lightning.progress import Progress, TrainingBar
 from tests.conftest import TINY, run_script
 
 
@@ -94,7 +94,7 @@ def test_wandb_logger_does_not_pass_the_anonymous_setting_that_wandb_warns_about
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from ood_lightning.assembly.loggers import QuietWandbLogger
+    from ood_lightning.run.loggers import QuietWandbLogger
 
     warned = []
     monkeypatch.setattr(wandb, "termwarn", lambda msg, *a, **k: warned.append(msg))

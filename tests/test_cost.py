@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from ood_lightning.analysis.cost import CPU_ADVICE, CostProjection, human
+from ood_lightning.core.cost import CPU_ADVICE, CostProjection, human
 from tests.conftest import TINY, compose_cfg
 
 
@@ -93,7 +93,7 @@ def test_no_line_for_an_epoch_shorter_than_the_measurement():
 
 
 def test_a_real_tiny_run_logs_the_projection(tmp_path, caplog):
-    from ood_lightning.assembly.runs import train
+    from ood_lightning.run.runs import train
 
     caplog.set_level(logging.INFO)
     overrides = [o for o in TINY if o != "debug=fast"]

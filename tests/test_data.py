@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from ood_lightning.core.errors import ConfigError, DatasetNotFoundError
 from ood_lightning.data import packs
 from ood_lightning.data.datamodule import OODDataModule, TensorData
 from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
 from ood_lightning.data.transforms import Preprocess, match_shape, random_crop, random_hflip
-from ood_lightning.errors import ConfigError, DatasetNotFoundError
 from tests.conftest import SHARED_DATA, compose_cfg, needs_shared
 from tests.tiny_data import write_pack
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ood_lightning.assembly.runs import train
 from ood_lightning.data.device_loader import DeviceLoader
+from ood_lightning.run.runs import train
 from ood_lightning.scoring.api import Outputs
 from ood_lightning.scoring.passes import _extract
 from ood_lightning.scoring.ranks import SINGLE, Ranks

@@ -14,11 +14,11 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ood_lightning.assembly.runs import train
-from ood_lightning.assembly.runtime import apply_speedups
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.data.device_loader import DeviceLoader, EpochPermutation, shard_range
-from ood_lightning.errors import ConfigError
+from ood_lightning.run.runs import train
+from ood_lightning.run.runtime import apply_speedups
 from tests.conftest import ROOT, TINY, compose_cfg
 
 torch.set_num_threads(1)

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ood_lightning.analysis.collapse import CollapseMonitor
-from ood_lightning.assembly.runs import train
+from ood_lightning.methods.dhm.collapse import CollapseMonitor
 from ood_lightning.nn.feature_norm import normalize_features
+from ood_lightning.run.runs import train
 from tests.conftest import TINY, compose_cfg
 
 DHM = [*TINY, "method=dhm", "method.flow.n_blocks=2", "method.flow.hidden=32"]
@@ -67,7 +67,7 @@ def test_dhm_trains_scores_and_logs(dhm_run):
 def test_every_bounded_layer_has_spectral_norm_at_most_c(dhm_run):
     """Independent check: the operator norm of each conv/linear map from its exact Jacobian."""
     out, _, cfg = dhm_run
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     model = build_model(cfg, num_classes=2)
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -112,7 +112,7 @@ def test_every_bounded_layer_has_spectral_norm_at_most_c(dhm_run):
 
 def test_lambda_zero_reduces_the_loss_to_cross_entropy():
     cfg = compose_cfg("train", [*DHM, "lambda=0.0"], "/tmp/unused")
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     model = build_model(cfg, num_classes=2)
     x, y = torch.rand(8, 1, 9, 9), torch.tensor([0, 1] * 4)

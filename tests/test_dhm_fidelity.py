@@ -3,7 +3,7 @@
 - the preset's residual block (the authors' LipSwish → Linear → LipSwish → Linear, hidden 640,
   Lipschitz 0.9, 5 power iterations), and its Linear layers' spectral norms after training;
 - the flow and its NLL in float32 under bf16 autocast;
-- tests that fail on a wrong DHM (issue 18, item 9): the score's sign flipped, ``h.detach()``
+- tests that fail on a wrong DHM: the score's sign flipped, ``h.detach()``
   before the flow, ``ce - λ·nll``, the log-det's sign flipped in the NLL. The truth is a log
   density computed here from the blocks' residual maps with a dense Jacobian (torch.func),
   a standard normal from ``torch.distributions`` and an l∞ normalisation written out.
@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import nn
 
-from ood_lightning.assembly.build import build_model
-from ood_lightning.methods.dhm import FlowDensity
+from ood_lightning.methods.dhm.model import FlowDensity
 from ood_lightning.nn.backbones.base import Backbone
 from ood_lightning.nn.flows.residual import LipSwish
 from ood_lightning.nn.spectral import converge_spectral_norms
+from ood_lightning.run.build import build_model
 from ood_lightning.scoring.api import Outputs
 from tests.conftest import TINY, compose_cfg
 
@@ -53,7 +53,7 @@ def test_lambda_recipe_and_the_sweep_grid_across_the_collapse_threshold(tmp_path
     collapse threshold (trains at 3.594e-3, collapses at 3.672e-3, sec. 4.2)."""
     import re
 
-    from ood_lightning.methods.dhm import DEFAULT_LAMBDA
+    from ood_lightning.methods.dhm.model import DEFAULT_LAMBDA
 
     assert compose_cfg("train", ["experiment=dhm_cifar10"], tmp_path)["lambda"] == pytest.approx(3.75e-4)
     assert compose_cfg("train", ["method=dhm"], tmp_path)["lambda"] is None and DEFAULT_LAMBDA == 3.5e-3
@@ -245,7 +245,7 @@ def test_sync_batchnorm_replacing_the_bounded_layers_is_refused(tmp_path) -> Non
         m.on_fit_start()
 
 
-# -- collapse at a large λ (issue 18, item 9, last bullet) -------------------------------------------
+# -- collapse at a large λ -------------------------------------------
 class _LinearExtractor(Backbone):
     """h = W x + b on 2-D inputs, starting at the identity, so both input directions reach the flow."""
 
@@ -282,7 +282,7 @@ def _train_toy_dhm(lam: float, steps: int = 60, seed: int = 0) -> dict:
 
     from sklearn.metrics import roc_auc_score
 
-    from ood_lightning.methods.dhm import DeepHybridModel
+    from ood_lightning.methods.dhm.model import DeepHybridModel
     from ood_lightning.nn.flows.residual import ResidualFlow
 
     torch.manual_seed(seed)

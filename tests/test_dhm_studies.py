@@ -1,4 +1,4 @@
-"""The DHM studies (issue 4, sweeps/): grid volume, the Prewitt backbone, sensitivity slopes,
+"""The DHM studies (sweeps/): grid volume, the Prewitt backbone, sensitivity slopes,
 the λ / spectral-coefficient sweep figures and the Table-1 view, and the 2-D / stripes /
 sensitivity scripts end to end at a micro scale."""
 
@@ -17,10 +17,8 @@ import torch
 import yaml
 from torch.distributions import MultivariateNormal
 
-from ood_lightning.analysis.sensitivity import fit_line, sensitivity
-from ood_lightning.analysis.volume import evaluate_on_grid, grid_volume, trapezoid_log_volume
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.data.synthetic import diagonal_stripes, stripes
-from ood_lightning.errors import ConfigError
 from ood_lightning.evaluation.aggregate import aggregate, collect
 from ood_lightning.evaluation.sweep_plots import (
     collect_sweep,
@@ -31,6 +29,8 @@ from ood_lightning.evaluation.sweep_plots import (
     side_by_side,
     summarise,
 )
+from ood_lightning.methods.dhm.sensitivity import fit_line, sensitivity
+from ood_lightning.methods.dhm.volume import evaluate_on_grid, grid_volume, trapezoid_log_volume
 from ood_lightning.nn.backbones.prewitt import PREWITT_HORIZONTAL, PrewittNet
 from tests.conftest import ROOT, compose_cfg, sklearn_auroc
 
@@ -84,7 +84,7 @@ def test_prewitt_init_and_features_separate_stripe_directions():
 
 def test_prewitt_backbone_from_config_with_spectral_bound(tmp_path):
     cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2", "backbone.init=prewitt"], tmp_path)
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     model = build_model(cfg, num_classes=2)
     assert type(model.backbone).__name__ == "PrewittNet" and model.flow.dim == 2
@@ -171,7 +171,7 @@ def test_lambda_plot_reads_x_from_overrides_and_val_from_the_last_epoch(tmp_path
 
 def test_evaluate_lists_the_sweep_figure_as_an_artifact_and_logs_it(tmp_path, monkeypatch):
     import evaluate
-    from ood_lightning.assembly import loggers
+    from ood_lightning.run import loggers
 
     for i, lam in enumerate(["1e-3", "1e-2"]):
         _fake_run(tmp_path / "sweep" / str(i), [f"lambda={lam}", "seed=0"], 0, 0.9 - 0.2 * i, 0.9, 0.3)
@@ -247,7 +247,7 @@ def test_stripes_preset_is_the_papers_recipe(tmp_path):
     assert (f.n_blocks, f.hidden, f.n_hidden_layers, f.activation_first, f.coeff, f.n_power_iterations) == (
         50, 32, 1, True, 0.98, 5)
     cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)  # a quick build
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=2)
@@ -287,7 +287,7 @@ def test_stripes_preset_is_the_papers_recipe(tmp_path):
 
 def test_softmax_head_needs_one_feature_per_class(tmp_path):
     cfg = compose_cfg("train", ["experiment=dhm_stripes", "method.flow.n_blocks=2"], tmp_path)
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     # hydra wraps the ConfigError; the entrypoints print its one line
     with pytest.raises(Exception, match="method.head=softmax needs feature_dim == num_classes, got 2 features for 3"):
@@ -300,8 +300,8 @@ def test_2d_preset_is_the_papers_setup(tmp_path, sweeps_module):
     cfg = compose_cfg("train", ["experiment=dhm_2d", "data=rings", "method.flow.n_blocks=1"], tmp_path)
     assert cfg.method.spectral_coeff == 0.9 and cfg.method.feature_norm == "none"
     assert cfg.data.kwargs.num_rings == 5 and cfg.backbone.out_features == 2
-    from ood_lightning.assembly.build import build_model
     from ood_lightning.data.synthetic import rings
+    from ood_lightning.run.build import build_model
 
     model = build_model(cfg, num_classes=5)
     assert model.backbone.feature_dim == 2 and model.flow.dim == 2
@@ -422,7 +422,7 @@ def test_sweep_scripts_compose_their_experiments(tmp_path):
 
 def test_log_progress_shows_the_epoch_lines_outside_hydra(sweeps_module, monkeypatch):
     """A study script runs train() outside Hydra's job logging: without a handler the epoch
-    progress lines (INFO on ``ood_lightning.progress``) vanish and a 160-epoch run is silent."""
+    progress lines (INFO on ``ood_lightning.core.progress``) vanish and a 160-epoch run is silent."""
     import io
     import logging
 
@@ -432,7 +432,7 @@ def test_log_progress_shows_the_epoch_lines_outside_hydra(sweeps_module, monkeyp
     monkeypatch.setattr(root, "level", logging.WARNING)
     stream = io.StringIO()
     assert common.log_progress(stream) is True
-    logging.getLogger("ood_lightning.progress").info("epoch 3/160: 9 steps in 2 s")
+    logging.getLogger("ood_lightning.core.progress").info("epoch 3/160: 9 steps in 2 s")
     assert "epoch 3/160: 9 steps in 2 s" in stream.getvalue()
     other = io.StringIO()  # already set up: left alone
     assert common.log_progress(other) is False and len(root.handlers) == 1

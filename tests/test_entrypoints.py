@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ood_lightning.assembly.runs import train
-from ood_lightning.errors import CheckpointMismatchError, ConfigError
+from ood_lightning.core.errors import CheckpointMismatchError, ConfigError
+from ood_lightning.run.runs import train
 from tests.conftest import TINY, compose_cfg, needs_shared, run_script, sklearn_auroc
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_detectors_separate_an_easy_ood_set_after_training(tmp_path):
 
 def test_rescore_checkpoint_with_other_detectors(tiny_run, tmp_path):
     out, first = tiny_run
-    from ood_lightning.assembly.runs import rescore
+    from ood_lightning.run.runs import rescore
 
     cfg = compose_cfg("evaluate", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "detectors=fast"], tmp_path)
     metrics = rescore(cfg)
@@ -135,7 +135,7 @@ def test_vae_with_whole_split_bn_adaptation_rescores_with_the_default_detectors(
            "data.n_train=600", "data.n_test=200", "data.val_size=100", "ood.diagonal.n=200",
            "method.adapt_bn=encoder", "method.bn_stats=stream"]
     first = train(compose_cfg("train", vae, tmp_path / "train"))
-    from ood_lightning.assembly.runs import rescore
+    from ood_lightning.run.runs import rescore
 
     caplog.set_level(logging.WARNING)
     cfg = compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'train' / 'checkpoints' / 'last.ckpt'}"], tmp_path / "ev")
@@ -147,8 +147,8 @@ def test_vae_with_whole_split_bn_adaptation_rescores_with_the_default_detectors(
 
 
 def test_results_are_written_before_a_method_s_extra_outputs_can_fail(tiny_run, tmp_path, monkeypatch):
-    from ood_lightning.assembly.runs import rescore
     from ood_lightning.methods.classifier import Classifier
+    from ood_lightning.run.runs import rescore
 
     def broken_pictures(self, out_dir, results, dm, device):
         raise RuntimeError("plotting failed")

@@ -1,4 +1,4 @@
-"""Issue 16 item 7: what ``channels_last: auto`` resolves to (the table in docs/performance.md),
+"""What ``channels_last: auto`` resolves to (the table in docs/performance.md),
 that the evaluation's NHWC layout keeps the extracted outputs, and that the extraction benchmark runs."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ood_lightning.assembly.runtime import (
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.nn.backbones import SmallCNN
+from ood_lightning.run.runtime import (
     _channels_last_input,
     apply_eval_layout,
     apply_speedups,
     resolve_channels_last,
 )
-from ood_lightning.errors import ConfigError
-from ood_lightning.nn.backbones import SmallCNN
 from ood_lightning.scoring.passes import extract
 from tests.conftest import ROOT
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ood_lightning.errors import CheckpointMismatchError
-from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
+from ood_lightning.core.errors import CheckpointMismatchError
+from ood_lightning.scoring.feature_cache import FeatureCache, model_fingerprint
 from ood_lightning.scoring.passes import extract
 
 
@@ -175,9 +175,9 @@ def test_cache_key_follows_the_data_itself_not_only_its_name(tmp_path):
 
 @pytest.mark.slow
 def test_posthoc_run_on_changed_data_does_not_reuse_cached_features(tmp_path):
-    """Issue 15 item 2: after a post-hoc run on one copy of a dataset, a run with ``data.root=`` at a
+    """After a post-hoc run on one copy of a dataset, a run with ``data.root=`` at a
     copy whose test images are inverted must give what an uncached run on that copy gives."""
-    from ood_lightning.assembly.runs import train
+    from ood_lightning.run.runs import train
     from tests.conftest import compose_cfg
     from tests.tiny_data import write_mnist_raw
 

@@ -1,4 +1,4 @@
-"""Issue 16 item 3: the ``finetune`` preset (method=classifier from a checkpoint, head included, low
+"""The ``finetune`` preset (method=classifier from a checkpoint, head included, low
 LR, few epochs) composes as documented, and training starts from the checkpoint's weights: the
 model's logits at training step 0 equal those of the published file loaded by hand."""
 
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ood_lightning.assembly.build import build_backbone, build_model
+from ood_lightning.core.pretrained import models_root
 from ood_lightning.methods import Classifier
-from ood_lightning.pretrained import models_root
+from ood_lightning.run.build import build_backbone, build_model
 from tests.conftest import compose_cfg
 
 torch.set_num_threads(1)

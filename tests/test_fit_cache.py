@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ood_lightning.detectors import LSGM, LatentFlowDetector, Mahalanobis, MahalanobisTuned, ViM
+from ood_lightning.detectors import LSGM, Mahalanobis, MahalanobisTuned, ViM
 from ood_lightning.detectors.knn import KNN
 from ood_lightning.detectors.msp import MSP
+from ood_lightning.methods.lde import LatentFlowDetector
 from ood_lightning.scoring import fit_cache as fc
 from ood_lightning.scoring.api import FitData, Outputs, Scorer
 from ood_lightning.scoring.fit_cache import FitCache, fit_data_identity, fit_key
@@ -331,7 +332,7 @@ def test_each_scorer_is_keyed_on_its_own_resolved_config_node(tmp_path):
     """posthoc_cifar10: LSGM by its method.scorers node (seed resolved), LDE by detectors.lde (its flow
     too); a method without a scorers node keys its own scores on the whole method; fit_cache=false
     and runs without a feature cache get no fit cache."""
-    from ood_lightning.assembly.build import fit_cache, scorer_configs
+    from ood_lightning.run.build import fit_cache, scorer_configs
     from tests.conftest import compose_cfg
 
     over = ["experiment=posthoc_cifar10", "backbone.checkpoint=/nowhere/run/checkpoints/last.ckpt",

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from ood_lightning.detectors.godin_perturbation import GODINPerturbation
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.methods.classifier import Classifier
-from ood_lightning.methods.godin import GeneralizedODIN
+from ood_lightning.methods.godin.model import GeneralizedODIN
+from ood_lightning.methods.godin.perturbation import GODINPerturbation
 from ood_lightning.nn.backbones import ResidualMLP
 from ood_lightning.scoring.api import FitData, Outputs
 from tests.conftest import TINY, check_reported_metrics, compose_cfg
@@ -115,7 +115,7 @@ def test_h_weights_get_no_weight_decay() -> None:
 
 
 def test_config_builds_method_with_exemption(tmp_path) -> None:
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     cfg = compose_cfg("train", [*TINY, "method=godin", "method.h_weight_decay=1e-5"], tmp_path)
     model = build_model(cfg, num_classes=2)
@@ -201,7 +201,7 @@ def test_perturbation_detector_rejects_bad_arguments_and_models() -> None:
 
 @pytest.mark.slow
 def test_train_entrypoint_reports_godin_scores(tmp_path) -> None:
-    from ood_lightning.assembly.runs import train
+    from ood_lightning.run.runs import train
 
     torch.set_num_threads(1)
     cfg = compose_cfg("train", [*TINY, "method=godin", "detectors=none"], tmp_path)

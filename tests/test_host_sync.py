@@ -1,7 +1,7 @@
 """Host syncs: the counter sees what would make a GPU wait, and training steps make none.
 
 On a GPU every read of a device value on the host stalls the launch queue; these tests find
-such reads on the CPU (``ood_lightning/host_sync.py``) and pin the per-step count of the
+such reads on the CPU (``ood_lightning/core/host_sync.py``) and pin the per-step count of the
 training loops, so a stray ``.item()`` in a training step fails here before it costs GPU time.
 """
 
@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from ood_lightning.assembly.runs import train
-from ood_lightning.host_sync import HostSyncCounter
+from ood_lightning.core.host_sync import HostSyncCounter
+from ood_lightning.run.runs import train
 from tests.conftest import TINY, compose_cfg
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ood_lightning.io import atomic_write, atomic_write_text
+from ood_lightning.core.io import atomic_write, atomic_write_text
 
 
 def test_text_is_replaced_whole(tmp_path):

@@ -16,8 +16,8 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from torch.func import jacrev
 
-from ood_lightning.detectors.latent_flow import LatentFlowDetector, build_flow
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.methods.lde.latent_flow import LatentFlowDetector, build_flow
 from ood_lightning.nn.flows.coupling import NflowsFlow, glow, maf, realnvp
 from ood_lightning.nn.flows.residual import ResidualFlow
 from ood_lightning.scoring.api import FitData, Outputs, Scorer
@@ -210,7 +210,7 @@ def test_fit_log_states_samples_and_steps(n, caplog):
     """The log line's step count is the number of optimiser steps taken, ceil(n / batch)."""
     spies = []
     det = LatentFlowDetector(flow=lambda d: spies.append(NoiseSpy(d)) or spies[-1], batch_size=64, device="cpu")
-    with caplog.at_level("INFO", logger="ood_lightning.detectors.latent_flow"):
+    with caplog.at_level("INFO", logger="ood_lightning.methods.lde.latent_flow"):
         det.fit(None, FitData(as_outputs(torch.randn(n, 4, generator=torch.Generator().manual_seed(n)))))
     (line,) = [r.getMessage() for r in caplog.records if "latent flow fit" in r.getMessage()]
     steps = math.ceil(n / 64)

@@ -1,4 +1,4 @@
-"""The LDE table drivers (sweeps/lde_tables.py, issue 18 item 12) on tiny synthetic features
+"""The LDE table drivers (sweeps/lde_tables.py) on tiny synthetic features
 whose answer is known: an OOD signal that lives only in the top principal components survives
 a small ``pca_dim``, one that lives only in the bottom ones does not."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a tiny Glow and a short, fast fit (the driver's own settings would take 10 blocks of 4·d)

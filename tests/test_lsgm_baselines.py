@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.detectors import ODIN, Mahalanobis
-from ood_lightning.detectors.input_step import best_epsilon, mean_scores_over_epsilons
 from ood_lightning.detectors.mahalanobis import MahalanobisTuned
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FitData, Outputs
+from ood_lightning.scoring.input_step import best_epsilon, mean_scores_over_epsilons
 
 STD = np.array([0.5, 1.0, 2.0, 0.25])  # per-"channel" std of the 4 input coordinates
 
@@ -167,7 +167,7 @@ def test_epsilon_search_rejects_bad_input(problem) -> None:
 
 
 def test_lsgm_preset_turns_the_search_on_for_odin_star_and_mahalanobis_star(tmp_path) -> None:
-    from ood_lightning.assembly.build import build_detectors
+    from ood_lightning.run.build import build_detectors
     from tests.conftest import compose_cfg
 
     grid = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08)
@@ -184,7 +184,7 @@ def test_the_chosen_epsilon_is_reported_and_written_to_metrics_json(problem, tmp
     evaluation loop collects it, and ``metrics.json`` holds it beside the mean score per grid value."""
     import json
 
-    from ood_lightning.assembly.runs import score_and_write
+    from ood_lightning.run.runs import score_and_write
     from tests.conftest import TINY, untrained_run
 
     net, _, _, x_val = problem

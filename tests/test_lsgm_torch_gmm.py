@@ -8,9 +8,9 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.detectors.lsgm import LSGM
 from ood_lightning.detectors.torch_gmm import TorchGaussianMixture
-from ood_lightning.errors import ConfigError
 from tests.test_lsgm import transition_traces
 
 

@@ -1,4 +1,4 @@
-"""SIGTERM (issue 15 item 6): the run saves a resumable checkpoint, writes ``failed.json`` with
+"""SIGTERM: the run saves a resumable checkpoint, writes ``failed.json`` with
 ``"reason": "terminated"`` and the exact resume command, and exits non-zero; resuming from that
 checkpoint mid-epoch ends bitwise where the run that was never stopped ends."""
 
@@ -16,8 +16,8 @@ import lightning as L
 import numpy as np
 import pytest
 
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.assembly.runs import train
+from ood_lightning.run.cli import run_safely
+from ood_lightning.run.runs import train
 from tests.conftest import ROOT, TINY, compose_cfg
 from tests.test_resume import overrides_for
 

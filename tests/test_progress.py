@@ -1,4 +1,4 @@
-"""Stage progress (ood_lightning.progress): off a terminal, lines at the interval with the count,
+"""Stage progress (ood_lightning.core.progress): off a terminal, lines at the interval with the count,
 rate and ETA worked out by hand from a fake clock; on a terminal, a rich bar and no lines; and the
 long stages (a split's pass, a scorer's own pass, a latent flow's fit, a training epoch) report
 through it."""
@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ood_lightning.progress import EpochProgress, Progress, stage
+from ood_lightning.core.progress import EpochProgress, Progress, stage
 from ood_lightning.scoring.passes import extract
 
 
@@ -37,12 +37,12 @@ def terminal() -> Console:
 
 
 def messages(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "ood_lightning.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "ood_lightning.core.progress"]
 
 
 def test_off_a_terminal_a_line_every_interval_with_count_rate_and_eta(caplog):
     clock = FakeClock()
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"), \
             Progress(console=pipe(), every=30, clock=clock) as progress:
         with progress.stage("features: id_test", total=1000) as st:
             clock.t = 10.0
@@ -67,7 +67,7 @@ def test_off_a_terminal_a_line_every_interval_with_count_rate_and_eta(caplog):
 
 def test_fields_are_shown_and_an_error_gets_no_closing_line(caplog):
     clock = FakeClock()
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"), \
             Progress(console=pipe(), every=30, clock=clock) as progress:
         with pytest.raises(RuntimeError), progress.stage("fitting flow", 10, "steps") as st:
             clock.t = 30.0
@@ -83,7 +83,7 @@ def test_on_a_terminal_a_rich_bar_and_no_progress_lines(caplog):
     handler = logging.StreamHandler(stdout)  # what Hydra's console log handler is
     logging.getLogger().addHandler(handler)
     try:
-        with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+        with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"), \
                 Progress(console=console, every=30, clock=clock) as progress:
             assert progress.terminal and progress.bars is not None
             assert handler.stream is not stdout  # log lines go through rich, above the bars
@@ -141,7 +141,7 @@ def test_a_split_pass_reports_through_the_clock_of_the_enclosing_display(caplog)
         clock.t += 10.0  # every batch takes 10 s
         return x
 
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"), \
             Progress(console=pipe(), every=30, clock=clock) as progress:
         out = extract(_Linear(), loader, preprocess, "cpu", progress, "features: id_test")
     assert len(out) == 100
@@ -154,12 +154,12 @@ def test_a_split_pass_reports_through_the_clock_of_the_enclosing_display(caplog)
 
 
 def test_a_latent_flow_fit_reports_its_steps(caplog):
-    from ood_lightning.detectors.latent_flow import LatentFlowDetector
+    from ood_lightning.methods.lde.latent_flow import LatentFlowDetector
     from ood_lightning.scoring.api import FitData, Outputs
 
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     det = LatentFlowDetector(flow="maf", n_blocks=1, hidden=8, epochs=2, batch_size=16, device="cpu")
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"), \
             Progress(console=pipe(), every=0.0) as progress:  # every step gets a line
         det.fit(None, FitData(Outputs(logits=torch.zeros(64, 2), features=x)))
         assert progress.bars is None
@@ -172,7 +172,7 @@ def test_a_latent_flow_fit_reports_its_steps(caplog):
 def test_training_epochs_get_lines_off_a_terminal_and_none_on_one(caplog):
     clock = FakeClock()
     trainer = SimpleNamespace(is_global_zero=True, num_training_batches=10, current_epoch=0, max_epochs=3)
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"):
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"):
         for console in (terminal(), pipe()):
             cb = EpochProgress(every=30, console=console, clock=clock)
             cb.on_train_epoch_start(trainer, None)
@@ -188,7 +188,7 @@ def test_training_epochs_get_lines_off_a_terminal_and_none_on_one(caplog):
 
 def test_a_stage_faster_than_quiet_under_gets_no_closing_line(caplog):
     clock = FakeClock()
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"), \
             Progress(console=pipe(), clock=clock) as progress:
         for seconds in (0.5, 1.0):
             with progress.stage(f"scoring {seconds}", 10, quiet_under=1.0) as st:
@@ -210,7 +210,7 @@ def test_the_evaluation_loop_closes_one_stage_per_pass_fit_and_score(tmp_path, c
 
     _, dm, model = untrained_run([*TINY, "data.n_train=200", "data.val_size=40", "data.n_test=60",
                                   "ood.diagonal.n=50"], tmp_path)
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"):
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"):
         score_all(model, dm, {"msp": MSP(), "maha_tuned": MahalanobisTuned(layers="penultimate")}, "cpu", fit_limit=120)
     closing = sorted(m.split(" in ")[0] for m in messages(caplog))
     assert closing == sorted(["features: id_train: 120 inputs", "features: id_val: 40 inputs",

@@ -1,4 +1,4 @@
-"""The papers' published tables as data (ood_lightning.references) and the paper view of evaluate.py.
+"""The papers' published tables as data (ood_lightning.evaluation.references) and the paper view of evaluate.py.
 
 Spot values are read off the paper texts in shared/papers by hand; the view is checked on fake
 run folders whose Δ and setting flags are worked out here from the numbers written."""
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import yaml
 
-from ood_lightning import references as R
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.evaluation import references as R
 from ood_lightning.evaluation.aggregate import SUMMARY_METRICS
 from ood_lightning.evaluation.metrics import ood_metrics
 from ood_lightning.evaluation.paper_compare import backbone_label, write_paper_compare
@@ -47,7 +47,7 @@ def test_every_paper_file_parses_with_the_expected_rows_per_table():
 
 def test_package_data_ships_the_yaml_files():
     text = (ROOT / "pyproject.toml").read_text()
-    assert '[tool.setuptools.package-data]\n"ood_lightning.references" = ["*.yaml"]' in text
+    assert '[tool.setuptools.package-data]\n"ood_lightning.evaluation.references" = ["*.yaml"]' in text
 
 
 def test_every_row_names_an_existing_metric_and_a_known_or_offline_false_ood_set():
@@ -75,7 +75,7 @@ def test_no_row_is_transcribed_twice():
 
 
 def test_spot_values_read_off_each_paper():
-    lde = R.load("lde")  # Table 1 as issue 16 quotes it: LDE 99.41 vs MSP 90.86 on Gaussian noise, ResNet-18
+    lde = R.load("lde")  # Table 1: LDE 99.41 vs MSP 90.86 on Gaussian noise, ResNet-18
     assert _one(lde, table="1", method="lde", ood="gaussian").value == pytest.approx(0.9941)
     msp = _one(lde, table="1", method="msp", ood="gaussian")
     assert msp.value == pytest.approx(0.9086) and msp.backbone == "ResNet-18" and msp.id == "cifar10" and msp.offline

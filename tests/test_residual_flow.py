@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.flows import LipSwish, ResidualFlow
 from ood_lightning.nn.spectral import converge_spectral_norms, spectral_norms
 

@@ -1,4 +1,4 @@
-"""Exact resume (issue 15 item 5): a run stopped after epoch 1 and resumed from its ``last.ckpt``
+"""Exact resume: a run stopped after epoch 1 and resumed from its ``last.ckpt``
 ends with the same metrics and scores, to the last bit, as the run that was never stopped.
 
 The stopped run is the same 2-epoch run (same config, so the same LR schedule) that stops after
@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 
-from ood_lightning.assembly.runs import train
+from ood_lightning.run.runs import train
 from tests.conftest import TINY, compose_cfg
 
 
@@ -124,7 +124,7 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
 
     import torch
 
-    from ood_lightning import rng_state
+    from ood_lightning.core import rng_state
 
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     torch.save(rng_state.collect(), tmp_path / "rng.pt")

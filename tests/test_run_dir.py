@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from ood_lightning.assembly.cli import run_safely
-from ood_lightning.assembly.runs import train
 from ood_lightning.evaluation.aggregate import collect, write_summary
+from ood_lightning.run.cli import run_safely
+from ood_lightning.run.runs import train
 from tests.conftest import TINY, compose_cfg, run_script
 
 
@@ -33,7 +33,7 @@ def _metrics(auroc, accuracy=0.9):
 
 
 def test_failed_rerun_in_a_used_directory_is_never_reported_with_the_old_numbers(tmp_path, capsys):
-    """Issue 15 item 3: an earlier run's results in the directory, then a run there that fails."""
+    """An earlier run's results in the directory, then a run there that fails."""
     out = tmp_path / "run"
     _job(out, ["seed=0"], metrics=_metrics(0.97))
     np.savez(out / "scores.npz", msp=np.ones(3))
@@ -94,7 +94,7 @@ def test_single_run_directory_says_no_spread(tmp_path):
 
 def test_summary_files_are_written_atomically(tmp_path, monkeypatch):
     """A crash while the summary is written leaves the previous summary, not half a file."""
-    import ood_lightning.io as io_module
+    import ood_lightning.core.io as io_module
 
     _job(tmp_path / "0", ["seed=0"], metrics=_metrics(0.8))
     md, csv_path, *_ = write_summary(tmp_path)
@@ -111,7 +111,7 @@ def test_summary_files_are_written_atomically(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sweep_with_a_failed_job_exits_non_zero_after_every_job_and_names_it(tmp_path):
-    """Issue 15 item 7: job 1 fails when its data is read; job 0 finishes, and the sweep still exits 1."""
+    """Job 1 fails when its data is read; job 0 finishes, and the sweep still exits 1."""
     sweep = tmp_path / "sweep"
     tiny = [o for o in TINY if not o.startswith("data.val_size")]
     res = run_script("train.py", "-m", *tiny, "detectors=none", "logger=none", "data.val_size=200,100000",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.spectral import apply_spectral_norm, converge_spectral_norms, spectral_norms
 
 COEFF = 0.9
@@ -284,8 +284,8 @@ def test_bounded_batchnorm_options_and_errors() -> None:
 
 @pytest.mark.parametrize("spectral_bn", [True, False])
 def test_backbone_spectral_coeff_bounds_batchnorm_unless_switched_off(spectral_bn: bool, tmp_path) -> None:
-    from ood_lightning.assembly.build import build_backbone
     from ood_lightning.nn.spectral import BoundedBatchNorm
+    from ood_lightning.run.build import build_backbone
     from tests.conftest import TINY, compose_cfg
 
     cfg = compose_cfg("train", [*TINY, "backbone.spectral_coeff=0.5", f"backbone.spectral_bn={spectral_bn}"], tmp_path)

@@ -1,4 +1,4 @@
-"""Restartable sweeps and W&B for sweeps (issue 20 items 2 and 5).
+"""Restartable sweeps and W&B for sweeps.
 
 ``skip_finished=true``: a re-launched sweep skips the jobs whose metrics.json holds the same
 config hash (file untouched, one line saying so), runs the others (a failed job, a changed
@@ -19,8 +19,8 @@ import lightning as L
 import pytest
 import yaml
 
-from ood_lightning.assembly.finished import HASH_KEY, config_hash
-from ood_lightning.assembly.runs import train
+from ood_lightning.run.finished import HASH_KEY, config_hash
+from ood_lightning.run.runs import train
 from tests.conftest import TINY, compose_cfg, run_script
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -119,7 +119,7 @@ def test_relaunched_sweep_skips_finished_jobs_and_reruns_the_failed_one(tmp_path
     assert res.returncode == 1, res.stderr[-3000:]  # job 1 failed in its 2nd epoch, after last.ckpt of the 1st
     assert (sweep / "1" / "failed.json").exists() and (sweep / "1" / "checkpoints" / "last.ckpt").exists()
     stamps = {j: (sweep / j / "metrics.json").stat().st_mtime_ns for j in ("0", "2")}
-    from ood_lightning.assembly.loggers import swept_keys
+    from ood_lightning.run.loggers import swept_keys
 
     assert swept_keys(sweep / "multirun.yaml") == {"seed"}  # Hydra's own multirun.yaml: what W&B names runs by
 
@@ -157,7 +157,7 @@ def wandb_offline(monkeypatch):
 
 
 def test_wandb_run_of_a_sweep_job_is_grouped_by_sweep_and_named_by_its_overrides(tmp_path, wandb_offline):
-    from ood_lightning.assembly.loggers import build_loggers
+    from ood_lightning.run.loggers import build_loggers
 
     sweep = tmp_path / "2026-12-02_14-00-00"
     sweep.mkdir()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.data.synthetic import (
     SYNTHETIC,
     blobs,
@@ -21,7 +22,6 @@ from ood_lightning.data.synthetic import (
     two_moons,
     uniform_noise,
 )
-from ood_lightning.errors import ConfigError
 
 SMALL_SHAPE = (3, 8, 8)
 IMAGE_SETS = ("gaussian_noise", "uniform_noise", "rademacher_noise", "blobs")

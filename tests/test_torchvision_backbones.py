@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from ood_lightning.errors import ConfigError, DatasetNotFoundError
+from ood_lightning.core.errors import ConfigError, DatasetNotFoundError
 from ood_lightning.nn.backbones.torchvision_models import TorchvisionBackbone
 
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ood_lightning.analysis.bn_adaptation import batch_norms, batch_statistics, bn_state, reestimate_bn_stats
-from ood_lightning.analysis.latent_probe import fit_latent_probe, walk_along_normal
-from ood_lightning.assembly.runs import train
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.methods.ganvae import GANVAE
-from ood_lightning.methods.vae import VAE, gaussian_kl_terms, iwae_bound, iwae_log_weights
+from ood_lightning.methods.vae.bn_adaptation import batch_norms, batch_statistics, bn_state, reestimate_bn_stats
+from ood_lightning.methods.vae.ganvae import GANVAE
+from ood_lightning.methods.vae.latent_probe import fit_latent_probe, walk_along_normal
+from ood_lightning.methods.vae.model import VAE, gaussian_kl_terms, iwae_bound, iwae_log_weights
 from ood_lightning.nn.dcgan import DCGANDecoder, DCGANEncoder
 from ood_lightning.nn.likelihoods import Categorical256, DiscretizedLogistic, GaussianFixedVariance, to_bins
+from ood_lightning.run.runs import train
 from ood_lightning.scoring.api import Results
 from ood_lightning.scoring.passes import extract
 from tests.conftest import compose_cfg, sklearn_auroc
@@ -337,8 +337,8 @@ VAE_TINY = ["data=stripes", "ood=diagonal_stripes", "method=vae", "backbone=dcga
                                        ["experiment=vae_cifar10", "method=ganvae", "method.likelihood=categorical"],
                                        ["experiment=vae_mnist", "method.likelihood=logistic"]])
 def test_configs_build_the_model_on_unnormalised_dequantised_data(overrides, tmp_path):
-    from ood_lightning.assembly.build import build_model, connect
     from ood_lightning.data.datamodule import OODDataModule
+    from ood_lightning.run.build import build_model, connect
 
     cfg = compose_cfg("train", overrides, tmp_path)
     model = build_model(cfg, num_classes=10)
@@ -381,13 +381,13 @@ def test_train_vae_end_to_end_writes_iwae_scores(tmp_path):
     (["method=vae"], [5, 50]), (["method=vae", "debug=fast"], [5, 8]), (["method=ganvae", "debug=fast"], [5, 8]),
     (["method=vae", "debug=fast", "method.iwae_samples=[3]"], [3])])
 def test_debug_fast_takes_fewer_iwae_samples_unless_given(overrides, expected, tmp_path):
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     cfg = compose_cfg("train", [*overrides, "backbone=dcgan"], tmp_path)
     assert build_model(cfg, num_classes=10).iwae_samples == expected
 
 
-# -- tests that a wrong VAE / GAN-VAE fails (issue 19 item 15) ---------------------------------------------
+# -- tests that a wrong VAE / GAN-VAE fails ---------------------------------------------
 @pytest.mark.parametrize("bn_stats", ["batch", "stream"])
 def test_encoder_bn_adaptation_leaves_the_decoder_alone(bn_stats):
     """adapt_bn=encoder: inside the adapted block the encoder's output changes, the decoder's does not."""
@@ -421,7 +421,7 @@ def test_bn_reestimation_resets_mean_variance_and_count_of_a_used_layer():
 
 def test_iwae_with_k_below_max_uses_the_first_k_samples(monkeypatch):
     """pass_values' iwae_k5 from K_max = 20 weights = an independent logsumexp over the first 5."""
-    import ood_lightning.methods.vae as vae_module
+    import ood_lightning.methods.vae.model as vae_module
 
     vae = tiny_vae().eval()
     x = toy_images(3)
@@ -464,7 +464,7 @@ def test_ganvae_loss_pieces_on_a_hand_computable_case():
     0.5 (1 + 2) + 1/4 (e^{-2·0.5·(1 + 3·1)} + e^{-2·0.5·(0 + 3·2)}) = 1.5 + (e^-4 + e^-6)/4; decoder with
     gamma_r = 0.1: 0.5 (1 + (1 + 2)/2 + 0.1 (1 + 0)/2) = 1.275. Fails on the exp terms removed or
     sign-flipped and on the fake KL weighted by b_kl instead of b_neg."""
-    from ood_lightning.methods.ganvae import decoder_loss, encoder_loss
+    from ood_lightning.methods.vae.ganvae import decoder_loss, encoder_loss
 
     one = lambda v: torch.tensor([float(v)])  # noqa: E731
     fakes = [(one(1), one(1)), (one(0), one(2))]
@@ -477,7 +477,7 @@ def test_ganvae_loss_pieces_on_a_hand_computable_case():
 
 def test_ganvae_step_weights_the_fakes_kl_by_beta_neg(monkeypatch):
     """The training step hands the encoder loss b_neg (not b_kl) for the fakes, and two fakes (recon, prior)."""
-    import ood_lightning.methods.ganvae as ganvae_module
+    import ood_lightning.methods.vae.ganvae as ganvae_module
 
     seen = []
     real = ganvae_module.encoder_loss

@@ -1,4 +1,4 @@
-"""The thesis' VAE / GAN-VAE as configured (issue 19 items 11-14): what the documented commands
+"""The thesis' VAE / GAN-VAE as configured: what the documented commands
 resolve to, the GAN-VAE preset's loss weights on a hand-computed case, the encoder's exp-ELBO
 target, latents with BN in train mode (Table 3.1) and decoder BN statistics from prior samples
 (§3.3.5), each against an independent closed form."""
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from ood_lightning.analysis.bn_adaptation import batch_norms, bn_state
-from ood_lightning.methods.ganvae import GANVAE
+from ood_lightning.methods.vae.bn_adaptation import batch_norms, bn_state
+from ood_lightning.methods.vae.ganvae import GANVAE
 from tests.conftest import compose_cfg
 from tests.test_vae import tiny_vae, toy_images
 
@@ -29,8 +29,8 @@ torch.set_num_threads(1)
     (["experiment=ganvae_cifar10"], 250, 32),
 ])
 def test_documented_commands_resolve_to_the_method_budget_and_no_augmentation(overrides, epochs, batch, tmp_path):
-    from ood_lightning.assembly.build import build_model, connect
     from ood_lightning.data.datamodule import OODDataModule
+    from ood_lightning.run.build import build_model, connect
 
     cfg = compose_cfg("train", overrides, tmp_path)
     assert cfg.trainer.max_epochs == epochs and cfg.data.batch_size == batch
@@ -63,7 +63,7 @@ def test_ganvae_preset_losses_on_a_hand_computed_case(monkeypatch, tmp_path):
     dimensions. Reconstruction = the plain sum of squares 3072 / 4 = 768 (not 5x that, as with
     sigma2 = 0.1; not 0, as through a sigmoid); the fakes (both all-zero images) reconstruct exactly.
     Encoder: (768 + 1/2) / D + 1/4 * 2 exp(-2 (0 + 256 * 1/2) / D); decoder: (768 + 1/2 + 1e-8 * 0) / D."""
-    from ood_lightning.assembly.build import build_model
+    from ood_lightning.run.build import build_model
 
     cfg = compose_cfg("train", ["experiment=ganvae_cifar10"], tmp_path)
     model = build_model(cfg, num_classes=10).train()

@@ -16,8 +16,8 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import ood_lightning.methods.vmdls as vmdls_module
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.data.class_batch_sampler import ClassBatchSampler
-from ood_lightning.errors import ConfigError
 from ood_lightning.methods.vmdls import (
     VMDLS,
     ClassGaussians,
@@ -492,7 +492,7 @@ def test_tiny_run_without_autoencoder_gives_identical_vmdls_and_vmdls_b(tmp_path
 
 
 def train_cfg(overrides, out):
-    from ood_lightning.assembly.runs import train
+    from ood_lightning.run.runs import train
 
     return train(compose_cfg("train", overrides, out))
 
@@ -501,8 +501,8 @@ def test_training_batches_are_class_structured(tmp_path):
     """The method's batch sampler, handed to the data module, gives the training batches."""
     import lightning as L
 
-    from ood_lightning.assembly.build import build_model
     from ood_lightning.data.datamodule import OODDataModule
+    from ood_lightning.run.build import build_model
 
     cfg = compose_cfg("train", VMDLS_TINY, tmp_path)
     dm = OODDataModule(cfg.data, cfg.ood)
@@ -527,7 +527,7 @@ def test_mnist_preset_composes(tmp_path):
 
 def test_additive_noise_set(monkeypatch, tmp_path):
     from ood_lightning.data import registry
-    from ood_lightning.data.noisy import additive_noise
+    from ood_lightning.data.registry import additive_noise
 
     base = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
     monkeypatch.setitem(registry.DATASETS, "fake", lambda **_: registry.ArrayData(base, torch.arange(5)))

@@ -1,4 +1,4 @@
-"""VMDLS presets as the paper ran them (issue 19 item 9): the CROSR CNN on MNIST (its layers and
+"""VMDLS presets as the paper ran them: the CROSR CNN on MNIST (its layers and
 parameter count from the description, by hand), the authors' CIFAR-10 optimiser (against torch's
 StepLR), Table 4's M_d = 32 and Table 5 on CIFAR-10 vs ImageNet-resize with weighted scores, read
 from the commands sweeps/vmdls_ablations.sh really runs."""
@@ -17,9 +17,9 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from ood_lightning.assembly.build import build_backbone, build_model
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.backbones import CROSRCNN
+from ood_lightning.run.build import build_backbone, build_model
 from tests.conftest import ROOT, compose_cfg
 
 torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def test_mnist_preset_trains_the_crosr_cnn(tmp_path):
     assert model.layers == ["block1", "block2", "block3", "penultimate", "mu"]
     # paper=vmdls compares a run of it with Table 3's VMDLS rows as the same backbone
     from ood_lightning.evaluation.paper_compare import backbone_label
-    from ood_lightning.references import load
+    from ood_lightning.evaluation.references import load
 
     table3 = {row.backbone for row in load("vmdls") if row.table == "3" and row.method.startswith("vmdls")}
     assert table3 == {backbone_label("crosr_cnn")}

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler
 
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.data.device_loader import EpochOrder
-from ood_lightning.errors import ConfigError
 
 
 def _world() -> tuple[int, int]:

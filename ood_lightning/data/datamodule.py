@@ -25,11 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.data.device_loader import DeviceLoader, EpochBatchSampler, EpochOrder
 from ood_lightning.data.registry import ArrayData, load_dataset, select_classes
 from ood_lightning.data.schema import data_config, ood_set_config
 from ood_lightning.data.transforms import Preprocess, match_shape
-from ood_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ class OODDataModule(L.LightningDataModule):
         return load_dataset(name, split=split, root=c["root"], download=c["download"],
                             cache_dir=c["cache_dir"], **kwargs)
 
-    def _id_split(self, split: str) -> ArrayData:
+    def id_split(self, split: str) -> ArrayData:
+        """The ID set's ``split`` (``data.known_classes`` kept and relabelled), read on its own: no other split is loaded."""
         c = self.cfg
         kwargs = dict(c["kwargs"])
         kwargs.setdefault("seed", int(c["split_seed"]))
@@ -118,7 +119,7 @@ class OODDataModule(L.LightningDataModule):
             return
         c = self.cfg
         seed = int(c["split_seed"])
-        full = self._id_split("train")
+        full = self.id_split("train")
         self.class_names = full.classes
         val_size = c["val_size"]
         n_val = int(round(val_size * len(full))) if isinstance(val_size, float) and val_size < 1 else int(val_size)
@@ -129,7 +130,7 @@ class OODDataModule(L.LightningDataModule):
         self.train_set = full.subset(perm[n_val:].sort().values)
         self.train_set = _fixed_subset(self.train_set, c["limit_train"], seed + 1)
         self.val_set = _fixed_subset(self.val_set, c["limit_val"], seed + 2)
-        self.test_set = _fixed_subset(self._id_split("test"), c["limit_test"], seed + 3)
+        self.test_set = _fixed_subset(self.id_split("test"), c["limit_test"], seed + 3)
         self._check_channels()
         for name, spec in self.ood_cfg.items():
             self.ood_sets[name] = self._load_ood(name, spec)
@@ -222,7 +223,7 @@ class OODDataModule(L.LightningDataModule):
         return dataset, split, f"eval-{digest}"
 
     # -- loaders -------------------------------------------------------------------------
-    def _loader(self, data: ArrayData, train: bool) -> DataLoader:
+    def dataloader(self, data: ArrayData, train: bool) -> DataLoader:
         """One pass in order (evaluation, validation), or shuffled training batches whose order is a
         function of (run seed, epoch) only (:class:`EpochBatchSampler`), so a resumed run continues it.
         The loader's own generator keeps its iterators from drawing on the global RNG, whose stream
@@ -268,7 +269,7 @@ class OODDataModule(L.LightningDataModule):
         if device is not None:  # its mean/std buffers: no host-to-device copy (and sync) per batch
             self.preprocess.to(device)
         if self.loader_kind(data) == "cpu":
-            return self._loader(data, train)
+            return self.dataloader(data, train)
         c, trainer = self.cfg, self.trainer
         batch_size = int(c["batch_size"] if train else (c["eval_batch_size"] or c["batch_size"]))
         # the run's seed (L.seed_everything sets it on every rank); epochs add to it
@@ -313,16 +314,16 @@ class OODDataModule(L.LightningDataModule):
         return self._trainer_loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+        return self.dataloader(self.test_set, train=False)
 
     def fit_dataloader(self, limit: int | None = None) -> DataLoader:
         """ID training data without augmentation (a fixed subset of ``limit``), for fitting detectors."""
-        return self._loader(_fixed_subset(self.train_set, limit, int(self.cfg["split_seed"]) + 5), train=False)
+        return self.dataloader(_fixed_subset(self.train_set, limit, int(self.cfg["split_seed"]) + 5), train=False)
 
     def eval_dataloaders(self) -> dict[str, DataLoader]:
         """Every evaluation split by name: ``id_val``, ``id_test`` and each OOD set."""
-        loaders = {"id_val": self._loader(self.val_set, train=False), "id_test": self.test_dataloader()}
-        loaders.update({name: self._loader(d, train=False) for name, d in self.ood_sets.items()})
+        loaders = {"id_val": self.dataloader(self.val_set, train=False), "id_test": self.test_dataloader()}
+        loaders.update({name: self.dataloader(d, train=False) for name, d in self.ood_sets.items()})
         return loaders
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):

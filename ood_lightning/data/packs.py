@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ood_lightning.errors import CorruptDataError
-from ood_lightning.io import atomic_write
-from ood_lightning.progress import stage
+from ood_lightning.core.errors import CorruptDataError
+from ood_lightning.core.io import atomic_write
+from ood_lightning.core.progress import stage
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError, CorruptDataError, DatasetNotFoundError
+from ood_lightning.core.roots import shared_root
 from ood_lightning.data import synthetic
-from ood_lightning.data.noisy import additive_noise
 from ood_lightning.data.packs import load_pack
-from ood_lightning.errors import ConfigError, CorruptDataError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,25 @@ def _synthetic(name: str):
     return load
 
 
+# A registered dataset plus i.i.d. uniform noise per pixel: VMDLS's "MNIST-noise" OOD set.
+#
+# VMDLS (and its code) builds MNIST-noise by adding U[0, 1) noise to MNIST test digits *after*
+# normalising them with mean 0.5 / std 0.5, i.e. U[0, 0.5) in [0, 1] pixel units, without
+# clipping. Sums above 1 cannot be stored as uint8, so the images are returned as float in
+# [0, 1 + amplitude] pixel units, which :class:`~ood_lightning.data.transforms.Preprocess`
+# normalises like any float input (no division by 255).
+def additive_noise(root: Path, split: str = "test", base: str = "mnist", amplitude: float = 0.5, seed: int = 0,
+                   download: bool = False, cache_dir=None, **_):
+    """``base``'s ``split`` as float pixels in [0, 1] plus ``amplitude`` * U[0, 1), seeded."""
+    data = load_dataset(base, split=split, root=root, download=download, cache_dir=cache_dir)
+    if data.images.dtype != torch.uint8:
+        raise ValueError(f"additive_noise needs a uint8 image set as base, {base!r} has {data.images.dtype}")
+    gen = torch.Generator().manual_seed(int(seed))
+    x = data.images.float() / 255.0
+    x = x + float(amplitude) * torch.rand(x.shape, generator=gen)
+    return ArrayData(x, data.labels, data.classes)
+
+
 DATASETS: dict[str, Callable[..., ArrayData]] = {
     "cifar10": _packed_or_torchvision("cifar10", "cifar10", "CIFAR10", "cifar-10-batches-py"),
     "cifar100": _packed_or_torchvision("cifar100", "cifar100", "CIFAR100", "cifar-100-python"),
@@ -223,16 +242,3 @@ def select_classes(data: ArrayData, classes: list[int], relabel: bool) -> ArrayD
 def default_data_root() -> str:
     """``$OOD_LIGHTNING_DATA``, else the project's sibling ``shared/data``, else ``./data``."""
     return shared_root("OOD_LIGHTNING_DATA", "data")
-
-
-def shared_root(env_var: str, name: str) -> str:
-    """``$<env_var>``, else ``shared/<name>`` beside the project (or the working directory), else
-    ``<project>/<name>``: where offline data and models are found."""
-    env = os.environ.get(env_var)
-    if env:
-        return env
-    project = Path(__file__).resolve().parents[2]
-    for candidate in (project.parent / "shared" / name, Path.cwd().parent / "shared" / name):
-        if candidate.is_dir():
-            return str(candidate)
-    return str(project / name)

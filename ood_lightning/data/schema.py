@@ -65,7 +65,7 @@ def data_config(cfg: dict) -> dict:
     import difflib
     from dataclasses import asdict, fields
 
-    from ood_lightning.errors import ConfigError
+    from ood_lightning.core.errors import ConfigError
 
     known = {f.name for f in fields(DataConfig)}
     for key in cfg:

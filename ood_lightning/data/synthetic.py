@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 Shape = tuple[int, int, int]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 #: crop padding modes: zeros (ours, the common CIFAR recipe) | reflect (the DHM authors' RandomCrop)
 PADDING_MODES = ("zeros", "reflect")

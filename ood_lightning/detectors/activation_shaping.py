@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.energy import energy_score
 from ood_lightning.detectors.fit_checks import as_float
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
@@ -47,6 +48,14 @@ class ASH(Scorer):
     Default ASH-S at percentile 90: the authors' configs for CIFAR-10 and ImageNet
     (``ash_s@90``) and OpenOOD's ash.yml. ASH assumes non-negative (post-ReLU) features.
     """
+
+    card = Card(
+        label="ASH-P/B/S",
+        paper="Djurisic et al., ICLR 2023",
+        needs="penultimate features, head via `classify`",
+        defaults=("percentile 90 on the pooled penultimate features: the authors' configs (`ash_s@90` for CIFAR-10 "
+                  "and ImageNet) and OpenOOD `ash.yml`"),
+    )
 
     needs_fit = False
     VARIANTS = ("p", "b", "s")
@@ -82,6 +91,13 @@ class SCALE(Scorer):
     Unlike ASH-S nothing is pruned: the top-k only sets the per-sample scale. Default
     percentile 85: the authors' configs/postprocessors/scale.yml (and OpenOOD's).
     """
+
+    card = Card(
+        label="SCALE",
+        paper="Xu et al., ICLR 2024",
+        needs="penultimate features, head via `classify`",
+        defaults="percentile 85: the authors' `configs/postprocessors/scale.yml`",
+    )
 
     needs_fit = False
 

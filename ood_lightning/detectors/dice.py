@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.energy import energy_score
 from ood_lightning.detectors.fit_checks import as_float, train_outputs
 from ood_lightning.detectors.head import linear_head
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
@@ -22,6 +23,13 @@ class DICE(Scorer):
     reference code). Default p = 0.9: the paper's CIFAR setting (OpenOOD's dice.yml
     p: 90); the paper uses 0.7 on ImageNet. Needs a linear head (model.head).
     """
+
+    card = Card(
+        label="DICE",
+        paper="Sun & Li, ECCV 2022",
+        needs="penultimate features, *head*; fit",
+        defaults="sparsity p = 0.9: the paper's CIFAR setting (OpenOOD `dice.yml`); 0.7 on ImageNet",
+    )
 
     needs_linear_head = True
 

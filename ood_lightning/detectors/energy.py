@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
@@ -22,6 +23,13 @@ def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 class Energy(Scorer):
     """Score = T·logsumexp(logits/T), i.e. minus the free energy (higher = more ID)."""
+
+    card = Card(
+        label="Energy",
+        paper="Liu et al., NeurIPS 2020",
+        needs="logits",
+        defaults="T = 1 (paper)",
+    )
 
     needs_fit = False
 

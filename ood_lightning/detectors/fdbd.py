@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float, train_outputs
 from ood_lightning.detectors.head import linear_head
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
@@ -20,6 +21,14 @@ class FDBD(Scorer):
     (the paper's "distance to the training mean" normaliser; OpenOOD can swap in ‖f‖).
     Hyperparameter-free; needs a linear head (model.head) and at least two classes.
     """
+
+    card = Card(
+        label="fDBD",
+        paper="Liu & Qin, ICML 2024",
+        needs="features + logits, *head*; fit",
+        defaults=("hyperparameter-free; normalised by the distance to the training mean (paper; OpenOOD's "
+                  "`distance_as_normalizer: True`)"),
+    )
 
     needs_linear_head = True
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float
 from ood_lightning.detectors.head import linear_head
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
@@ -22,6 +23,14 @@ class GradNorm(Scorer):
     reference code sums the log-softmax over classes instead of averaging (a constant
     factor C, same ranking). Default T = 1 (the paper). Needs a linear head (model.head).
     """
+
+    card = Card(
+        label="GradNorm",
+        paper="Huang et al., NeurIPS 2021",
+        needs="logits + penultimate features, *head*",
+        defaults=("T = 1 (paper); the last-layer weight gradient's L1 norm in closed form, (1/T)·‖softmax − "
+                  "u‖₁·‖f‖₁, equal to the paper's per-sample backward pass"),
+    )
 
     needs_fit = False
     needs_linear_head = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float, train_outputs
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
@@ -20,6 +21,14 @@ class KLMatching(Scorer):
     code does); ``fitted_on`` records which. Classes never predicted get no template.
     No hyperparameters.
     """
+
+    card = Card(
+        label="KL-Matching",
+        paper="Hendrycks et al., ICML 2022",
+        needs="logits; fit (no labels)",
+        defaults=("templates = mean posterior per *predicted* class, on `FitData.val` if given, else the training "
+                  "fit set"),
+    )
 
     def __init__(self) -> None:
         self.templates: Tensor | None = None  # [K, C] float64

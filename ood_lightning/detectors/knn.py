@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float, require_samples, train_outputs
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
@@ -49,6 +50,15 @@ class KNN(Scorer):
     code ranks by the *squared* distance (faiss IndexFlatL2), a monotone transform with
     the same metrics. Fit sets smaller than k are refused.
     """
+
+    card = Card(
+        label="KNN",
+        paper="Sun et al., ICML 2022",
+        needs="penultimate features; fit",
+        defaults=("k = 50, L2-normalised features, exact chunked search: the paper's CIFAR-10 setting (its "
+                  "`run_cifar.py`, OpenOOD `knn.yml`); the paper uses k = 1000 on ImageNet with 100% of the "
+                  "training set"),
+    )
 
     def __init__(self, k: int = 50) -> None:
         if int(k) != k or k < 1:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
@@ -18,6 +19,13 @@ class MaxLogit(Scorer):
     """Score = max_c logit_c (Hendrycks et al., "Scaling Out-of-Distribution Detection for
     Real-World Settings", ICML 2022). Unlike MSP it is not normalised by the other logits,
     which the paper found to matter with many classes. No hyperparameters."""
+
+    card = Card(
+        label="MaxLogit",
+        paper="Hendrycks et al., ICML 2022",
+        needs="logits",
+        defaults="none",
+    )
 
     needs_fit = False
 
@@ -29,6 +37,13 @@ class Entropy(Scorer):
     """Score = −H(p) = Σ_c p_c log p_c with p = softmax(logits): the predictive-entropy
     baseline (used e.g. by Chan et al., ICCV 2021, which pytorch-ood cites). Computed with
     log_softmax, so no probability is clipped. No hyperparameters."""
+
+    card = Card(
+        label="Entropy",
+        paper="predictive entropy (e.g. Chan et al., ICCV 2021)",
+        needs="logits",
+        defaults="none",
+    )
 
     needs_fit = False
 
@@ -45,6 +60,14 @@ class GEN(Scorer):
     Defaults γ = 0.1 and M = 100 (the paper's ImageNet setting and OpenOOD's gen.yml);
     M is capped at the number of classes, so on CIFAR-10 all 10 probabilities are used.
     """
+
+    card = Card(
+        label="GEN",
+        paper="Liu et al., CVPR 2023",
+        needs="logits",
+        defaults=("γ = 0.1, M = 100 capped at C (paper's ImageNet setting, OpenOOD `gen.yml`); a sum over the top "
+                  "M, as the paper"),
+    )
 
     needs_fit = False
 

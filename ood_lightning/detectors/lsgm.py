@@ -71,7 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, StateValue, layer_selection, pool
 
 PENULTIMATE = "penultimate"

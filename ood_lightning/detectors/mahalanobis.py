@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import (
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, StateValue, layer_selection, pool
+from ood_lightning.scoring.input_step import (
     best_epsilon,
     check_epsilons,
     check_std,
@@ -23,8 +26,6 @@ from ood_lightning.detectors.input_step import (
     mean_scores_over_epsilons,
     sign_step,
 )
-from ood_lightning.errors import ConfigError
-from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, StateValue, layer_selection, pool
 
 PENULTIMATE = "penultimate"
 
@@ -69,6 +70,15 @@ class Mahalanobis(Scorer):
     Cacheable (:meth:`fit_state`): the fit itself is a covariance per layer, but an ε search makes
     one gradient and ``len(epsilons)`` forward passes over the ID validation inputs per layer.
     """
+
+    card = Card(
+        label="Mahalanobis",
+        paper="Lee et al., NeurIPS 2018",
+        needs="features (penultimate / all layers); fit with labels",
+        defaults=("tied covariance / N, pseudo-inverse (a dead unit adds nothing), no input pre-processing, equal "
+                  "layer weights (no OOD data); `mahalanobis_ensemble` takes its ε from `evaluation.epsilon_grid` "
+                  "as ODIN does when that is set (`method=lsgm`: Mahalanobis*)"),
+    )
 
     fit_cacheable = True
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.detectors.card import Card
 from ood_lightning.scoring.api import FeatureModel, Outputs, Scorer
 
 
 class MSP(Scorer):
     """Score = max_c softmax(logits)_c; confident predictions are taken as in-distribution."""
+
+    card = Card(
+        label="MSP",
+        paper="Hendrycks & Gimpel, ICLR 2017",
+        needs="logits",
+        defaults="none",
+    )
 
     needs_fit = False
 

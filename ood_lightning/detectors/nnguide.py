@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.energy import energy_score
 from ood_lightning.detectors.fit_checks import as_float, require_samples, train_outputs
 from ood_lightning.detectors.knn import unit_queries
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
@@ -23,6 +24,14 @@ class NNGuide(Scorer):
     ``bank_fraction`` (default 1.0) samples a seeded fraction of the fit set, which is
     already capped by evaluation.fit_limit. A bank smaller than k is refused.
     """
+
+    card = Card(
+        label="NNGuide",
+        paper="Park et al., ICCV 2023",
+        needs="features + logits; fit",
+        defaults=("k = 10 (authors' `configs/detector/nnguide.yaml`; OpenOOD uses 100); the bank is the whole fit "
+                  "set (`bank_fraction: 1.0`) where the authors sample 1% of ImageNet's 1.28M images"),
+    )
 
     def __init__(self, k: int = 10, bank_fraction: float = 1.0, seed: int = 0, chunk: int = 16384) -> None:
         if int(k) != k or k < 1:

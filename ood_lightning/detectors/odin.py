@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import (
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
+from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
+from ood_lightning.scoring.input_step import (
     best_epsilon,
     check_epsilons,
     check_std,
@@ -22,8 +25,6 @@ from ood_lightning.detectors.input_step import (
     mean_scores_over_epsilons,
     sign_step,
 )
-from ood_lightning.errors import ConfigError
-from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
 class ODIN(Scorer):
@@ -41,6 +42,16 @@ class ODIN(Scorer):
     data: :meth:`fit` sets ``epsilon`` to the grid value with the highest mean score on the
     ID validation inputs (``FitData.val_inputs``) and records every mean in ``search``.
     """
+
+    card = Card(
+        label="ODIN",
+        paper="Liang et al., ICLR 2018",
+        needs="inputs + input gradient",
+        defaults=("T = 1000, ε = 0.0014 in pixel units (`input_std: ${data.std}` divides the sign step by the "
+                  "per-channel std, as the reference code): the paper's CIFAR setting; with "
+                  "`evaluation.epsilon_grid` (set by `method=lsgm`) ε is the grid value of the highest mean "
+                  "ID-validation score (Generalized ODIN's criterion, no OOD data)"),
+    )
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014,
                  input_std: Sequence[float] | None = None, epsilons: Sequence[float] | None = None,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.energy import energy_score
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
@@ -41,6 +42,14 @@ class ReAct(Scorer):
     penultimate unit of every fit sample, flattened, exactly (:func:`exact_percentile`,
     numpy's linear interpolation; no subsampling).
     """
+
+    card = Card(
+        label="ReAct",
+        paper="Sun et al., NeurIPS 2021",
+        needs="penultimate features, head via `classify`; fit",
+        defaults=("clip at the exact 90th percentile of all penultimate activations of the ID training fit set "
+                  "(paper; numpy's linear interpolation)"),
+    )
 
     def __init__(self, percentile: float = 90.0, temperature: float = 1.0) -> None:
         if not 0.0 <= percentile <= 100.0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float, per_class_counts, require_samples, train_outputs
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
@@ -27,6 +28,13 @@ class RMDS(Scorer):
     (dead) units add nothing. Fits in float64; every class needs a fit sample, and the
     fit set must exceed the number of classes. No hyperparameters.
     """
+
+    card = Card(
+        label="RMDS",
+        paper="Ren et al., arXiv 2021",
+        needs="penultimate features; fit with labels",
+        defaults="class and background covariances / N (sklearn's MLE, as the reference), pseudo-inverse",
+    )
 
     def __init__(self) -> None:
         self.means: Tensor | None = None

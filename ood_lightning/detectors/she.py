@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float, per_class_counts, train_outputs
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
@@ -17,6 +18,14 @@ class SHE(Scorer):
     energy with the inner-product metric, as in the paper and OpenOOD's she.yml).
     A class with no correctly classified fit sample is refused. No hyperparameters.
     """
+
+    card = Card(
+        label="SHE",
+        paper="Zhang et al., ICLR 2023",
+        needs="features + logits; fit with labels",
+        defaults=("inner product with the mean feature of the correctly classified training samples of the "
+                  "predicted class (paper, OpenOOD `she.yml`)"),
+    )
 
     def __init__(self) -> None:
         self.patterns: Tensor | None = None  # [C, D]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.fit_checks import as_float, require_samples, train_outputs
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer
 
 
@@ -53,6 +54,14 @@ class TemperatureScaling(Scorer):
     evaluation provides it, else ``FitData.train`` (training logits are over-confident,
     so T fitted there is smaller); ``fitted_on`` records which. No hyperparameters.
     """
+
+    card = Card(
+        label="Temperature scaling",
+        paper="Guo et al., ICML 2017",
+        needs="logits; fit with labels",
+        defaults=("T minimising NLL, solved to convergence (convex in 1/T), on `FitData.val` if given, else the "
+                  "training fit set"),
+    )
 
     def __init__(self) -> None:
         self.temperature: float | None = None

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 #: elements of one [chunk, K·D] block of the E- and M-steps
 _CHUNK_ELEMENTS = 1 << 22

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.detectors.card import Card
 from ood_lightning.detectors.energy import energy_score
 from ood_lightning.detectors.fit_checks import as_float, require_samples, train_outputs
 from ood_lightning.detectors.head import linear_head
-from ood_lightning.errors import ConfigError
 from ood_lightning.scoring.api import FeatureModel, FitData, Outputs, Scorer, StateValue
 
 
@@ -35,6 +36,14 @@ class ViM(Scorer):
     is minus its log-odds, the reference code's ranking. ``dim`` = d (``"auto"``: see
     :func:`default_dim`); needs a linear head (model.head).
     """
+
+    card = Card(
+        label="ViM",
+        paper="Wang et al., CVPR 2022",
+        needs="features + logits, *head*; fit",
+        defaults=("d = 1000 if D ≥ 2048, 512 if D ≥ 768 (authors' `benchmark.py`), else D/2 (OpenOOD's 256 for "
+                  "ResNet-18); α from the fit set as in the paper"),
+    )
 
     needs_linear_head = True
     #: an eigendecomposition of a D×D matrix: cheap, but cached with the rest (three values)

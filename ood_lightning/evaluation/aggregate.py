@@ -15,10 +15,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.core.io import atomic_write_text
 from ood_lightning.evaluation.metrics import format_mean_std, mean_std
 from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, never_started, overrides, read_metrics
-from ood_lightning.io import atomic_write_text
 
 SUMMARY_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "autc", "macro_f1")
 

@@ -1,7 +1,7 @@
 """Ours beside the paper's: every published row our run has, with Δ and how far the settings agree.
 
 ``python evaluate.py run_dir=<run or multirun> paper=<name|all>`` writes ``paper_compare.md``:
-one line per reference row (:mod:`ood_lightning.references`) whose (detector, OOD set, metric)
+one line per reference row (:mod:`ood_lightning.evaluation.references`) whose (detector, OOD set, metric)
 the run scored, ``ours | paper | Δ | setting match``, where the match says which of OOD set,
 ID set, backbone and metric (and the flow, for LDE) agree, since a number is only comparable
 as far as its setting is. A multirun is compared per setting (its seeds averaged), and the
@@ -18,11 +18,11 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.core.io import atomic_write_text
 from ood_lightning.evaluation.aggregate import collect
 from ood_lightning.evaluation.metrics import mean_std
-from ood_lightning.io import atomic_write_text
-from ood_lightning.references import LOWER_IS_BETTER, OOD_METRICS, PROBE_METRICS, ReferenceRow, load
+from ood_lightning.evaluation.references import LOWER_IS_BETTER, OOD_METRICS, PROBE_METRICS, ReferenceRow, load
 
 OUTPUT = "paper_compare.md"
 

@@ -12,9 +12,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
+from ood_lightning.core.io import atomic_write, atomic_write_text
 from ood_lightning.evaluation import metrics as M
-from ood_lightning.io import atomic_write, atomic_write_text
 from ood_lightning.scoring.api import Key, Results
 
 #: the metrics shown in the printed table (every metric goes to metrics.json)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from ood_lightning.io import atomic_write_text
+from ood_lightning.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import yaml
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, read_metrics
 from ood_lightning.evaluation.style import ID_COLOUR, PALETTE, legend, mean_std, reference, save, styled
 

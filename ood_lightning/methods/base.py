@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from ood_lightning import rng_state
-from ood_lightning.errors import NonFiniteLossError
+from ood_lightning.core import rng_state
+from ood_lightning.core.errors import NonFiniteLossError
 from ood_lightning.methods.nonfinite import NonFinite, NonFiniteGuard
 from ood_lightning.scoring.api import Results, Scorer
 

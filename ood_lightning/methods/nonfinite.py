@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 
 @dataclass

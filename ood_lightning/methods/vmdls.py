@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.data.class_batch_sampler import ClassBatchSampler
-from ood_lightning.errors import ConfigError
 from ood_lightning.methods.base import OODMethod
 from ood_lightning.nn.modes import eval_mode
 from ood_lightning.scoring.api import FitData, Outputs, Scorer, pool

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.backbones.base import Backbone
 
 

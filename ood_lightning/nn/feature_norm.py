@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 NORMS = {"none": None, "l1": 1, "l2": 2, "linf": float("inf")}
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 LOG_256 = math.log(256.0)
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 Mode = Literal["operator", "matrix"]
 

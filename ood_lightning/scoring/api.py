@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 
 class FeatureModel(Protocol):

@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ood_lightning.evaluation.feature_cache import flat_tensors, slug, tensor_digest
-from ood_lightning.io import atomic_write, atomic_write_text
+from ood_lightning.core.io import atomic_write, atomic_write_text
 from ood_lightning.scoring.api import FitData, Outputs, Scorer, StateValue
+from ood_lightning.scoring.feature_cache import flat_tensors, slug, tensor_digest
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,9 @@
 One forward pass per split feeds every output-based scorer; a ``per_batch`` scorer (ODIN's
 perturbation) makes its own pass. The method's own scorers (``model.scorers()``) and the
 configured detectors run through the same code: nothing here asks what a scorer can do
-except through the attributes :class:`~ood_lightning.scoring.api.Scorer` declares.
+except through the attributes :class:`~ood_lightning.scoring.api.Scorer` declares. ``model`` is a
+:class:`~ood_lightning.methods.base.OODMethod`, typed as the ``LightningModule`` it is: methods sit
+above scoring and import it, never the reverse.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from collections.abc import Mapping
 from functools import partial
 
 import torch
+from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from ood_lightning.analysis.cost import human
+from ood_lightning.core.cost import human
+from ood_lightning.core.progress import Progress, stage
 from ood_lightning.data.datamodule import OODDataModule
-from ood_lightning.evaluation.feature_cache import FeatureCache, model_fingerprint
-from ood_lightning.methods.base import OODMethod
-from ood_lightning.progress import Progress, stage
 from ood_lightning.scoring.api import ID_SPLITS, FitData, Key, Outputs, Results, Scorer
+from ood_lightning.scoring.feature_cache import FeatureCache, model_fingerprint
 from ood_lightning.scoring.fit_cache import FitCache, fit_data_identity, fit_key
 from ood_lightning.scoring.passes import extract, n_inputs, score_batches
 from ood_lightning.scoring.ranks import SINGLE, Ranks
@@ -37,7 +39,7 @@ TUNE_FRACTION, TUNE_MAX = 0.1, 1000
 QUIET_UNDER_S = 1.0
 
 
-def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, Scorer]:
+def usable_scorers(model: LightningModule, detectors: dict[str, Scorer]) -> dict[str, Scorer]:
     """The method's own scorers, then the detectors (those that need a classifier only if it has one)."""
     if not model.has_classifier:
         skipped = sorted(n for n, d in detectors.items() if d.needs_classifier)
@@ -55,14 +57,14 @@ def usable_scorers(model: OODMethod, detectors: dict[str, Scorer]) -> dict[str, 
     own = model.scorers()
     clash = sorted(set(own) & set(detectors))
     if clash:
-        from ood_lightning.errors import ConfigError
+        from ood_lightning.core.errors import ConfigError
 
         raise ConfigError(f"detectors {clash} have the names of the method's own scores; rename them "
                           f"(e.g. ~detectors.{clash[0]})")
     return {**own, **detectors}
 
 
-def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer], device: torch.device | str = "cpu",
+def score_all(model: LightningModule, dm: OODDataModule, detectors: dict[str, Scorer], device: torch.device | str = "cpu",
               fit_limit: int | None = None, cache: FeatureCache | None = None, fit_augmented: bool = False,
               ranks: Ranks = SINGLE, train_scores: bool = False, fit_cache: FitCache | None = None,
               configs: Mapping[str, object] | None = None) -> Results:
@@ -197,7 +199,7 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
                    selected=selected, fit_cache=fit_sources)
 
 
-def split_outputs(model: OODMethod, dm: OODDataModule, split: str, loader, preprocess, device: torch.device,
+def split_outputs(model: LightningModule, dm: OODDataModule, split: str, loader, preprocess, device: torch.device,
                   cache: FeatureCache | None = None, fingerprint: str | None = None, progress: Progress | None = None,
                   limit: int | None = None, augment: bool = False, ranks: Ranks = SINGLE,
                   on_extract=None) -> Outputs:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ood_lightning.core.progress import Progress, stage
 from ood_lightning.data.device_loader import DeviceLoader
-from ood_lightning.progress import Progress, stage
 from ood_lightning.scoring.api import Outputs, Scorer, pool
 from ood_lightning.scoring.ranks import SINGLE, Ranks
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.backbones.base import Backbone
 
 #: horizontal-edge Prewitt kernel (responds to horizontal stripes); the vertical one is its transpose

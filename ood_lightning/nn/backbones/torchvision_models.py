@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from ood_lightning.checkpoints import read_checkpoint
-from ood_lightning.errors import ConfigError, DatasetNotFoundError
+from ood_lightning.core.checkpoints import read_checkpoint
+from ood_lightning.core.errors import ConfigError, DatasetNotFoundError
 from ood_lightning.nn.backbones.base import Backbone
 
 #: architecture -> (feature dim, names of the stages whose outputs forward_features returns)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.flows.coupling import FLOWS
 from ood_lightning.nn.flows.residual import ResidualFlow
 

@@ -29,7 +29,7 @@ from nflows.transforms import (
 from nflows.utils.torchutils import create_alternating_binary_mask
 from torch import Tensor, nn
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 
 
 class NflowsFlow(nn.Module):

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from nflows.transforms import ActNorm
 from torch import Tensor, nn
 
-from ood_lightning.errors import ConfigError
+from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.spectral import spectral_norm_bound
 
 Probe = Literal["rademacher", "gaussian"]
