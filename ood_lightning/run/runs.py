@@ -75,7 +75,8 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
         return None
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
-    meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
+    smoke = bool(cfg.get("smoke", False))
+    meta = {**meta, "smoke": smoke, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
             "selected": results.selected, "ood_overlaps_id": ood_overlapping_id(cfg),
             "fit_cache": {"hits": sum(v == "cache" for v in results.fit_cache.values()),
@@ -85,7 +86,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     report = model.report(out_dir, results, dm, device)
     artifacts = sorted(str(p.relative_to(out_dir)) for p in (Path(out_dir) / "plots").glob("*.png"))
     write_metrics(out_dir, metrics, {**meta, **report, "artifacts": artifacts})
-    print_results(metrics)
+    print_results(metrics, smoke=smoke)
     log.info("results written to %s", out_dir)
     return metrics
 
@@ -130,7 +131,7 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
     check_config(cfg)  # before any data is read
     check_accelerator(cfg)
     warn_ood_overlap(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config
     out_dir = Path(cfg.paths.output_dir)
     dm = build_data(cfg)
     dm.setup("fit")
