@@ -44,6 +44,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lightning as L  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
@@ -80,6 +81,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="a small CNN and flow (CI smoke run)")
     p.add_argument("--markdown", type=Path, help="append the table here")
+    p.add_argument("--doc", type=Path, help="write the table into this page between its markers "
+                   f"(<!-- {Path(__file__).stem}:begin/end -->), e.g. docs/performance.md")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -283,6 +286,10 @@ def main(argv=None) -> dict:
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write(text + "\n\n")
+    if args.doc:
+        from doc_block import write_block
+
+        write_block(args.doc, "cpu_speed", f"`python benchmarks/cpu_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}`:\n\n{text}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=1))
     return results

@@ -41,7 +41,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--load", type=int, default=0, help="busy one-thread processes to run beside (0 = none)")
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per figure (at least 2 steps)")
     p.add_argument("--markdown", type=Path, help="append the table here")
+    p.add_argument("--doc", type=Path, help="write the table into this page between its markers "
+                   f"(<!-- {Path(__file__).stem}:begin/end -->), e.g. docs/performance.md")
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument("--from-json", type=Path, help="measure nothing: the table of a recorded --json run")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help="a small CNN on 16x16 images (CI smoke run)")
     p.add_argument("--precisions", default="auto",
@@ -157,6 +160,12 @@ def main(argv=None) -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
+    if args.from_json:
+        recorded = json.loads(args.from_json.read_text())
+        rows = recorded["rows"] if isinstance(recorded, dict) else recorded
+        when = recorded.get("date", "") if isinstance(recorded, dict) else ""
+        report(args, rows, f"recorded in {args.from_json.name} {when}".strip(), argv)
+        return
     burners = [subprocess.Popen([sys.executable, "-c", BURNER], env={**os.environ, "OMP_NUM_THREADS": "1"})
                for _ in range(args.load)]
     try:
@@ -171,15 +180,29 @@ def main(argv=None) -> None:
         for b in burners:
             b.terminate()
             b.wait()
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    report(args, rows, when, argv)
+    if args.json:
+        command = "python benchmarks/cpu_threads.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        args.json.write_text(json.dumps({"date": when, "command": command, "rows": rows}, indent=1))
+
+
+def report(args, rows: list[dict], when: str, argv) -> None:
     md = table(rows)
-    header = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
-              f"{'tiny CNN 16x16' if args.tiny else 'CIFAR ResNet-20'}, images/s (median of {args.rounds} round(s))")
+    rounds = max(len([r for r in rows if (r["threads"], r["wait_policy"]) == key]) for key in
+                 {(r["threads"], r["wait_policy"]) for r in rows})
+    header = (f"{when}, {os.cpu_count()} cores, {'tiny CNN 16x16' if args.tiny else 'CIFAR ResNet-20'}, images/s "
+              f"(median of {rounds} round(s); each setting in a fresh process)")
     print(header + "\n\n" + md)
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write(header + "\n\n" + md + "\n\n")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    if args.doc:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from doc_block import write_block
+
+        write_block(args.doc, "cpu_threads", f"`python benchmarks/cpu_threads.py {' '.join(sys.argv[1:] if argv is None else argv)}`, "
+                    f"{header}:\n\n{md}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ same subsets, each in its own run folder and feature cache, without the input-pe
 (ODIN*, Mahalanobis*: their passes are float32 whatever ``evaluation.precision`` says) and with the
 per-layer mixtures dropped (``method=posthoc``: LSGM's fits take minutes and read the same features), then
 compares every detector's AUROC and FPR95 per OOD set. The table replaces the block between the markers
-``<!-- precision_auroc:begin -->`` / ``end`` in ``--doc``, with the setting (data, sizes, machine, load,
+``<!-- precision_auroc:begin -->`` / ``end`` in ``--doc`` (``benchmarks/doc_block.py``), with the setting (data, sizes, machine, load,
 CPU flags: without AMX, bf16 is emulated and slow, but its rounding is the same).
 """
 
@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- precision_auroc:begin -->", "<!-- precision_auroc:end -->"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from doc_block import write_block  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -88,8 +90,7 @@ def table(args, fp32: dict, bf16: dict, meta: dict) -> str:
         raise SystemExit("error: the two runs share no detector/OOD-set AUROC; check their metrics.json")
     diffs = [abs(b - a) for _, _, a, b, _, _ in found]
     fdiffs = [abs(b - a) for *_, a, b in found if a is not None and b is not None]
-    lines = [BEGIN, "",
-             f"Written by `python benchmarks/precision_auroc.py {meta['argv']}` on {meta['date']}: "
+    lines = [f"Written by `python benchmarks/precision_auroc.py {meta['argv']}` on {meta['date']}: "
              f"`{args.backbone}`, {args.data_label}, detectors fitted on {args.fit} training images, {args.test} ID test "
              f"images, {args.ood} per OOD set, seed 0; {meta['cpu']}; load average {meta['load']}; wall time fp32 "
              f"{meta['wall_fp32']}, bf16 {meta['wall_bf16']}.", "",
@@ -101,18 +102,7 @@ def table(args, fp32: dict, bf16: dict, meta: dict) -> str:
     for det, name, a, b, fa, fb in found:
         fpr = (f"{fa:.2f} | {fb:.2f} | {fb - fa:+.2f}" if fa is not None and fb is not None else "- | - | -")
         lines.append(f"| {det} | {name} | {a:.2f} | {b:.2f} | {b - a:+.3f} | {fpr} |")
-    lines += ["", END]
     return "\n".join(lines)
-
-
-def write_block(doc: Path, block: str) -> None:
-    text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    doc.write_text(text)
 
 
 def cpu_line() -> str:
@@ -135,7 +125,7 @@ def main(argv=None) -> None:
             "cpu": cpu_line(), "load": f"{load_before:.1f} -> {os.getloadavg()[0]:.1f}",
             "wall_fp32": walls.get("fp32", "(earlier run)"), "wall_bf16": walls.get("bf16", "(earlier run)")}
     block = table(args, metrics_of(args.out / "fp32"), metrics_of(args.out / "bf16"), meta)
-    write_block(args.doc, block)
+    write_block(args.doc, "precision_auroc", block)
     print(block)
 
 

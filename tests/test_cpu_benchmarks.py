@@ -62,3 +62,24 @@ def test_cpu_speed_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert set(out["rates"]) == {f"{r}/fp32" for r in ("plain", "classifier", "dhm", "plain_eval", "extract")}
     assert all(v[0] > 0 for v in out["cpu_rates"].values())
     assert "| fp32 | extract |" in (tmp_path / "t.md").read_text()
+
+
+def test_precision_auroc_compares_both_runs_and_writes_its_block_in_place(tmp_path):
+    import json
+
+    pa = _load("precision_auroc")
+    for precision, auroc in (("fp32", [0.9, 0.8]), ("bf16", [0.901, 0.795])):
+        (tmp_path / precision).mkdir()
+        results = {"msp": {"tin_crop": {"auroc": auroc[0], "fpr95": 0.5}, "mean_far": {"auroc": auroc[1], "fpr95": 0.6}},
+                   "knn": {"tin_crop": {"auroc": 0.7, "fpr95": 0.7}}}
+        if precision == "bf16":
+            del results["knn"]  # a detector one run lacks is left out, not compared with nothing
+        (tmp_path / precision / "metrics.json").write_text(json.dumps({"results": results, "accuracy": 0.9}))
+    doc = tmp_path / "page.md"
+    doc.write_text("# Page\n\n<!-- precision_auroc:begin -->\nold\n<!-- precision_auroc:end -->\n\nafter\n")
+    pa.main(["--only-write", "--out", str(tmp_path), "--doc", str(doc), "--fit", "10"])
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("after\n") and text.count("precision_auroc:begin") == 1
+    assert "| msp | tin_crop | 90.00 | 90.10 | +0.100 | 50.00 | 50.00 | +0.00 |" in text
+    assert "| msp | mean_far | 80.00 | 79.50 | -0.500 |" in text
+    assert "Largest |AUROC difference| 0.500 points" in text and "knn" not in text

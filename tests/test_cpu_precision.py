@@ -176,3 +176,22 @@ def test_fast_bf16_needs_amx(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
     assert cpu_runtime.cpu_flags(info) == {"fpu", "avx2", "amx_bf16", "amx_tile"}
     assert cpu_runtime.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_one_key_switches_cpu_training_to_bf16_and_nhwc_and_warns_without_amx(tmp_path, monkeypatch, caplog):
+    from ood_lightning.run import runtime
+    from ood_lightning.run.build import build_model
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg("train", ["data=stripes", "backbone=cnn", "backbone.widths=[8,16]", "backbone.feature_dim=16",
+                                "trainer=cpu", "trainer.precision=bf16-mixed"], tmp_path)
+    model = build_model(cfg, 3, pretrained=False)
+    monkeypatch.setattr(runtime, "fast_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        applied = runtime.apply_speedups(model, cfg, CPU)
+    assert applied["channels_last"]
+    conv = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "without AMX" in caplog.text
+    fp32 = compose_cfg("train", ["data=stripes", "backbone=cnn", "trainer=cpu"], tmp_path)
+    assert not runtime.apply_speedups(build_model(fp32, 3, pretrained=False), fp32, CPU)["channels_last"]
