@@ -14,7 +14,7 @@ def _top_level_keys(entry: str) -> set[str]:
 
 
 def test_train_help_names_every_preset_and_the_quickstart():
-    res = run_script("train.py", "--help", timeout=120)
+    res = run_script("train.py", "--help", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
     assert out.startswith("ood-lightning: train, sweep and fairly compare") and "== Quickstart ==" in out
@@ -32,7 +32,7 @@ def test_train_help_names_every_preset_and_the_quickstart():
 
 
 def test_evaluate_help_says_what_it_aggregates_and_rescores():
-    res = run_script("evaluate.py", "--help", timeout=120)
+    res = run_script("evaluate.py", "--help", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "aggregate finished runs" in res.stdout and "ckpt_path=" in res.stdout and "paper=" in res.stdout
     groups = res.stdout.split("== Configuration groups")[1].split("\n", 1)[1].split("\n==")[0]
