@@ -74,6 +74,8 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
     meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
+            "fit_splits": {name: {"augmented": aug, "samples": results.fit_samples}
+                           for name, aug in results.fit_splits.items()},
             "selected": results.selected,
             "fit_cache": {"hits": sum(v == "cache" for v in results.fit_cache.values()),
                           "fitted": sum(v == "fitted" for v in results.fit_cache.values()),

@@ -1,8 +1,9 @@
-"""Offline dataset packs (``*.npz`` of concatenated JPEGs, see ``shared/data/README.md``).
+"""Offline dataset packs (``*.npz`` of concatenated PNG or JPEG files, see ``shared/data/README.md``).
 
-A pack is decoded once into a uint8 array [N, C, H, W] and cached as ``.npy`` next to
+A pack stores its image files under ``png`` (lossless, e.g. CIFAR-10's official pixels) or
+``jpeg`` (the JPEG copies). It is decoded once into a uint8 array [N, C, H, W] and cached as ``.npy`` next to
 nothing the user owns (``cache_dir``), keyed by the pack's name, size and mtime, so no
-JPEG is ever decoded per sample per epoch. Later processes read the cache (~0.1 s for CIFAR-10).
+image is ever decoded per sample per epoch. Later processes read the cache (~0.1 s for CIFAR-10).
 
 A pack that cannot be read whole (truncated copy, bad CRC) is a :class:`CorruptDataError`
 naming the file and the checksum check; a damaged cache file is logged and decoded again.
@@ -34,19 +35,23 @@ class Pack:
     classes: tuple[str, ...]
 
 
-def _decode(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Decode every JPEG of a pack into one uint8 array (N, C, H, W)."""
+#: the keys a pack may store its concatenated image files under (PIL reads either format)
+IMAGE_KEYS = ("png", "jpeg")
+
+
+def _decode(files: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Decode every image file (PNG or JPEG) of a pack into one uint8 array (N, C, H, W)."""
     from rich.progress import track
 
-    first = np.asarray(Image.open(io.BytesIO(jpeg[offsets[0] : offsets[1]].tobytes())))
+    first = np.asarray(Image.open(io.BytesIO(files[offsets[0] : offsets[1]].tobytes())))
     n = len(offsets) - 1
     out = np.empty((n, *first.shape), dtype=np.uint8)
     for i in track(range(n), description="decoding pack", transient=True, disable=n < 5000):
-        out[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+        out[i] = np.asarray(Image.open(io.BytesIO(files[offsets[i] : offsets[i + 1]].tobytes())))
     return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2).copy()
 
 
-#: what reading a damaged .npz / .npy raises (zip without a directory, bad CRC, short data, bad JPEG)
+#: what reading a damaged .npz / .npy raises (zip without a directory, bad CRC, short data, bad image)
 _UNREADABLE = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError)
 
 
@@ -64,7 +69,7 @@ def _read_cache(cache: Path, n: int) -> np.ndarray | None:
 
 @lru_cache(maxsize=8)
 def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Pack:
-    """Read a pack, decoding its JPEGs only the first time (per cache directory)."""
+    """Read a pack, decoding its images only the first time (per cache directory)."""
     path = Path(path)
     try:
         data = np.load(path, allow_pickle=False)
@@ -72,6 +77,9 @@ def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         classes = tuple(str(c) for c in data["classes"])
     except _UNREADABLE as err:
         raise CorruptDataError.of(path, f"{type(err).__name__}: {err}") from None
+    image_key = next((k for k in IMAGE_KEYS if k in data.files), None)
+    if image_key is None:
+        raise CorruptDataError.of(path, f"holds neither of {', '.join(IMAGE_KEYS)} (its arrays: {', '.join(data.files)})")
     cache = None
     if cache_dir is not None:
         st = path.stat()
@@ -82,7 +90,7 @@ def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
                 return Pack(images, labels, classes)
     log.info("decoding %s (once; cached in %s)", path.name, cache_dir)
     try:
-        images = _decode(data["jpeg"], data["offsets"])
+        images = _decode(data[image_key], data["offsets"])
     except _UNREADABLE as err:
         raise CorruptDataError.of(path, f"{type(err).__name__}: {err}") from None
     if len(images) != len(labels):

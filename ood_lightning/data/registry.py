@@ -5,7 +5,8 @@ int64 labels), so that batching, augmentation and normalisation happen on whole 
 (on the GPU when there is one) and no image is decoded per sample per epoch.
 
 Sources, tried in order for the named sets: an offline pack in ``root``
-(``shared/data``), then torchvision's layout in ``root`` (with ``download=True`` for a
+(``shared/data``; CIFAR-10 is the lossless pack, its JPEG copy is the separate set
+``cifar10_jpeg``), then torchvision's layout in ``root`` (with ``download=True`` for a
 user who is online). Image-folder OOD sets (Textures, LSUN, iSUN, Places365) are read
 with ``torchvision.datasets.ImageFolder`` and resized to the ID image size once.
 """
@@ -134,6 +135,17 @@ def _torchvision_only(name: str, cls_name: str, tv_folder: str):
     return load
 
 
+def _pack_only(name: str, stem: str):
+    """Split packs ``<stem>-<split>.npz`` with no other source (e.g. CIFAR-10's JPEG copy)."""
+    def load(root: Path, split: str, cache_dir=None, **_) -> ArrayData:
+        path = root / f"{stem}-{split}.npz"
+        if not path.exists():
+            raise _missing(name, [path], online_hint=False)
+        return _from_pack(path, cache_dir)
+
+    return load
+
+
 def _ood_pack(name: str, stem: str):
     def load(root: Path, cache_dir=None, **_) -> ArrayData:
         path = root / f"{stem}.npz"
@@ -178,7 +190,9 @@ def _synthetic(name: str):
 
 
 DATASETS: dict[str, Callable[..., ArrayData]] = {
-    "cifar10": _packed_or_torchvision("cifar10", "cifar10", "CIFAR10", "cifar-10-batches-py"),
+    # the official, lossless pixels (torchvision's batches are lossless too); the JPEG copy only by name
+    "cifar10": _packed_or_torchvision("cifar10", "cifar10-lossless", "CIFAR10", "cifar-10-batches-py"),
+    "cifar10_jpeg": _pack_only("cifar10_jpeg", "cifar10"),
     "cifar100": _packed_or_torchvision("cifar100", "cifar100", "CIFAR100", "cifar-100-python"),
     "svhn": _packed_or_torchvision("svhn", "svhn", "SVHN", "{train,test}_32x32.mat"),
     "mnist": _torchvision_only("mnist", "MNIST", "MNIST/raw"),

@@ -53,6 +53,10 @@ class LatentFlowDetector(Scorer):
         device: "auto" (CUDA when available, else CPU) or a torch device string.
         eval_every: with ``fit_with_history``, record AUROC and mean bpd every this many steps.
         flow_kwargs: extra keyword arguments for the flow builder (e.g. ``batch_norm`` of realnvp).
+        fit_augmented: fit on latents of *augmented* training images, one draw per image, as the paper
+            does (§6.2: "obtained with dataset augmentation identical to the augmentations used to
+            train the backbone"); ``False`` fits on the plain split, ``None`` on the run's
+            (``evaluation.fit_augmented``). The other detectors of a run keep their own split.
 
     The fit is cacheable: the PCA, the flow's parameters and every buffer (persistent or not; the
     flow is rebuilt under ``seed`` as in :meth:`fit`, then overwritten) and ``history``.
@@ -76,6 +80,7 @@ class LatentFlowDetector(Scorer):
         device: str = "auto",
         eval_every: int | None = None,
         flow_kwargs: Mapping | None = None,
+        fit_augmented: bool | None = True,
     ) -> None:
         if normalize not in ("l2", "none"):
             raise ConfigError(f"LatentFlowDetector normalize must be 'l2' or 'none', got {normalize!r}")
@@ -100,6 +105,7 @@ class LatentFlowDetector(Scorer):
             else torch.device(device)
         self.eval_every = eval_every
         self.flow_kwargs = dict(flow_kwargs or {})
+        self.fit_augmented = fit_augmented
         self.flow: nn.Module | None = None
         self._dim = 0
         self.pca_mean: Tensor | None = None
