@@ -33,8 +33,8 @@ from ood_lightning.evaluation.metrics import auroc  # noqa: E402
 log = logging.getLogger("lsgm_backends")
 
 #: the published ResNet-20 on lossless CIFAR-10, LSGM's fit data (the whole plain training split)
-DEFAULT_OVERRIDES = ("experiment=posthoc_cifar10", "backbone=cifar_resnet20_pretrained", "ood=odin",
-                     "evaluation.fit_limit=null", "evaluation.fit_augmented=false")
+DEFAULT_OVERRIDES = ("data=cifar10", "backbone=cifar_resnet20_pretrained", "method=posthoc", "ood=odin",
+                     "detectors=none", "evaluation.fit_limit=null", "evaluation.fit_augmented=false")
 #: the two fits compared: the paper's variational Dirichlet-process mixture and our EM
 BACKENDS = {"sklearn (Dirichlet-process VI)": {"mixture": "dirichlet", "backend": "sklearn"},
             "torch (EM)": {"mixture": "gmm", "backend": "torch"}}
