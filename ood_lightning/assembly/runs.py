@@ -4,6 +4,7 @@ checkpoint); both end in :func:`score_and_write`."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +37,7 @@ from ood_lightning.assembly.runtime import (
     set_nan_check_every,
     share_rank_zero_state,
 )
+from ood_lightning import provenance
 from ood_lightning.checkpoints import OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.feature_cache import FeatureCache
@@ -72,7 +74,12 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
         return None
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
-    meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
+    started = meta.pop("started", None)
+    machine = provenance.machine()
+    meta = {**meta, "provenance": {"command": provenance.command(), "commit": provenance.commit(), "machine": machine,
+                                   "wall_s": None if started is None else round(time.time() - started, 1)},
+            "setting": run_setting(cfg, dm, results, groups),
+            "timings_s": {k: round(v, 3) for k, v in {**meta.pop("stage_s", {}), **results.timings}.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
             "fit_splits": {name: {"augmented": aug, "samples": results.fit_samples}
                            for name, aug in results.fit_splits.items()},
@@ -87,6 +94,37 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     print_results(metrics)
     log.info("results written to %s", out_dir)
     return metrics
+
+
+def run_setting(cfg: DictConfig, dm: OODDataModule, results, groups: dict[str, str]) -> dict:
+    """What a results page and the paper view compare (``metrics.json`` ``setting``): the ID data
+    (its set, encoding and class selection), the split sizes, every cut-down (limits, debug preset),
+    the OOD sets with their groups, and per scorer its fit split and :meth:`Scorer.setting`."""
+    from ood_lightning.data.registry import dataset_identity
+
+    data = cfg.data
+    id_set, encoding = dataset_identity(str(data.name))
+    limits = {f"data.{k}": int(data[k]) for k in ("limit_train", "limit_val", "limit_test", "limit_ood")
+              if data.get(k) is not None}
+    if cfg.evaluation.get("fit_limit") is not None:
+        limits["evaluation.fit_limit"] = int(cfg.evaluation.fit_limit)
+    sizes = {split: None if getattr(dm, f"{split}_set") is None else len(getattr(dm, f"{split}_set"))
+             for split in ("train", "val", "test")}
+    members: dict[str, list[str]] = {}
+    for name, group in groups.items():
+        if name in dm.ood_sets:
+            members.setdefault(group, []).append(name)
+    scorers = {}
+    for name in results.scorers():
+        split = results.fit_splits.get(name)
+        scorers[name] = {"fit": None if split is None else {"augmented": split, "samples": results.fit_samples},
+                         **results.settings.get(name, {})}
+    return {"id_data": {"name": str(data.name), "set": id_set, "encoding": encoding,
+                        "known_classes": None if data.get("known_classes") is None else list(data.known_classes)},
+            "splits": sizes, "limits": limits, "debug": choices().get("debug"),
+            "ood": {name: {"dataset": str(dm.ood_cfg[name].get("dataset", name)), "group": groups.get(name),
+                           "n": len(d)} for name, d in dm.ood_sets.items()},
+            "groups": members, "scorers": scorers}
 
 
 def train(cfg: DictConfig) -> dict:
@@ -124,6 +162,7 @@ def _finished_or_resume(cfg: DictConfig, digest: str) -> dict | None:
 
 
 def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
+    started = time.time()
     clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
     check_config(cfg)  # before any data is read
     check_accelerator(cfg)
@@ -139,9 +178,12 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
         load_weights(model, cfg.ckpt_path, allow_unsafe)  # a clear error before Lightning's own
     apply_speedups(model, cfg, trainer.strategy.root_device)
     set_nan_check_every(model, cfg, trainer.strategy.root_device)
+    stage_s = {}
     if model.trains_backbone:
+        start = time.perf_counter()
         with preemption.fitting():
             trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not allow_unsafe)
+        stage_s["train"] = time.perf_counter() - start
     # DDP: every rank scores its block of each split and the outputs are gathered before
     # scorers and metrics (evaluation.distributed); otherwise rank 0 scores everything
     ranks = Ranks.of_process_group(bool(cfg.evaluation.get("distributed", True)))
@@ -157,7 +199,8 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
     c = choices()
     meta = {"method": c.get("method"), "backbone": c.get("backbone"), "data": cfg.data.name,
             "seed": int(cfg.seed), "lambda": model.lambda_, "epochs": trainer.current_epoch,
-            "config_hash": digest}  # what skip_finished=true compares on a re-launch
+            "config_hash": digest,  # what skip_finished=true compares on a re-launch
+            "started": started, "stage_s": stage_s}
     metrics = score_and_write(model, dm, cfg, out_dir, meta, device, feature_cache(cfg, model), ranks)
     if metrics is None:
         return {}
@@ -168,6 +211,7 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
 
 def rescore(cfg: DictConfig) -> dict:
     """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    started = time.time()
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
     check_config(cfg)  # before any data is read
@@ -182,6 +226,6 @@ def rescore(cfg: DictConfig) -> dict:
     model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
     connect(dm, model)
     load_weights(model, cfg.ckpt_path, allow_unsafe)
-    meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name}
+    meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name, "started": started}
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     return score_and_write(model, dm, cfg, out_dir, meta, resolve_device(cfg.evaluation.device))

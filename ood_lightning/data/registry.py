@@ -210,6 +210,17 @@ DATASETS: dict[str, Callable[..., ArrayData]] = {
 }
 
 
+#: ID sets whose images are a lossy copy of another set's: name -> (that set, the encoding). Every other
+#: set is its published pixels ("lossless"); a paper's row on ``cifar10`` is thus comparable with
+#: ``data=cifar10`` and, flagged, with ``data=cifar10_jpeg``
+LOSSY_COPIES = {"cifar10_jpeg": ("cifar10", "JPEG copy (quality 75)")}
+
+
+def dataset_identity(name: str) -> tuple[str, str]:
+    """(the set a dataset's images are of, their encoding): ``cifar10_jpeg`` -> ("cifar10", "JPEG ...")."""
+    return LOSSY_COPIES.get(name, (name, "lossless"))
+
+
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike = ".", download: bool = False,
                  cache_dir: str | os.PathLike | None = None, **kwargs) -> ArrayData:
     """Load split ``split`` of dataset ``name`` (see :data:`DATASETS`) as tensors."""

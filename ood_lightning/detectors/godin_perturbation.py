@@ -15,7 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ood_lightning.detectors.input_step import best_epsilon, epsilon_choice, mean_scores_over_epsilons
+from ood_lightning.detectors.input_step import (
+    best_epsilon,
+    epsilon_choice,
+    mean_scores_over_epsilons,
+    perturbation_setting,
+)
 from ood_lightning.errors import ConfigError
 from ood_lightning.methods.godin import GeneralizedODIN as DecomposedModel
 from ood_lightning.scoring.api import FitData, Outputs, Scorer
@@ -97,6 +102,9 @@ class GODINPerturbation(Scorer):
 
     def selected(self) -> dict[str, object]:
         return epsilon_choice(self.search, self.epsilon)
+
+    def setting(self) -> dict[str, object]:
+        return perturbation_setting(self.epsilon, self.epsilons)
 
     def select_epsilon(self, model: DecomposedModel, id_val_inputs: Tensor) -> float:
         """Set and return the ε of the grid with the highest mean score on ID validation inputs.

@@ -14,6 +14,7 @@ Bits per dimension treat features as discretised into bins of width ε, so a bin
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -36,6 +37,15 @@ log = logging.getLogger(__name__)
 SCORE_BATCH = 4096
 
 FlowFactory = Callable[[int], nn.Module]
+
+
+def _flow_label(flow: str | FlowFactory) -> str:
+    """The flow's preset name: the string, or the ``name`` a config's partial ``build_flow`` carries."""
+    if isinstance(flow, str):
+        return flow
+    if isinstance(flow, functools.partial) and "name" in flow.keywords:
+        return str(flow.keywords["name"])
+    return type(flow).__name__
 
 
 class LatentFlowDetector(Scorer):
@@ -160,6 +170,10 @@ class LatentFlowDetector(Scorer):
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         return -self.bpd(outputs.features)
+
+    def setting(self) -> dict[str, object]:
+        return {"flow": _flow_label(self.flow_name), "normalize": self.normalize, "pca_dim": self.pca_dim, "epochs": self.epochs,
+                "fit_steps": self.fit_steps}
 
     def fit_state(self) -> dict[str, StateValue]:
         if self.flow is None:

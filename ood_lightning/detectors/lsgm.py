@@ -479,6 +479,11 @@ class LSGM(Scorer):
             return {n: torch.logsumexp(e + self.models[n].log_weights.to(e.device), 1)
                     for n, e in self.log_emissions(outputs).items()}
 
+    def setting(self) -> dict[str, object]:
+        return {"mixture": self.mixture, "backend": self.backend, "standardize": self.standardize,
+                "pca_dim": self.pca_dim, "components": {n: m.n_components for n, m in self.models.items()},
+                "joint": self.joint}
+
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         if not self.joint:
             return sum(self.layer_log_likelihoods(outputs).values())  # type: ignore[return-value]

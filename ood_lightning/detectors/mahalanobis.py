@@ -20,6 +20,7 @@ from ood_lightning.detectors.input_step import (
     check_epsilons,
     check_std,
     epsilon_choice,
+    perturbation_setting,
     mean_scores_over_epsilons,
     sign_step,
 )
@@ -139,6 +140,9 @@ class Mahalanobis(Scorer):
 
     def selected(self) -> dict[str, object]:
         return epsilon_choice(self.search, self.epsilon)
+
+    def setting(self) -> dict[str, object]:
+        return perturbation_setting(self.epsilon, self.epsilons)
 
     def select_epsilon(self, model: FeatureModel, id_val_inputs: Tensor) -> float:
         """Set and return the grid's ε of the highest mean score on ID validation inputs."""

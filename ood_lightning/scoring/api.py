@@ -156,6 +156,12 @@ class Scorer:
         """This score's own class prediction [N] for the open-set macro-F1; None = the classifier's argmax."""
         return None
 
+    def setting(self) -> dict[str, object]:
+        """What a reader needs to put this score beside a paper's (after :meth:`fit`): e.g. the input
+        perturbation (ε and how it was chosen) or the density model; written to ``metrics.json`` and
+        compared by the paper view (default: nothing to state)."""
+        return {}
+
     def selected(self) -> dict[str, object]:
         """Hyperparameters :meth:`fit` chose (e.g. an ε searched on ID validation), logged and written to
         ``metrics.json`` so a reader of the table sees which value won (default: none)."""
@@ -215,6 +221,8 @@ class Results:
     #: per scorer, its scores on the ID fit (training) set, when asked for (``score_all(train_scores=True)``):
     #: the open-set F1 threshold of ``evaluation.f1_threshold: id_train``. Not an ID split of the table.
     train_scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    #: per scorer, what a reader needs to compare it with a paper (:meth:`Scorer.setting`, after the fit)
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)
     #: per scorer, what its fit chose (:meth:`Scorer.selected`); scorers that chose nothing are absent
     selected: dict[str, dict[str, object]] = field(default_factory=dict)
     #: per fitted scorer (``needs_fit``), with a fit cache: ``"cache"`` (served), ``"fitted"`` (missed, fitted

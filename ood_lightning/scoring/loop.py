@@ -209,7 +209,8 @@ def score_all(model: OODMethod, dm: OODDataModule, detectors: dict[str, Scorer],
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
                    has_classifier=model.has_classifier, outputs=outs, timings=timings, train_scores=on_train,
                    fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None,
-                   fit_splits=fit_splits, selected=selected, fit_cache=fit_sources)
+                   fit_splits=fit_splits, selected=selected, fit_cache=fit_sources,
+                   settings={name: scorer.setting() for name, scorer in scorers.items()})
 
 
 def split_outputs(model: OODMethod, dm: OODDataModule, split: str, loader, preprocess, device: torch.device,
