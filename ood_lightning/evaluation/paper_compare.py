@@ -131,21 +131,38 @@ def settings(run_dir: str | Path) -> list[Setting]:
         if data:
             s.data.add(str(data))
         absorb_setting(s, m, data)
-        for det, rows in (m.get("results") or {}).items():
+        for det in (m.get("results") or {}):
             if (name := _flow(conf, det)) is not None and det not in s.flows:
                 s.flows[det].add(name)
-            for ood, metrics in rows.items():
-                for k in OOD_METRICS:
-                    if isinstance(metrics.get(k), (int, float)):
-                        s.values[(det, ood, k)].append(float(metrics[k]))
-        method = m.get("method") or choices.get("method")
-        for ood, probe in ((m.get("generative") or {}).get("latent_probe") or {}).items():
-            for key, ours in PROBE_METRICS.items():
-                if method and isinstance(probe.get(ours), (int, float)):
-                    s.values[(str(method), ood, key)].append(float(probe[ours]))
-        if method and isinstance(m.get("accuracy"), (int, float)):
-            s.values[(str(method), "-", "accuracy")].append(float(m["accuracy"]))
+        absorb_values(s, m, m.get("method") or choices.get("method"))
     return list(by_group.values())
+
+
+def absorb_values(s: Setting, m: dict, method: str | None) -> None:
+    """Add one run's numbers (every OOD metric, the latent probe, the accuracy under ``method``) to ``s``."""
+    for det, rows in (m.get("results") or {}).items():
+        for ood, metrics in rows.items():
+            for k in OOD_METRICS:
+                if isinstance(metrics.get(k), (int, float)):
+                    s.values[(det, ood, k)].append(float(metrics[k]))
+    for ood, probe in ((m.get("generative") or {}).get("latent_probe") or {}).items():
+        for key, ours in PROBE_METRICS.items():
+            if method and isinstance(probe.get(ours), (int, float)):
+                s.values[(str(method), ood, key)].append(float(probe[ours]))
+    if method and isinstance(m.get("accuracy"), (int, float)):
+        s.values[(str(method), "-", "accuracy")].append(float(m["accuracy"]))
+
+
+def setting_of(m: dict) -> Setting:
+    """One run's :class:`Setting` from its ``metrics.json`` alone (the results page's paper view)."""
+    s = Setting("-", runs=1)
+    if m.get("backbone"):
+        s.backbones.add(str(m["backbone"]))
+    if m.get("data"):
+        s.data.add(str(m["data"]))
+    absorb_setting(s, m)
+    absorb_values(s, m, m.get("method"))
+    return s
 
 
 def absorb_setting(s: Setting, m: dict, data_name: str | None = None) -> None:
