@@ -27,8 +27,12 @@ def evaluate(cfg: DictConfig):
     if cfg.get("report"):
         if not cfg.get("run_dir"):
             raise ConfigError("report= writes a finished run's results page: pass run_dir=<run dir> too")
-        from ood_lightning.evaluation.report import write_report
+        from ood_lightning.evaluation.report import write_block, write_report
 
+        if cfg.get("report_block"):
+            path = write_block(cfg.run_dir, cfg.report, cfg.report_block, bool(cfg.get("report_check")))
+            print(f"{'checked' if cfg.get('report_check') else 'wrote'} block {cfg.report_block!r} of {path}")
+            return path
         path = write_report(cfg.run_dir, cfg.report, cfg.get("paper"))
         print(f"wrote {path}")
         return path

@@ -123,3 +123,36 @@ def test_a_real_run_records_what_the_page_needs(tmp_path):
     for det, rows in metrics["results"].items():
         assert _row(auroc, f"| {det} |")[1] == f"{100 * rows['diagonal']['auroc']:.2f}"
     assert "⚠ **cut-down run, not a result**" in text
+
+
+def test_a_block_of_a_hand_written_page_is_filled_and_checked_against_a_run(tmp_path):
+    """README's demo table: the block between the markers is written from the run; the check passes
+    on the same numbers (whatever the commit, machine or wall time) and names the first difference."""
+    from ood_lightning.errors import ConfigError
+    from ood_lightning.evaluation.report import write_block
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(METRICS))
+    page = tmp_path / "README.md"
+    page.write_text("# Title\n\nprose before\n<!-- report:demo -->\nold\n<!-- /report:demo -->\nprose after\n")
+    write_block(run, page, "demo")
+    text = page.read_text()
+    assert text.startswith("# Title\n\nprose before\n<!-- report:demo -->\nMeasured by `python train.py experiment=")
+    assert text.endswith("<!-- /report:demo -->\nprose after\n") and "old" not in text
+    assert "ID test accuracy 91.73%" in text and "| lde | 99.41 | 70.00 | 84.71 |" in text
+    assert f"Written by `python evaluate.py run_dir={run} report={page} report_block=demo`" in text
+    m = json.loads(json.dumps(METRICS))
+    m["provenance"].update(commit={"sha": "fedcba9876543210", "dirty": True}, wall_s=99.0)  # another machine, same run
+    (run / "metrics.json").write_text(json.dumps(m))
+    write_block(run, page, "demo", check=True)
+    assert page.read_text() == text  # a check writes nothing
+    m["results"]["lde"]["tin_crop"]["auroc"] = 0.7001
+    (run / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(ConfigError, match=r"block 'demo' differs from the run .*'\| lde \| 99.41 \| 70.00 \| 84.71 \|' vs "
+                                          r"'\| lde \| 99.41 \| 70.01 \| 84.71 \|'"):
+        write_block(run, page, "demo", check=True)
+    page.write_text("no markers\n")
+    with pytest.raises(ConfigError, match="has no block 'demo': put the lines <!-- report:demo -->"):
+        write_block(run, page, "demo")
+

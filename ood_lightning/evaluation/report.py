@@ -175,5 +175,69 @@ def write_report(run_dir: str | Path, page: str | Path, paper: str | None = None
     return atomic_write_text(page, text)
 
 
+# -- a block inside a hand-written page (the README's demo table) --------------------------------
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+
+
+def block_text(run_dir: str | Path, page: str | Path, name: str) -> str:
+    """The short form for a page written by hand around it: where the numbers come from, the ID
+    accuracy and the AUROC table of one run."""
+    run = _runs(Path(run_dir))
+    if len(run) != 1:
+        raise ConfigError(f"report_block= takes one run's folder; {run_dir} holds {len(run)} runs")
+    m = _read(run[0])
+    p = m.get("provenance") or {}
+    commit = p.get("commit") or {}
+    sha = (commit.get("sha") or "unknown")[:12] + (" with uncommitted changes" if commit.get("dirty") else "")
+    wall = p.get("wall_s")
+    command = "python evaluate.py " + shlex.join([f"run_dir={run_dir}", f"report={page}", f"report_block={name}"])
+    acc = m.get("accuracy")
+    lines = [f"Measured by `{p.get('command')}` at commit `{sha}` on {provenance.describe_machine(p.get('machine') or {})}"
+             + (f", {wall:,.0f} s wall" if wall is not None else "") + "; "
+             + (f"ID test accuracy {100 * acc:.2f}%; " if acc is not None else "") + "AUROC ×100, ID = positive. "
+             f"Written by `{command}`; do not edit by hand.", "", *metric_table(m.get("results") or {}, "auroc")]
+    return "\n".join(lines)
+
+
+def _split(text: str, name: str, page: Path) -> tuple[str, str, str]:
+    start, end = _markers(name)
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ConfigError(f"{page} has no block {name!r}: put the lines {start} and {end} where it goes")
+    head, rest = text.split(start)
+    body, tail = rest.split(end)
+    return head, body, tail
+
+
+def _numbers(block: str) -> list[str]:
+    """What must not change between two runs of the same setting: the table and the accuracy."""
+    acc = [part.strip() for part in block.split(";") if part.strip().startswith("ID test accuracy")]
+    return acc + [line for line in block.splitlines() if line.startswith("|")]
+
+
+def write_block(run_dir: str | Path, page: str | Path, name: str, check: bool = False) -> Path:
+    """Replace the block ``name`` of ``page`` with the run's :func:`block_text`; with ``check``, write
+    nothing and fail (naming the first difference) unless the page's block has the run's numbers."""
+    page = Path(page)
+    if not page.is_file():
+        raise ConfigError(f"report={page} does not exist: report_block= fills a block of an existing page")
+    text = page.read_text()
+    head, body, tail = _split(text, name, page)
+    fresh = block_text(run_dir, page, name)
+    if check:
+        ours, theirs = _numbers(fresh), _numbers(body)
+        if ours != theirs:
+            diff = next((f"{a!r} vs {b!r}" for a, b in zip(theirs, ours) if a != b),
+                        f"{len(theirs)} vs {len(ours)} lines")
+            raise ConfigError(f"{page}'s block {name!r} differs from the run in {run_dir}: {diff} (page vs run); "
+                              f"if the change is meant, re-record it: python evaluate.py run_dir=<run> report={page} "
+                              f"report_block={name}")
+        return page
+    start, end = _markers(name)
+    return atomic_write_text(page, f"{head}{start}\n{fresh}\n{end}{tail}")
+
+
 if __name__ == "__main__":  # python -m ood_lightning.evaluation.report <run_dir> <page> [paper]
     print(write_report(*sys.argv[1:4]))
