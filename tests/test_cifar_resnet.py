@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ood_lightning.assembly.build import build_backbone, build_model
-from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.errors import CheckpointNotFoundError, ConfigError
 from ood_lightning.nn.backbones import CifarResNet
 from ood_lightning.pretrained import models_root

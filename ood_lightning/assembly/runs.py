@@ -12,6 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from ood_lightning import provenance
 from ood_lightning.assembly.build import (
     build_data,
     build_detectors,
@@ -37,7 +38,6 @@ from ood_lightning.assembly.runtime import (
     set_nan_check_every,
     share_rank_zero_state,
 )
-from ood_lightning import provenance
 from ood_lightning.checkpoints import OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.feature_cache import FeatureCache

@@ -19,8 +19,8 @@ from ood_lightning.detectors.input_step import (
     check_epsilons,
     check_std,
     epsilon_choice,
-    perturbation_setting,
     mean_scores_over_epsilons,
+    perturbation_setting,
     sign_step,
 )
 from ood_lightning.errors import ConfigError
