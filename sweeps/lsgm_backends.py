@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         k = args.n_components if args.n_components in ("paper", "auto") else int(args.n_components)
-        train, test, ood_out, setting = load_outputs(overrides, args.out.parent / "lsgm_backends_run", args.ood)
+        train, test, ood_out, setting = load_outputs(overrides, Path("outputs") / "lsgm_backends", args.ood)
         if args.layer not in train.layers:
             raise ConfigError(f"--layer {args.layer!r} is not one of the backbone's layers {list(train.layers)}")
         rows = compare(train, test, ood_out, args.layer, k, args.max_iter, setting["seed"])
