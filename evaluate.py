@@ -4,6 +4,7 @@
     python evaluate.py run_dir=<multirun> plot=lambda            # DHM Fig. 3 (plot=spectral_coeff: Fig. 4)
     python evaluate.py run_dir=<multirun> compare=[dhm,msp]      # Table 1: detectors side by side
     python evaluate.py run_dir=<run or multirun> paper=lde       # ours beside a paper's numbers (or paper=all)
+    python evaluate.py run_dir=<run> report=<page.md> [paper=lde] # the run's results page, from metrics.json alone
     python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt ood=[odin,noise] detectors=baselines
 """
 
@@ -32,6 +33,18 @@ from ood_lightning.run.cli import run_safely  # noqa: E402
 def evaluate(cfg: DictConfig):
     if cfg.get("paper") and not cfg.get("run_dir"):
         raise ConfigError("paper= compares a finished run with a paper: pass run_dir=<run or multirun dir> too")
+    if cfg.get("report"):
+        if not cfg.get("run_dir"):
+            raise ConfigError("report= writes a finished run's results page: pass run_dir=<run dir> too")
+        from ood_lightning.evaluation.report import write_block, write_report
+
+        if cfg.get("report_block"):
+            path = write_block(cfg.run_dir, cfg.report, cfg.report_block, bool(cfg.get("report_check")))
+            print(f"{'checked' if cfg.get('report_check') else 'wrote'} block {cfg.report_block!r} of {path}")
+            return path
+        path = write_report(cfg.run_dir, cfg.report, cfg.get("paper"))
+        print(f"wrote {path}")
+        return path
     if cfg.get("run_dir"):
         from ood_lightning.evaluation.aggregate import write_summary, write_summary_artifacts
 

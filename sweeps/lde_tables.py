@@ -34,6 +34,7 @@ from _common import ROOT, compose_train
 from omegaconf import OmegaConf
 from torch import Tensor
 
+from ood_lightning.core import provenance
 from ood_lightning.core.errors import ConfigError, OODLightningError
 from ood_lightning.evaluation.metrics import auroc
 from ood_lightning.evaluation.references import load as load_references
@@ -247,8 +248,14 @@ def markdown(table: str, rows: list[Row], setting: dict, paper: list[dict]) -> s
     ood = list(rows[0].auroc) if rows else []
     sets = list(rows[0].bpd) if rows else []
     title = {"pca": "Fig. 3: PCA dimensionality", "flows": "Tables 3 + 5: flow type × latent normalisation"}[table]
-    out = [f"# LDE {title}", "",
-           f"Backbone {setting.get('backbone', '?')}, ID {setting.get('data', '?')}; flow fitted on "
+    prov = setting.get("provenance") or {}
+    commit = prov.get("commit") or {}
+    out = [f"# LDE {title}", ""]
+    if prov:
+        out += [f"Written by `{prov['command']}` at commit `{(commit.get('sha') or 'unknown')[:12]}"
+                f"{' with uncommitted changes' if commit.get('dirty') else ''}` on "
+                f"{provenance.describe_machine(prov.get('machine') or {})}; do not edit by hand.", ""]
+    out += [f"Backbone {setting.get('backbone', '?')}, ID {setting.get('data', '?')}; flow fitted on "
            f"{setting['fit_samples']:,} {'augmented ' if setting.get('fit_augmented') else ''}training latents, "
            f"{setting['fit_steps']} steps ({setting['epochs']} epoch(s) of batch {setting['batch_size']}, "
            f"Adam lr {setting['lr']:g}, ε = 1/{round(1 / setting['epsilon'])}), feature dim {setting['feature_dim']}. "
@@ -386,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         presets = flow_args(args.flow_arg, sorted({c.flow for c in configs}))
         overrides = merged_overrides(args.overrides)
         start = time.perf_counter()
+        prov = {"command": provenance.command(), "commit": provenance.commit(), "machine": provenance.machine()}
         train, sets, setting = load_features(overrides, args.out / args.table)
+        setting["provenance"] = prov
         check_configs(configs, train.shape[1])
         fit = lde_fit_settings(setting["seed"])
         sets = subsample(sets, args.score_limit)
@@ -395,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         paths: list[Path] = []
 
         def write(rows: list[Row]) -> None:
+            prov["machine"]["load_1min_end"] = provenance.load_average()
             setting.update(fit_samples=rows[0].fit_samples, fit_steps=rows[0].fit_steps,
                            wall_s=round(time.perf_counter() - start, 1), rows_done=f"{len(rows)}/{len(configs)}")
             paths[:] = write_outputs(args.table, rows, setting, args.out)

@@ -35,14 +35,15 @@ FAST = ["trainer=cpu", "debug=fast", "logger=none", "detectors=fast"]
 
 # -- file preparations (each returns the overrides that point the run at the files) ---------
 def _tiny_cifar(root: Path) -> list[str]:
-    """Two tiny CIFAR-10 packs and their SHA256SUMS, as in shared/data."""
+    """Two tiny lossless CIFAR-10 packs and their SHA256SUMS, as in shared/data."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     sums = []
     for split in ("train", "test"):
-        write_pack(root / f"cifar10-{split}.npz", rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
-                   np.arange(20) % 10, classes=[str(c) for c in range(10)])
-        sums.append(f"{hashlib.sha256((root / f'cifar10-{split}.npz').read_bytes()).hexdigest()}  cifar10-{split}.npz\n")
+        name = f"cifar10-lossless-{split}.npz"
+        write_pack(root / name, rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
+                   np.arange(20) % 10, classes=[str(c) for c in range(10)], fmt="png")
+        sums.append(f"{hashlib.sha256((root / name).read_bytes()).hexdigest()}  {name}\n")
     (root / "SHA256SUMS").write_text("".join(sums))
     return [f"data.root={root}", "data.val_size=4"]
 
@@ -52,13 +53,13 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def flip_member_byte(path: Path, member: str = "jpeg.npy") -> None:
+def flip_member_byte(path: Path, member: str = "png.npy") -> None:
     """Flip one byte inside a stored zip member's data: the archive opens, its CRC-32 check fails."""
     with zipfile.ZipFile(path) as z:
         offset = z.getinfo(member).header_offset
     data = bytearray(path.read_bytes())
     name_len, extra_len = (int.from_bytes(data[offset + i: offset + i + 2], "little") for i in (26, 28))
-    at = offset + 30 + name_len + extra_len + 200  # past the .npy header, inside the JPEG bytes
+    at = offset + 30 + name_len + extra_len + 200  # past the .npy header, inside the PNG bytes
     data[at] ^= 0xFF
     path.write_bytes(bytes(data))
 
@@ -122,12 +123,19 @@ class Case:
 
 
 CASES = [
-    Case("npz pack truncated", ["data=cifar10"], ["cifar10-train.npz is corrupt", "sha256sum -c SHA256SUMS"],
-         pack_damaged("cifar10-train.npz", truncate)),
-    Case("npz pack CRC-corrupt", ["data=cifar10"], ["cifar10-test.npz is corrupt", "CRC", "&& sha256sum -c SHA256SUMS"],
-         pack_damaged("cifar10-test.npz", flip_member_byte)),
-    Case("npz file that is not a pack", ["data=cifar10"], ["cifar10-train.npz is corrupt", "labels"],
-         pack_damaged("cifar10-train.npz", lambda p: np.savez(p, x=np.zeros(3)))),
+    Case("npz pack truncated", ["data=cifar10"], ["cifar10-lossless-train.npz is corrupt", "sha256sum -c SHA256SUMS"],
+         pack_damaged("cifar10-lossless-train.npz", truncate)),
+    Case("npz pack CRC-corrupt", ["data=cifar10"], ["cifar10-lossless-test.npz is corrupt", "CRC",
+                                                    "&& sha256sum -c SHA256SUMS"],
+         pack_damaged("cifar10-lossless-test.npz", flip_member_byte)),
+    Case("npz file that is not a pack", ["data=cifar10"], ["cifar10-lossless-train.npz is corrupt", "labels"],
+         pack_damaged("cifar10-lossless-train.npz", lambda p: np.savez(p, x=np.zeros(3)))),
+    Case("pack without image files", ["data=cifar10"], ["cifar10-lossless-test.npz is corrupt",
+                                                        "holds neither of png, jpeg"],
+         pack_damaged("cifar10-lossless-test.npz", lambda p: np.savez(p, labels=np.zeros(3, np.int64),
+                                                                      classes=np.array(["a"]), offsets=np.zeros(4)))),
+    Case("JPEG copy asked for but absent", ["data=cifar10_jpeg"], ["cifar10_jpeg", "not found", "cifar10-train.npz"],
+         _tiny_cifar),
     Case("MNIST raw file truncated", ["data=mnist"], ["train-images-idx3-ubyte is corrupt", "truncated"],
          mnist_damaged(MNIST_FILES["train"][0], truncate)),
     Case("MNIST raw labels truncated", ["data=mnist"], ["t10k-labels-idx1-ubyte is corrupt"],

@@ -69,15 +69,54 @@ def test_an_altered_copy_with_the_same_size_and_mtime_never_reuses_decoded_pixel
     np.testing.assert_array_equal(packs.load_pack(str(original), str(cache)).images, uncached.images)
 
 
-@needs_shared("cifar10-test.npz")
-def test_cifar10_test_pack_matches_official_statistics(tmp_path):
+def test_png_pack_decodes_to_the_exact_pixels(tmp_path):
+    """A lossless (``png``) pack gives back exactly the array written; a JPEG pack of the same
+    images does not (so a reader that silently took the JPEG path would fail here)."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(5, 8, 8, 3), dtype=np.uint8)
+    write_pack(tmp_path / "exact-test.npz", images, np.arange(5) % 2, fmt="png")
+    write_pack(tmp_path / "lossy-test.npz", images, np.arange(5) % 2, fmt="jpeg")
+    packs.load_pack.cache_clear()
+    exact = packs.load_pack(str(tmp_path / "exact-test.npz"), str(tmp_path / "cache"))
+    lossy = packs.load_pack(str(tmp_path / "lossy-test.npz"), str(tmp_path / "cache"))
+    np.testing.assert_array_equal(exact.images, images.transpose(0, 3, 1, 2))
+    assert not np.array_equal(lossy.images, exact.images)
+
+
+#: the official CIFAR-10 test set (python batches): channel means and the first labels of test_batch
+OFFICIAL_TEST_MEANS = [0.49421428, 0.48513139, 0.45040909]
+OFFICIAL_FIRST_TEST_LABELS = [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+
+
+@needs_shared("cifar10-lossless-test.npz")
+def test_cifar10_is_the_lossless_official_test_set(tmp_path):
+    """data=cifar10 reads the lossless pack: official order and exact channel means (the JPEG copy
+    is sorted by class and its means are off by ~1e-3)."""
     data = load_dataset("cifar10", "test", root=SHARED_DATA, cache_dir=tmp_path)
     assert tuple(data.images.shape) == (10000, 3, 32, 32) and data.images.dtype == torch.uint8
     assert torch.bincount(data.labels).tolist() == [1000] * 10
+    assert data.labels[:10].tolist() == OFFICIAL_FIRST_TEST_LABELS
     assert data.classes[0] == "airplane" and data.classes[9] == "truck"
-    means = data.images.float().mean((0, 2, 3)) / 255
-    # official CIFAR-10 test-set channel means (the pack's README: equal to 3 decimals)
-    np.testing.assert_allclose(means.numpy(), [0.4942, 0.4851, 0.4504], atol=1.5e-3)
+    means = data.images.double().mean((0, 2, 3)) / 255
+    np.testing.assert_allclose(means.numpy(), OFFICIAL_TEST_MEANS, atol=1e-6)
+
+
+@needs_shared("cifar10-test.npz")
+def test_cifar10_jpeg_is_the_class_sorted_jpeg_copy(tmp_path):
+    data = load_dataset("cifar10_jpeg", "test", root=SHARED_DATA, cache_dir=tmp_path)
+    assert tuple(data.images.shape) == (10000, 3, 32, 32)
+    assert data.labels[:1000].eq(0).all() and torch.bincount(data.labels).tolist() == [1000] * 10
+    means = data.images.double().mean((0, 2, 3)) / 255
+    np.testing.assert_allclose(means.numpy(), OFFICIAL_TEST_MEANS, atol=1.5e-3)  # the same images, compressed
+    assert np.abs(means.numpy() - OFFICIAL_TEST_MEANS).max() > 1e-5
+
+
+def test_cifar10_never_falls_back_to_the_jpeg_copy(tmp_path):
+    """Only the JPEG pack present: data=cifar10 says the lossless pack is missing instead of using it."""
+    write_pack(tmp_path / "cifar10-test.npz", np.zeros((2, 4, 4, 3), np.uint8), np.arange(2))
+    with pytest.raises(DatasetNotFoundError, match="cifar10-lossless-test.npz"):
+        load_dataset("cifar10", "test", root=tmp_path)
+    assert len(load_dataset("cifar10_jpeg", "test", root=tmp_path)) == 2
 
 
 @needs_shared("MNIST/raw/t10k-images-idx3-ubyte")

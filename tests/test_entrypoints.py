@@ -278,10 +278,13 @@ def test_posthoc_methods_score_a_frozen_checkpoint(tiny_run, tmp_path):
     assert {"lde", "lde_unnormalized"} <= set(lde["results"]) and "odin" not in lde["results"]
     assert not (tmp_path / "lde" / "checkpoints").exists()  # nothing was trained
     # the fit size is stated in the output: debug=fast caps the 1000 training inputs at 512;
-    # method=lde fits on augmented inputs (the paper's), method=lsgm on plain ones
-    for name, augmented in (("lsgm", False), ("lde", True)):
+    # method=lde's flows fit on augmented inputs (the paper's), every other scorer on plain ones
+    for name in ("lsgm", "lde"):
         meta = json.loads((tmp_path / name / "metrics.json").read_text())
-        assert (meta["fit_samples"], meta["fit_augmented"]) == (512, augmented)
+        assert (meta["fit_samples"], meta["fit_augmented"]) == (512, False)
+        augmented = {s for s, split in meta["fit_splits"].items() if split["augmented"]}
+        assert augmented == ({"lde", "lde_unnormalized"} if name == "lde" else set()), meta["fit_splits"]
+        assert {split["samples"] for split in meta["fit_splits"].values()} == {512}
 
 
 def test_posthoc_method_without_checkpoint_names_the_fix(tmp_path):

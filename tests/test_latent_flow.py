@@ -220,11 +220,13 @@ def test_fit_log_states_samples_and_steps(n, caplog):
 
 def test_lde_preset_fits_one_full_augmented_epoch(tmp_path):
     """method=lde resolves to the paper's fit data (§4, §6.2): the whole ID training split,
-    augmented, one epoch of batch 128 (352 steps on CIFAR-10's 45k)."""
+    augmented for the flows (the baselines beside them fit on the plain split), one epoch of
+    batch 128 (352 steps on CIFAR-10's 45k)."""
     from tests.conftest import compose_cfg
 
     cfg = compose_cfg("train", ["method=lde", "data=cifar10"], tmp_path)
-    assert cfg.evaluation.fit_limit is None and cfg.evaluation.fit_augmented is True
+    assert cfg.evaluation.fit_limit is None and cfg.method.fit.fit_augmented is True
+    assert cfg.evaluation.fit_augmented is False
     assert cfg.method.fit.epochs == 1 and cfg.method.fit.batch_size == 128 and cfg.method.fit.epsilon == EPS
     # the rest of the config still overrides it (debug / command line come later)
     cfg = compose_cfg("train", ["method=lde", "method/flow=realnvp", "evaluation.fit_limit=100"], tmp_path)

@@ -68,15 +68,18 @@ def test_forward_algorithm_zero_transitions_stay_exact() -> None:
     torch.testing.assert_close(forward_algorithm(log_init, log_trans, log_em), brute_force(log_init, log_trans, log_em))
 
 
-@pytest.mark.parametrize("covariance_type,pca_dim", [("full", None), ("diag", None), ("full", 2)])
-def test_one_layer_equals_sklearn_gmm(covariance_type: str, pca_dim: int | None) -> None:
+@pytest.mark.parametrize("covariance_type,pca_dim,standardize", [("full", None, True), ("diag", None, True),
+                                                                 ("full", 2, True), ("full", None, False)])
+def test_one_layer_equals_sklearn_gmm(covariance_type: str, pca_dim: int | None, standardize: bool) -> None:
+    """One layer is that layer's mixture: on raw features (the paper's, the default) or standardised
+    (and PCA'd) ones, scored as scikit-learn's GaussianMixture scores the same transform."""
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (150, 4)) * [1, 2, 3, 4], rng.normal(3, 0.5, (150, 4))])
     x_test = rng.normal(1, 2, (50, 4))
     x, x_test = (a.astype(np.float32).astype(np.float64) for a in (x, x_test))  # what Outputs stores
     det = LSGM(layers="all", n_components=3, mixture="gmm", covariance_type=covariance_type, reg_covar=1e-4,
-               pca_dim=pca_dim, max_iter=100).fit_outputs(make_outputs({"penultimate": x}))
-    mean, std = x.mean(0), x.std(0)
+               pca_dim=pca_dim, standardize=standardize, max_iter=100).fit_outputs(make_outputs({"penultimate": x}))
+    mean, std = (x.mean(0), x.std(0)) if standardize else (0.0, 1.0)
     z, z_test = (x - mean) / std, (x_test - mean) / std
     if pca_dim is not None:
         pca = PCA(pca_dim, random_state=0).fit(z)
@@ -264,3 +267,6 @@ def test_lsgm_preset_paper_defaults(tmp_path) -> None:
         assert cfg.method.scorers[name].n_components == "paper"
     lsgm = cfg.method.scorers.lsgm
     assert lsgm.mixture_weights == "first_layer" and lsgm.smoothing_per == "row"
+    for name in ("lsgm", "gmm_per_layer"):  # the paper's features: no standardisation, no PCA
+        assert cfg.method.scorers[name].standardize is False and cfg.method.scorers[name].pca_dim is None
+    assert LSGM().standardize is False and LSGM().pca_dim is None

@@ -216,17 +216,19 @@ def test_paper_view_of_one_run_gives_delta_and_setting_flags(tmp_path):
                          *(("5", f"lde (LDE ({f}))", "svhn", "auroc") for f in ("RealNVP", "Glow", "Residual Flow"))}
     row = rows[("1", lde, "gaussian", "auroc")]
     assert (row["ours"], row["paper"], row["Δ"]) == ("95.00", "99.41", "-4.41")  # 95.00 - 99.41
-    assert row["setting match"] == "OOD ✓, ID ✓, backbone ✗ ResNet-56 vs ResNet-18, metric ✓, flow ✓"
+    # a run written before metrics.json recorded its setting: its fit split is unknown
+    assert row["setting match"] == ("OOD ✓, ID ✓, backbone ✗ ResNet-56 vs ResNet-18, metric ✓, flow ✓, "
+                                    "fit ? (not recorded)")
     row = rows[("1", msp, "gaussian", "auroc")]
-    assert row["Δ"] == "-10.86" and row["setting match"] == "OOD ✓, ID ✓, backbone ✗ ResNet-56 vs ResNet-18, metric ✓"
+    assert row["Δ"] == "**-10.86** ⚠" and row["setting match"] == "OOD ✓, ID ✓, backbone ✗ ResNet-56 vs ResNet-18, metric ✓"
     # one of ours against each published row: Table 1, Table 3 and the three flows of Table 5
     assert rows[("1", lde, "svhn", "auroc")]["Δ"] == "+0.94"  # 97.00 - 96.06
     assert rows[("3", "lde (LDE, normalized latents)", "svhn", "auroc")]["Δ"] == "+0.52"  # - 96.48
     unnormalized = rows[("3", "lde_unnormalized (LDE, unnormalized latents)", "svhn", "auroc")]
-    assert unnormalized["Δ"] == "-5.63" and unnormalized["setting match"].endswith("flow ✓")  # 80.00 - 85.63
+    assert unnormalized["Δ"] == "**-5.63** ⚠" and "flow ✓" in unnormalized["setting match"]  # 80.00 - 85.63
     realnvp = rows[("5", "lde (LDE (RealNVP))", "svhn", "auroc")]
-    assert realnvp["Δ"] == "+4.87" and realnvp["setting match"].endswith("flow ✗ glow vs realnvp")  # - 92.13
-    assert rows[("5", "lde (LDE (Glow))", "svhn", "auroc")]["setting match"].endswith("flow ✓")
+    assert realnvp["Δ"] == "+4.87" and "flow ✗ glow vs realnvp" in realnvp["setting match"]  # - 92.13
+    assert "flow ✓" in rows[("5", "lde (LDE (Glow))", "svhn", "auroc")]["setting match"]
     assert rows[("5", "lde (LDE (Residual Flow))", "svhn", "auroc")]["Δ"] == "+0.11"  # - 96.89
     assert "## Not run (22 of 30 rows)" in text
     assert "- lde T1: MSP · cifar100 · auroc = 85.86 (not offline)\n" in text
@@ -249,11 +251,11 @@ def test_paper_view_of_a_multirun_averages_seeds_per_setting(tmp_path):
     assert "## Run (2 runs; backbone ResNet-18 (resnet18), ID cifar10)" in seeds
     row = _table(seeds)[("1", "lde (LDE (ours))", "gaussian", "auroc")]
     std = np.std([90.0, 96.0], ddof=1)
-    assert row["ours"] == f"93.00 ± {std:.2f} (n=2)" and row["Δ"] == f"{93.0 - 99.41:+.2f}"
-    assert row["setting match"] == "OOD ✓, ID ✓, backbone ✓, metric ✓, flow ✓"
-    row = _table(other)[("1", "lde (LDE (ours))", "gaussian", "auroc")]
-    assert row["ours"] == "50.00" and row["Δ"] == "-49.41"
-    assert row["setting match"] == "OOD ✓, ID ✗ cifar100 vs cifar10, backbone ✓, metric ✓, flow ✗ realnvp vs glow"
+    assert row["ours"] == f"93.00 ± {std:.2f} (n=2)" and row["Δ"] == f"**{93.0 - 99.41:+.2f}** ⚠"
+    assert row["setting match"] == "OOD ✓, ID ✓, backbone ✓, metric ✓, flow ✓, fit ? (not recorded)"
+    # another ID set: the paper's CIFAR-10 rows are left out, and it says so
+    assert _table(other) == {}
+    assert "Left out: the paper's rows on ID cifar10 (this run's ID set is cifar100)." in other
 
 
 def test_paper_view_reads_the_latent_probe_and_flags_approximate_sets(tmp_path):
@@ -273,9 +275,11 @@ def test_paper_view_reads_the_latent_probe_and_flags_approximate_sets(tmp_path):
     _fake_run(run, {"lsgm": {"tin_resize": {"aupr_in": 0.9}}}, {}, data="cifar10")
     text = write_paper_compare(run, "lsgm")[1]
     hits = [line for line in text.splitlines() if line.startswith("| lsgm | 1 | lsgm (LSGM) | tin_resize | aupr_in |")]
-    assert len(hits) == 4  # one per CIFAR-ID block (the TinyImageNet-ID block has CIFAR-10 as OOD instead)
-    assert hits[0] == ("| lsgm | 1 | lsgm (LSGM) | tin_resize | aupr_in | 90.00 | 98.70 | -8.70 | OOD ≈ tin_resize "
-                       "(paper: TinyImagenet), ID ✓, backbone ? (not recorded), metric ≈ aupr_in (paper: AUPR) |")
+    assert len(hits) == 2  # one per CIFAR-10-ID block (ResNet-34, DenseNet); the CIFAR-100-ID ones are left out
+    assert hits[0] == ("| lsgm | 1 | lsgm (LSGM) | tin_resize | aupr_in | 90.00 | 98.70 | **-8.70** ⚠ | OOD ≈ tin_resize "
+                       "(paper: TinyImagenet), ID ✓, backbone ? (not recorded), metric ≈ aupr_in (paper: AUPR), "
+                       "pre-processing ? (not recorded) |")
+    assert "Left out: the paper's rows on ID cifar100 (this run's ID set is cifar10)." in text
 
 
 def test_a_row_without_a_published_backbone_says_so(tmp_path):
@@ -299,7 +303,54 @@ def test_evaluate_entrypoint_writes_paper_compare_and_needs_run_dir(tmp_path):
     _fake_run(tmp_path / "r", {"msp": {"gaussian": {"auroc": 0.8}}}, {}, backbone="resnet18", data="cifar10")
     assert compose_cfg("evaluate", [], tmp_path / "e0").paper is None  # off by default
     evaluate.evaluate(compose_cfg("evaluate", [f"run_dir={tmp_path / 'r'}", "paper=lde"], tmp_path / "e1"))
-    assert "| lde | 1 | msp (MSP) | gaussian | auroc | 80.00 | 90.86 | -10.86 | OOD ✓, ID ✓, backbone ✓, metric ✓ |" in \
+    assert "| lde | 1 | msp (MSP) | gaussian | auroc | 80.00 | 90.86 | **-10.86** ⚠ | OOD ✓, ID ✓, backbone ✓, metric ✓ |" in \
         (tmp_path / "r" / "paper_compare.md").read_text()
     with pytest.raises(ConfigError, match="pass run_dir="):
         evaluate.evaluate(compose_cfg("evaluate", ["paper=lde"], tmp_path / "e2"))
+
+
+def _setting(data: str = "cifar10", encoding: str = "lossless", fit=None, perturb=None, limits=None, debug=None,
+             flow=None) -> dict:
+    """metrics.json ``setting`` as a run records it (``assembly.runs.run_setting``)."""
+    info = {} if flow is None else {"flow": flow}
+    scorers = {"lde": {"fit": fit, **info}, "odin": {"fit": None, "input_perturbation": perturb}}
+    return {"id_data": {"name": data, "set": "cifar10", "encoding": encoding, "known_classes": None},
+            "splits": {"train": 45000, "val": 5000, "test": 10000}, "limits": limits or {}, "debug": debug,
+            "scorers": scorers}
+
+
+def _odin_matches(text: str) -> set[str]:
+    """The pre-processing part of every ODIN* row's setting match (LSGM Table 1 has two CIFAR-10 blocks)."""
+    lines = [line for line in text.splitlines() if line.startswith("| lsgm | 1 | odin (ODIN*) | gaussian |")]
+    assert len(lines) == 4  # AUROC and TNR for ResNet-34 and DenseNet
+    return {line.rstrip(" |").rsplit(", ", 1)[1] for line in lines}
+
+
+def test_paper_view_compares_id_encoding_fit_split_and_pre_processing(tmp_path):
+    """The paper's LDE fits on augmented latents of the whole split; LSGM's ODIN* perturbs inputs with
+    ε chosen on ID validation. Each disagreement is named; a matching setting gets ✓."""
+    results = {"lde": {"gaussian": {"auroc": 0.99}}, "odin": {"gaussian": {"auroc": 0.78, "tnr95": 0.5}}}
+    good = _setting(fit={"augmented": True, "samples": 45000}, flow="glow",
+                    perturb={"epsilon": 0.0025, "chosen": "on ID validation", "grid": [0.0025, 0.005]})
+    _fake_run(tmp_path / "good", results, {}, backbone="resnet18", data="cifar10", setting=good)
+    row = _table(write_paper_compare(tmp_path / "good", "lde")[1])[("1", "lde (LDE (ours))", "gaussian", "auroc")]
+    assert row["setting match"] == "OOD ✓, ID ✓ lossless, backbone ✓, metric ✓, flow ✓, fit ✓ augmented 45,000"
+    text = write_paper_compare(tmp_path / "good", "lsgm")[1]
+    assert "Cut-down" not in text
+    assert _odin_matches(text) == {"pre-processing ✓ ε 0.0025 chosen on ID validation"}
+
+    bad = _setting(encoding="JPEG copy (quality 75)", fit={"augmented": False, "samples": 512}, flow="glow",
+                   perturb=None, limits={"data.limit_test": 500, "evaluation.fit_limit": 512}, debug="fast")
+    _fake_run(tmp_path / "bad", results, {}, backbone="resnet18", data="cifar10_jpeg", setting=bad)
+    text = write_paper_compare(tmp_path / "bad", "lde")[1]
+    row = _table(text)[("1", "lde (LDE (ours))", "gaussian", "auroc")]
+    assert row["setting match"] == ("OOD ✓, ID ✗ JPEG copy (quality 75) vs the published images, backbone ✓, metric ✓, "
+                                    "flow ✓, fit ✗ plain 512 of 45,000 vs augmented full split")
+    assert ("⚠ **Cut-down setting, not comparable as a result**: ID data is the JPEG copy (quality 75) of cifar10; "
+            "data.limit_test=500; debug=fast (a smoke run, not a result); evaluation.fit_limit=512.") in text
+    assert _odin_matches(write_paper_compare(tmp_path / "bad", "lsgm")[1]) == {
+        "pre-processing ✗ none vs ε chosen on ID validation"}
+    fixed = _setting(perturb={"epsilon": 0.0014, "chosen": "fixed", "grid": None})
+    _fake_run(tmp_path / "fixed", results, {}, backbone="resnet18", data="cifar10", setting=fixed)
+    assert _odin_matches(write_paper_compare(tmp_path / "fixed", "lsgm")[1]) == {
+        "pre-processing ✗ ε 0.0014 fixed vs ε chosen on ID validation"}

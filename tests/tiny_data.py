@@ -13,15 +13,16 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def write_pack(path: Path, images: np.ndarray, labels: np.ndarray, classes=("a", "b")) -> list[bytes]:
-    """An offline pack: ``images`` uint8 [N, H, W, 3] as concatenated JPEGs; returns the JPEG bytes."""
+def write_pack(path: Path, images: np.ndarray, labels: np.ndarray, classes=("a", "b"), fmt: str = "jpeg") -> list[bytes]:
+    """An offline pack: ``images`` uint8 [N, H, W, 3] as concatenated ``fmt`` files (``jpeg`` or the
+    lossless ``png``) under the key ``fmt``, as in shared/data; returns the files' bytes."""
     blobs = []
     for img in images:
         buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        Image.fromarray(img).save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
         blobs.append(buf.getvalue())
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    np.savez(path, jpeg=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets, labels=labels,
+    np.savez(path, **{fmt: np.frombuffer(b"".join(blobs), dtype=np.uint8)}, offsets=offsets, labels=labels,
              classes=np.array(list(classes)))
     return blobs
 

@@ -1,6 +1,7 @@
-"""Offline dataset packs (``*.npz`` of concatenated JPEGs, see ``shared/data/README.md``).
+"""Offline dataset packs (``*.npz`` of concatenated PNG or JPEG files, see ``shared/data/README.md``).
 
-A pack is decoded once into a uint8 array [N, C, H, W] and cached as ``.npy`` next to
+A pack stores its image files under ``png`` (lossless, e.g. CIFAR-10's official pixels) or
+``jpeg`` (the JPEG copies). A pack is decoded once into a uint8 array [N, C, H, W] and cached as ``.npy`` next to
 nothing the user owns (``cache_dir``), keyed by a SHA-256 of the pack's bytes, so no JPEG is
 ever decoded per sample per epoch and no two different files ever share decoded pixels (a copy
 with altered images keeps the size and mtime under ``cp -p``, ``rsync -a``, tar or zip). The
@@ -40,19 +41,23 @@ class Pack:
     classes: tuple[str, ...]
 
 
-def _decode(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Decode every JPEG of a pack into one uint8 array (N, C, H, W)."""
-    first = np.asarray(Image.open(io.BytesIO(jpeg[offsets[0] : offsets[1]].tobytes())))
+#: the keys a pack may store its concatenated image files under (PIL reads either format)
+IMAGE_KEYS = ("png", "jpeg")
+
+
+def _decode(files: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Decode every image file (PNG or JPEG) of a pack into one uint8 array (N, C, H, W)."""
+    first = np.asarray(Image.open(io.BytesIO(files[offsets[0] : offsets[1]].tobytes())))
     n = len(offsets) - 1
     out = np.empty((n, *first.shape), dtype=np.uint8)
     with stage("decoding pack", n, "images", quiet_under=5.0) as decoding:
         for i in range(n):
-            out[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+            out[i] = np.asarray(Image.open(io.BytesIO(files[offsets[i] : offsets[i + 1]].tobytes())))
             decoding.advance()
     return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2).copy()
 
 
-#: what reading a damaged .npz / .npy raises (zip without a directory, bad CRC, short data, bad JPEG)
+#: what reading a damaged .npz / .npy raises (zip without a directory, bad CRC, short data, bad image)
 _UNREADABLE = (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError)
 
 
@@ -92,7 +97,7 @@ def content_digest(path: Path, cache_dir: str | os.PathLike) -> str:
 
 @lru_cache(maxsize=8)
 def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Pack:
-    """Read a pack, decoding its JPEGs only the first time (per cache directory)."""
+    """Read a pack, decoding its images only the first time (per cache directory)."""
     path = Path(path)
     try:
         data = np.load(path, allow_pickle=False)
@@ -100,6 +105,9 @@ def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         classes = tuple(str(c) for c in data["classes"])
     except _UNREADABLE as err:
         raise CorruptDataError.of(path, f"{type(err).__name__}: {err}") from None
+    image_key = next((k for k in IMAGE_KEYS if k in data.files), None)
+    if image_key is None:
+        raise CorruptDataError.of(path, f"holds neither of {', '.join(IMAGE_KEYS)} (its arrays: {', '.join(data.files)})")
     cache = None
     if cache_dir is not None:
         cache = Path(cache_dir) / f"{path.stem}-{content_digest(path, cache_dir)[:20]}.npy"
@@ -109,7 +117,7 @@ def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
                 return Pack(images, labels, classes)
     log.info("decoding %s (once; cached in %s)", path.name, cache_dir)
     try:
-        images = _decode(data["jpeg"], data["offsets"])
+        images = _decode(data[image_key], data["offsets"])
     except _UNREADABLE as err:
         raise CorruptDataError.of(path, f"{type(err).__name__}: {err}") from None
     if len(images) != len(labels):

@@ -5,7 +5,8 @@ int64 labels), so that batching, augmentation and normalisation happen on whole 
 (on the GPU when there is one) and no image is decoded per sample per epoch.
 
 Sources, tried in order for the named sets: an offline pack in ``root``
-(``shared/data``), then torchvision's layout in ``root`` (with ``download=True`` for a
+(``shared/data``; CIFAR-10 is the lossless pack, its JPEG copy is the separate set
+``cifar10_jpeg``), then torchvision's layout in ``root`` (with ``download=True`` for a
 user who is online). Image-folder OOD sets (Textures, LSUN, iSUN, Places365) are read
 with ``torchvision.datasets.ImageFolder`` and resized to the ID image size once.
 """
@@ -162,6 +163,17 @@ def _fashion_mnist(root: Path, split: str, download: bool, **_) -> ArrayData:
     return ArrayData(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), FASHION_MNIST_CLASSES)
 
 
+def _pack_only(name: str, stem: str):
+    """Split packs ``<stem>-<split>.npz`` with no other source (e.g. CIFAR-10's JPEG copy)."""
+    def load(root: Path, split: str, cache_dir=None, **_) -> ArrayData:
+        path = root / f"{stem}-{split}.npz"
+        if not path.exists():
+            raise _missing(name, [path], online_hint=False)
+        return _from_pack(path, cache_dir)
+
+    return load
+
+
 def _ood_pack(name: str, stem: str):
     def load(root: Path, cache_dir=None, **_) -> ArrayData:
         path = root / f"{stem}.npz"
@@ -225,7 +237,9 @@ def additive_noise(root: Path, split: str = "test", base: str = "mnist", amplitu
 
 
 DATASETS: dict[str, Callable[..., ArrayData]] = {
-    "cifar10": _packed_or_torchvision("cifar10", "cifar10", "CIFAR10", "cifar-10-batches-py"),
+    # the official, lossless pixels (torchvision's batches are lossless too); the JPEG copy only by name
+    "cifar10": _packed_or_torchvision("cifar10", "cifar10-lossless", "CIFAR10", "cifar-10-batches-py"),
+    "cifar10_jpeg": _pack_only("cifar10_jpeg", "cifar10"),
     "cifar100": _packed_or_torchvision("cifar100", "cifar100", "CIFAR100", "cifar-100-python"),
     "svhn": _packed_or_torchvision("svhn", "svhn", "SVHN", "{train,test}_32x32.mat"),
     "mnist": _torchvision_only("mnist", "MNIST", "MNIST/raw"),
@@ -245,8 +259,19 @@ DATASETS: dict[str, Callable[..., ArrayData]] = {
 
 #: classes of the labelled datasets whose count is fixed (``data.known_classes`` is checked against
 #: it before any file is read)
-CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10, "mnist": 10, "fashionmnist": 10, "stripes": 2,
+CLASS_COUNTS = {"cifar10": 10, "cifar10_jpeg": 10, "cifar100": 100, "svhn": 10, "mnist": 10, "fashionmnist": 10, "stripes": 2,
                 "moons": 2}
+
+
+#: ID sets whose images are a lossy copy of another set's: name -> (that set, the encoding). Every other
+#: set is its published pixels ("lossless"); a paper's row on ``cifar10`` is thus comparable with
+#: ``data=cifar10`` and, flagged, with ``data=cifar10_jpeg``
+LOSSY_COPIES = {"cifar10_jpeg": ("cifar10", "JPEG copy (quality 75)")}
+
+
+def dataset_identity(name: str) -> tuple[str, str]:
+    """(the set a dataset's images are of, their encoding): ``cifar10_jpeg`` -> ("cifar10", "JPEG ...")."""
+    return LOSSY_COPIES.get(name, (name, "lossless"))
 
 
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike = ".", download: bool = False,

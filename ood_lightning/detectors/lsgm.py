@@ -16,10 +16,10 @@ exactly that.
 
 Choices made here (each reachable from the config):
 
-* Features are standardised per layer with the ID training mean/std (``standardize``)
-  and optionally projected by PCA (``pca_dim``) to keep full covariances of wide layers
-  tractable. Likelihoods are those of the transformed features; the constant Jacobian
-  does not change any ranking.
+* The paper's features are the raw pooled stage outputs (the default). Optionally they are
+  standardised per layer with the ID training mean/std (``standardize``) and projected by
+  PCA (``pca_dim``) to keep full covariances of wide layers tractable. Likelihoods are those
+  of the transformed features; the constant Jacobian does not change any ranking.
 * ``mixture="dirichlet"`` (the paper's default) is scikit-learn's truncated
   Dirichlet-process mixture with ``n_components`` as the truncation level; ``"gmm"`` is
   plain EM with exactly ``n_components``. ``n_components="paper"`` is the paper's value for
@@ -226,7 +226,8 @@ class LSGM(Scorer):
         mixture_weights: ``"first_layer"`` (§3.3 recursion) or ``"every_layer"`` (Eqs. 2/4).
         transitions: ``"hard"`` (argmax-posterior traces) or ``"soft"`` (expected counts).
         initial: ``"weights"`` (first layer's mixture weights) or ``"counted"``.
-        standardize: standardise each layer with the ID training mean/std before fitting.
+        standardize: standardise each layer with the ID training mean/std before fitting (not the
+            paper's; with ``pca_dim`` an option for wide layers).
         pca_dim: project each layer wider than this onto its top principal components.
         min_weight: drop components whose weight is below this (renormalising the rest).
         joint: True scores the trace (LSGM); False sums per-layer GMM log-likelihoods.
@@ -257,7 +258,7 @@ class LSGM(Scorer):
         mixture_weights: Literal["first_layer", "every_layer"] = "first_layer",
         transitions: Literal["hard", "soft"] = "hard",
         initial: Literal["weights", "counted"] = "weights",
-        standardize: bool = True,
+        standardize: bool = False,
         pca_dim: int | None = None,
         min_weight: float = 0.0,
         joint: bool = True,
@@ -375,7 +376,8 @@ class LSGM(Scorer):
             from sklearn.decomposition import PCA
 
             pca = PCA(n_components=min(self.pca_dim, z.shape[0]), random_state=self.seed).fit(z.numpy())
-            projection = torch.from_numpy(pca.components_.T.copy())  # z is already centred
+            # no centring here: standardised z is centred, raw z's mean is a shift the mixture's means absorb
+            projection = torch.from_numpy(pca.components_.T.copy())
             z = z @ projection
         if k > z.shape[0]:
             warnings.warn(f"LSGM layer {name!r}: {k} components for {z.shape[0]} samples; using {z.shape[0]}",
@@ -476,6 +478,11 @@ class LSGM(Scorer):
         with torch.no_grad():
             return {n: torch.logsumexp(e + self.models[n].log_weights.to(e.device), 1)
                     for n, e in self.log_emissions(outputs).items()}
+
+    def setting(self) -> dict[str, object]:
+        return {"mixture": self.mixture, "backend": self.backend, "standardize": self.standardize,
+                "pca_dim": self.pca_dim, "components": {n: m.n_components for n, m in self.models.items()},
+                "joint": self.joint}
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         if not self.joint:

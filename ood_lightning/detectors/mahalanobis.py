@@ -24,6 +24,7 @@ from ood_lightning.scoring.input_step import (
     check_std,
     epsilon_choice,
     mean_scores_over_epsilons,
+    perturbation_setting,
     sign_step,
 )
 
@@ -149,6 +150,9 @@ class Mahalanobis(Scorer):
 
     def selected(self) -> dict[str, object]:
         return epsilon_choice(self.search, self.epsilon)
+
+    def setting(self) -> dict[str, object]:
+        return perturbation_setting(self.epsilon, self.epsilons)
 
     def select_epsilon(self, model: FeatureModel, id_val_inputs: Tensor) -> float:
         """Set and return the grid's ε of the highest mean score on ID validation inputs."""

@@ -4,6 +4,7 @@ checkpoint); both end in :func:`score_and_write`."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
@@ -11,6 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from ood_lightning.core import provenance
 from ood_lightning.core.checkpoints import OPT_IN
 from ood_lightning.core.cpu_runtime import log_thread_choice
 from ood_lightning.core.pretrained import check_input_normalisation
@@ -75,10 +77,17 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
         return None
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
-    smoke = bool(cfg.get("smoke", False))
-    meta = {**meta, "smoke": smoke, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
+    started = meta.pop("started", None)
+    machine = provenance.machine()
+    meta = {**meta, "provenance": {"command": provenance.command(), "commit": provenance.commit(), "machine": machine,
+                                   "wall_s": None if started is None else round(time.time() - started, 1)},
+            "setting": run_setting(cfg, dm, results, groups),
+            "timings_s": {k: round(v, 3) for k, v in {**meta.pop("stage_s", {}), **results.timings}.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
-            "selected": results.selected, "ood_overlaps_id": ood_overlapping_id(cfg),
+            "fit_splits": {name: {"augmented": aug, "samples": results.fit_samples}
+                           for name, aug in results.fit_splits.items()},
+            "selected": results.selected, "smoke": bool(cfg.get("smoke", False)),
+            "ood_overlaps_id": ood_overlapping_id(cfg),
             "fit_cache": {"hits": sum(v == "cache" for v in results.fit_cache.values()),
                           "fitted": sum(v == "fitted" for v in results.fit_cache.values()),
                           "sources": results.fit_cache} if fits is not None else None}
@@ -86,9 +95,40 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     report = model.report(out_dir, results, dm, device)
     artifacts = sorted(str(p.relative_to(out_dir)) for p in (Path(out_dir) / "plots").glob("*.png"))
     write_metrics(out_dir, metrics, {**meta, **report, "artifacts": artifacts})
-    print_results(metrics, smoke=smoke)
+    print_results(metrics, smoke=bool(cfg.get("smoke", False)))
     log.info("results written to %s", out_dir)
     return metrics
+
+
+def run_setting(cfg: DictConfig, dm: OODDataModule, results, groups: dict[str, str]) -> dict:
+    """What a results page and the paper view compare (``metrics.json`` ``setting``): the ID data
+    (its set, encoding and class selection), the split sizes, every cut-down (limits, debug preset),
+    the OOD sets with their groups, and per scorer its fit split and :meth:`Scorer.setting`."""
+    from ood_lightning.data.registry import dataset_identity
+
+    data = cfg.data
+    id_set, encoding = dataset_identity(str(data.name))
+    limits = {f"data.{k}": int(data[k]) for k in ("limit_train", "limit_val", "limit_test", "limit_ood")
+              if data.get(k) is not None}
+    if cfg.evaluation.get("fit_limit") is not None:
+        limits["evaluation.fit_limit"] = int(cfg.evaluation.fit_limit)
+    sizes = {split: None if getattr(dm, f"{split}_set") is None else len(getattr(dm, f"{split}_set"))
+             for split in ("train", "val", "test")}
+    members: dict[str, list[str]] = {}
+    for name, group in groups.items():
+        if name in dm.ood_sets:
+            members.setdefault(group, []).append(name)
+    scorers = {}
+    for name in results.scorers():
+        split = results.fit_splits.get(name)
+        scorers[name] = {"fit": None if split is None else {"augmented": split, "samples": results.fit_samples},
+                         **results.settings.get(name, {})}
+    return {"id_data": {"name": str(data.name), "set": id_set, "encoding": encoding,
+                        "known_classes": None if data.get("known_classes") is None else list(data.known_classes)},
+            "splits": sizes, "limits": limits, "debug": choices().get("debug"),
+            "ood": {name: {"dataset": str(dm.ood_cfg[name].get("dataset", name)), "group": groups.get(name),
+                           "n": len(d)} for name, d in dm.ood_sets.items()},
+            "groups": members, "scorers": scorers}
 
 
 def train(cfg: DictConfig) -> dict:
@@ -127,6 +167,7 @@ def _finished_or_resume(cfg: DictConfig, digest: str) -> dict | None:
 
 
 def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
+    started = time.time()
     clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
     check_config(cfg)  # before any data is read
     check_accelerator(cfg)
@@ -143,9 +184,12 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
         load_weights(model, cfg.ckpt_path, allow_unsafe)  # a clear error before Lightning's own
     apply_speedups(model, cfg, trainer.strategy.root_device)
     set_nan_check_every(model, cfg, trainer.strategy.root_device)
+    stage_s = {}
     if model.trains_backbone:
+        start = time.perf_counter()
         with preemption.fitting():
             trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=not allow_unsafe)
+        stage_s["train"] = time.perf_counter() - start
     # DDP: every rank scores its block of each split and the outputs are gathered before
     # scorers and metrics (evaluation.distributed); otherwise rank 0 scores everything
     ranks = Ranks.of_process_group(bool(cfg.evaluation.get("distributed", True)))
@@ -161,7 +205,8 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
     c = choices()
     meta = {"method": c.get("method"), "backbone": c.get("backbone"), "data": cfg.data.name,
             "seed": int(cfg.seed), "lambda": model.lambda_, "epochs": trainer.current_epoch,
-            "config_hash": digest}  # what skip_finished=true compares on a re-launch
+            "config_hash": digest,  # what skip_finished=true compares on a re-launch
+            "started": started, "stage_s": stage_s}
     metrics = score_and_write(model, dm, cfg, out_dir, meta, device, feature_cache(cfg, model), ranks)
     if metrics is None:
         return {}
@@ -179,6 +224,7 @@ def rescore(cfg: DictConfig) -> dict:
 
 
 def _rescore(cfg: DictConfig) -> dict:
+    started = time.time()
     log_thread_choice(log)
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
@@ -195,6 +241,6 @@ def _rescore(cfg: DictConfig) -> dict:
     model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight
     connect(dm, model)
     load_weights(model, cfg.ckpt_path, allow_unsafe)
-    meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name}
+    meta = {"checkpoint": str(cfg.ckpt_path), "data": data.name, "started": started}
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     return score_and_write(model, dm, cfg, out_dir, meta, resolve_device(cfg.evaluation.device))

@@ -122,6 +122,10 @@ class Scorer:
     #: fit costs time (LSGM's mixtures, a latent flow, an ε search); trivial fits stay uncached.
     #: ``tunes_on_ood`` scorers are never cached (they are refitted per OOD set).
     fit_cacheable: bool = False
+    #: the ID training inputs this scorer fits on: ``True`` with the backbone's training augmentation
+    #: (one draw per image, LDE §6.2), ``False`` plain, ``None`` the run's ``evaluation.fit_augmented``.
+    #: Scorers of one run may differ: each distinct split is extracted once (and feature-cached)
+    fit_augmented: bool | None = None
 
     def fit_state(self) -> dict[str, StateValue]:
         """The fitted state as a flat dict: tensors, plus plain JSON values (``fit_cacheable`` scorers)."""
@@ -151,6 +155,12 @@ class Scorer:
     def predict(self, model: FeatureModel, outputs: Outputs) -> Tensor | None:
         """This score's own class prediction [N] for the open-set macro-F1; None = the classifier's argmax."""
         return None
+
+    def setting(self) -> dict[str, object]:
+        """What a reader needs to put this score beside a paper's (after :meth:`fit`): e.g. the input
+        perturbation (ε and how it was chosen) or the density model; written to ``metrics.json`` and
+        compared by the paper view (default: nothing to state)."""
+        return {}
 
     def selected(self) -> dict[str, object]:
         """Hyperparameters :meth:`fit` chose (e.g. an ε searched on ID validation), logged and written to
@@ -203,11 +213,16 @@ class Results:
     timings: dict[str, float] = field(default_factory=dict)
     #: how many ID training inputs the scorers were fitted on (None: nothing needed a fit)
     fit_samples: int | None = None
-    #: whether those inputs were augmented (``evaluation.fit_augmented``)
+    #: whether the run's fit split (``evaluation.fit_augmented``) was augmented
     fit_augmented: bool = False
+    #: per fitted scorer (``needs_fit``): whether the inputs it fitted on were augmented (its own
+    #: :attr:`Scorer.fit_augmented`, else the run's)
+    fit_splits: dict[str, bool] = field(default_factory=dict)
     #: per scorer, its scores on the ID fit (training) set, when asked for (``score_all(train_scores=True)``):
     #: the open-set F1 threshold of ``evaluation.f1_threshold: id_train``. Not an ID split of the table.
     train_scores: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    #: per scorer, what a reader needs to compare it with a paper (:meth:`Scorer.setting`, after the fit)
+    settings: dict[str, dict[str, object]] = field(default_factory=dict)
     #: per scorer, what its fit chose (:meth:`Scorer.selected`); scorers that chose nothing are absent
     selected: dict[str, dict[str, object]] = field(default_factory=dict)
     #: per fitted scorer (``needs_fit``), with a fit cache: ``"cache"`` (served), ``"fitted"`` (missed, fitted

@@ -78,6 +78,16 @@ def best_epsilon(search: dict[float, float]) -> float:
     return min(e for e, s in search.items() if s == top)
 
 
+def perturbation_setting(epsilon: float, epsilons: Sequence[float] | None) -> dict[str, object]:
+    """:meth:`~ood_lightning.scoring.api.Scorer.setting` of a perturbing detector: ε (pixel units) and
+    whether it was chosen on ID validation inputs from a grid or fixed; None when inputs are not perturbed."""
+    if epsilon <= 0 and epsilons is None:
+        return {"input_perturbation": None}
+    return {"input_perturbation": {"epsilon": float(epsilon),
+                                   "chosen": "on ID validation" if epsilons is not None else "fixed",
+                                   "grid": None if epsilons is None else [float(e) for e in epsilons]}}
+
+
 def epsilon_choice(search: dict[float, float], epsilon: float) -> dict[str, object]:
     """What an ε search chose, for :meth:`~ood_lightning.scoring.api.Scorer.selected`: the ε and the
     mean ID-validation score at every grid value (empty when no search ran)."""

@@ -107,39 +107,54 @@ def score_all(model: LightningModule, dm: OODDataModule, detectors: dict[str, Sc
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         return out
 
-    fit_loader = dm.fit_dataloader(fit_limit) if any(s.needs_fit for s in scorers.values()) else None
+    fitting = [name for name, scorer in scorers.items() if scorer.needs_fit]
+    #: per fitted scorer, whether it fits on augmented inputs (its declaration, else the run's)
+    fit_splits = {name: fit_augmented if scorers[name].fit_augmented is None else bool(scorers[name].fit_augmented)
+                  for name in fitting}
+    fit_loader = dm.fit_dataloader(fit_limit) if fitting else None
     fit_samples = None
     fit_sources: dict[str, str] = {}
-    _log_plan(scorers, loaders, fit_loader)
+    _log_plan(scorers, loaders, fit_loader, len(set(fit_splits.values())))
     # bars on the main rank's terminal; progress lines otherwise (a log file, a pipe, other ranks)
     with Progress(bars=ranks.is_main) as progress:
         if fit_loader is not None:
-            train = timed("features/id_train", outputs_of, "id_train", fit_loader, progress,
-                          fit_limit, fit_augmented)
-            fit_samples = len(train)
-            fitting = [name for name, scorer in scorers.items() if scorer.needs_fit]
-            log.info("fitting %d scorers on %d ID training inputs%s", len(fitting), len(train),
-                     " (augmented)" if fit_augmented else "")
-            if "id_train" in extracted:
-                _log_projection(len(train) / max(timings["features/id_train"], 1e-9), scorers, loaders)
-            data = FitData(train=train, val_inputs=preprocess(dm.val_set.images[:VAL_INPUTS].to(device)))
-            identity: dict | None = None
+            trains: dict[bool, Outputs] = {}
+            for augmented in sorted(set(fit_splits.values())):  # plain first, then augmented
+                stage_name = "features/id_train" + ("_augmented" if augmented else "")
+                trains[augmented] = timed(stage_name, outputs_of, "id_train", fit_loader, progress, fit_limit,
+                                          augmented)
+                if "id_train" in extracted and len(trains) == 1:
+                    _log_projection(len(trains[augmented]) / max(timings[stage_name], 1e-9), scorers, loaders)
+            fit_samples = len(next(iter(trains.values())))
+            for augmented in trains:
+                log.info("fitting %s on %d ID training inputs%s",
+                         ", ".join(n for n in fitting if fit_splits[n] == augmented), fit_samples,
+                         " (augmented)" if augmented else "")
+            val_inputs = preprocess(dm.val_set.images[:VAL_INPUTS].to(device))
+            datas = {augmented: FitData(train=train, val_inputs=val_inputs) for augmented, train in trains.items()}
+            identities: dict[bool, dict] = {}
 
-            def data_identity() -> dict:  # content digests of the fit data, once per run
-                nonlocal identity
-                if identity is None:
+            def split_of(name: str) -> bool:  # a scorer without a fit sees the run's split, or the one extracted
+                augmented = fit_splits.get(name, fit_augmented)
+                return augmented if augmented in trains else next(iter(trains))
+
+            def data_identity(augmented: bool) -> dict:  # content digests of one fit split, once per run
+                if augmented not in identities:
                     feature_key = None if cache is None else [*dm.cache_key("id_train", fit_limit),
-                                                              "augmented" if fit_augmented else "plain"]
-                    identity = fit_data_identity(data, fingerprint or model_fingerprint(model), feature_key)
-                return identity
+                                                              "augmented" if augmented else "plain"]
+                    identities[augmented] = fit_data_identity(datas[augmented], fingerprint or model_fingerprint(model),
+                                                              feature_key)
+                return identities[augmented]
 
             with progress.stage("fitting scorers", len(fitting), "scorers", QUIET_UNDER_S) as fits:
                 for name, scorer in scorers.items():
+                    augmented = split_of(name)
+                    data = datas[augmented]
                     cacheable = (fit_cache is not None and scorer.needs_fit and scorer.fit_cacheable
                                  and not scorer.tunes_on_ood and configs is not None and name in configs)
                     start, served = time.perf_counter(), False
                     if cacheable:
-                        key, ingredients = fit_key(name, scorer, configs[name], data_identity())
+                        key, ingredients = fit_key(name, scorer, configs[name], data_identity(augmented))
                         served = fit_cache.load(name, key, scorer)
                     if not served:
                         if scorer.needs_fit:
@@ -164,14 +179,14 @@ def score_all(model: LightningModule, dm: OODDataModule, detectors: dict[str, Sc
                 for name, scorer in scorers.items():
                     if not (scorer.per_batch or scorer.tunes_on_ood):
                         on_train[name] = timed(f"score_train/{name}", ranks.map_outputs, partial(scorer.score, model),
-                                               train).detach().float().cpu()
+                                               trains[split_of(name)]).detach().float().cpu()
             if fit_cache is not None:
                 hits = [n for n, src in fit_sources.items() if src == "cache"]
                 stored = [n for n, src in fit_sources.items() if src == "fitted"]
                 log.info("fit cache: %d of %d cacheable fits served from %s%s%s", len(hits), len(hits) + len(stored),
                          fit_cache.root, f" ({', '.join(hits)})" if hits else "",
                          f"; fitted and stored: {', '.join(stored)}" if stored else "")
-            del data, train
+            del datas, trains
         outs = {split: timed(f"features/{split}", outputs_of, split, loader, progress) for split, loader in loaders.items()}
         for name, scorer in scorers.items():
             if scorer.tunes_on_ood:
@@ -196,7 +211,8 @@ def score_all(model: LightningModule, dm: OODDataModule, detectors: dict[str, Sc
     return Results(scores, predictions, outs["id_test"].labels, outs["id_test"].logits.argmax(1), dm.num_classes,
                    has_classifier=model.has_classifier, outputs=outs, timings=timings, train_scores=on_train,
                    fit_samples=fit_samples, fit_augmented=fit_augmented and fit_samples is not None,
-                   selected=selected, fit_cache=fit_sources)
+                   fit_splits=fit_splits, selected=selected, fit_cache=fit_sources,
+                   settings={name: scorer.setting() for name, scorer in scorers.items()})
 
 
 def split_outputs(model: LightningModule, dm: OODDataModule, split: str, loader, preprocess, device: torch.device,
@@ -234,11 +250,12 @@ def split_outputs(model: LightningModule, dm: OODDataModule, split: str, loader,
 PER_BATCH_COST = 3
 
 
-def _log_plan(scorers: dict[str, Scorer], loaders: dict, fit_loader) -> None:
-    """The one line saying what the evaluation will do and how many passes that is."""
+def _log_plan(scorers: dict[str, Scorer], loaders: dict, fit_loader, fit_passes: int = 1) -> None:
+    """The one line saying what the evaluation will do and how many passes that is (``fit_passes``:
+    the fit split's passes, two when some scorers fit on augmented inputs and others on plain ones)."""
     sizes = {split: n_inputs(ld) for split, ld in loaders.items()}
     eval_inputs = sum(sizes.values())
-    fit_inputs = n_inputs(fit_loader) if fit_loader is not None else 0
+    fit_inputs = n_inputs(fit_loader) * fit_passes if fit_loader is not None else 0
     per_batch = [n for n, s in scorers.items() if s.per_batch]
     n_ood = len([s for s in sizes if s not in ID_SPLITS])
     log.info("scoring %d OOD sets with %d scorers on %s inputs (%s to fit on, %s to score): one forward pass per "

@@ -34,7 +34,7 @@ FLOWS = frozenset({"glow", "realnvp", "maf", "residual"})
 
 _REQUIRED = ("method", "method_label", "id", "ood", "ood_label", "metric", "value")
 _OPTIONAL = ("backbone", "backbone_label", "std", "offline", "ood_exact", "metric_label", "metric_exact", "flow",
-             "note")
+             "fit_augmented", "input_perturbation", "note")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class ReferenceRow:
     metric_label: str | None = None  # as printed, where it differs from ``metric``
     metric_exact: bool = True  # False: the paper's metric only roughly matches ``metric``
     flow: str | None = None  # the density model, where the method takes one (LDE)
+    #: the paper fits on latents of augmented training images (True) or plain ones (False); None: not stated
+    fit_augmented: bool | None = None
+    #: the paper perturbs the inputs (ε chosen without OOD data, e.g. ODIN*), or not; None: not stated
+    input_perturbation: bool | None = None
     note: str | None = None
 
     @property
@@ -92,6 +96,9 @@ def _row(file: str, table: str, index: int, raw: dict, defaults: dict, paper: st
         raise ConfigError(f"{label}: {fields['ood']!r} has no offline pack; mark the row offline: false")
     if fields.get("flow") is not None and fields["flow"] not in FLOWS:
         raise ConfigError(f"{label}: unknown flow {fields['flow']!r}; use one of {', '.join(sorted(FLOWS))}")
+    for key in ("fit_augmented", "input_perturbation"):
+        if fields.get(key) is not None and not isinstance(fields[key], bool):
+            raise ConfigError(f"{label}: {key} must be true, false or absent, got {fields[key]!r}")
     for key in ("value", "std"):
         v = fields.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0):
@@ -102,7 +109,9 @@ def _row(file: str, table: str, index: int, raw: dict, defaults: dict, paper: st
         ood=str(fields["ood"]), ood_label=str(fields["ood_label"]), metric=fields["metric"],
         value=float(fields["value"]), std=None if fields.get("std") is None else float(fields["std"]),
         offline=offline, ood_exact=fields.get("ood_exact", True) is not False, metric_label=fields.get("metric_label"),
-        metric_exact=fields.get("metric_exact", True) is not False, flow=fields.get("flow"), note=fields.get("note"))
+        metric_exact=fields.get("metric_exact", True) is not False, flow=fields.get("flow"),
+        fit_augmented=fields.get("fit_augmented"), input_perturbation=fields.get("input_perturbation"),
+        note=fields.get("note"))
 
 
 def parse(text: str, file: str) -> list[ReferenceRow]:

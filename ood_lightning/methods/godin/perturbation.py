@@ -18,7 +18,12 @@ from torch import Tensor
 from ood_lightning.core.errors import ConfigError
 from ood_lightning.methods.godin.model import GeneralizedODIN as DecomposedModel
 from ood_lightning.scoring.api import FitData, Outputs, Scorer
-from ood_lightning.scoring.input_step import best_epsilon, epsilon_choice, mean_scores_over_epsilons
+from ood_lightning.scoring.input_step import (
+    best_epsilon,
+    epsilon_choice,
+    mean_scores_over_epsilons,
+    perturbation_setting,
+)
 
 
 class GODINPerturbation(Scorer):
@@ -97,6 +102,9 @@ class GODINPerturbation(Scorer):
 
     def selected(self) -> dict[str, object]:
         return epsilon_choice(self.search, self.epsilon)
+
+    def setting(self) -> dict[str, object]:
+        return perturbation_setting(self.epsilon, self.epsilons)
 
     def select_epsilon(self, model: DecomposedModel, id_val_inputs: Tensor) -> float:
         """Set and return the ε of the grid with the highest mean score on ID validation inputs.

@@ -14,6 +14,7 @@ Bits per dimension treat features as discretised into bins of width ε, so a bin
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -38,6 +39,15 @@ SCORE_BATCH = 4096
 FlowFactory = Callable[[int], nn.Module]
 
 
+def _flow_label(flow: str | FlowFactory) -> str:
+    """The flow's preset name: the string, or the ``name`` a config's partial ``build_flow`` carries."""
+    if isinstance(flow, str):
+        return flow
+    if isinstance(flow, functools.partial) and "name" in flow.keywords:
+        return str(flow.keywords["name"])
+    return type(flow).__name__
+
+
 class LatentFlowDetector(Scorer):
     """Score = −bits per dimension of a flow fitted post hoc to (PCA'd, L2-normalised) features.
 
@@ -53,6 +63,10 @@ class LatentFlowDetector(Scorer):
         device: "auto" (CUDA when available, else CPU) or a torch device string.
         eval_every: with ``fit_with_history``, record AUROC and mean bpd every this many steps.
         flow_kwargs: extra keyword arguments for the flow builder (e.g. ``batch_norm`` of realnvp).
+        fit_augmented: fit on latents of *augmented* training images, one draw per image, as the paper
+            does (§6.2: "obtained with dataset augmentation identical to the augmentations used to
+            train the backbone"); ``False`` fits on the plain split, ``None`` on the run's
+            (``evaluation.fit_augmented``). The other detectors of a run keep their own split.
 
     The fit is cacheable: the PCA, the flow's parameters and every buffer (persistent or not; the
     flow is rebuilt under ``seed`` as in :meth:`fit`, then overwritten) and ``history``.
@@ -76,6 +90,7 @@ class LatentFlowDetector(Scorer):
         device: str = "auto",
         eval_every: int | None = None,
         flow_kwargs: Mapping | None = None,
+        fit_augmented: bool | None = True,
     ) -> None:
         if normalize not in ("l2", "none"):
             raise ConfigError(f"LatentFlowDetector normalize must be 'l2' or 'none', got {normalize!r}")
@@ -100,6 +115,7 @@ class LatentFlowDetector(Scorer):
             else torch.device(device)
         self.eval_every = eval_every
         self.flow_kwargs = dict(flow_kwargs or {})
+        self.fit_augmented = fit_augmented
         self.flow: nn.Module | None = None
         self._dim = 0
         self.pca_mean: Tensor | None = None
@@ -154,6 +170,10 @@ class LatentFlowDetector(Scorer):
 
     def score(self, model: FeatureModel, outputs: Outputs) -> Tensor:
         return -self.bpd(outputs.features)
+
+    def setting(self) -> dict[str, object]:
+        return {"flow": _flow_label(self.flow_name), "normalize": self.normalize, "pca_dim": self.pca_dim, "epochs": self.epochs,
+                "fit_steps": self.fit_steps}
 
     def fit_state(self) -> dict[str, StateValue]:
         if self.flow is None:
