@@ -12,6 +12,10 @@ from ood_lightning.run.typos import exit_on_unknown_key
 if __name__ == "__main__":
     exit_on_unknown_key("train")  # a mistyped key: one line, before the slow imports below
 
+from ood_lightning.core.cpu_runtime import configure_threads
+
+configure_threads()  # before torch loads OpenMP: it reads OMP_* once
+
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 

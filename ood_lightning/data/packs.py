@@ -28,6 +28,7 @@ from PIL import Image
 
 from ood_lightning.core.errors import CorruptDataError
 from ood_lightning.core.io import atomic_write, atomic_write_text
+from ood_lightning.core.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ class Pack:
 
 def _decode(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Decode every JPEG of a pack into one uint8 array (N, C, H, W)."""
-    from rich.progress import track
-
     first = np.asarray(Image.open(io.BytesIO(jpeg[offsets[0] : offsets[1]].tobytes())))
     n = len(offsets) - 1
     out = np.empty((n, *first.shape), dtype=np.uint8)
-    for i in track(range(n), description="decoding pack", transient=True, disable=n < 5000):
-        out[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+    with stage("decoding pack", n, "images", quiet_under=5.0) as decoding:
+        for i in range(n):
+            out[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+            decoding.advance()
     return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2).copy()
 
 

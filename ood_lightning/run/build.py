@@ -59,7 +59,7 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     spectral_bn = bool(spec.pop("spectral_bn", True))
     backbone = instantiate(spec)
     if spectral_coeff is not None:
-        apply_spectral_norm(backbone, float(spectral_coeff), batchnorm=spectral_bn)
+        apply_spectral_norm(backbone, float(spectral_coeff), batchnorm=spectral_bn, exempt=backbone.unbounded_layers())
     return backbone
 
 

@@ -28,6 +28,12 @@ def _epochs_every(max_epochs: int, step: int) -> ListConfig:
     return OmegaConf.create(list(range(int(step), int(max_epochs), int(step))))
 
 
+def _smoke(fast, full, *, _root_):
+    """``${smoke:FAST,FULL}``: FAST in a smoke run (the top-level ``smoke: true`` that debug=fast
+    sets), else FULL; so each method's config names its own cut for a smoke run."""
+    return fast if _root_.get("smoke", False) else full
+
+
 def register_resolvers() -> None:
     """Idempotent: the project's resolvers and the data schema (``data/schema``)."""
     register_schema()
@@ -47,6 +53,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("epochs_every", _epochs_every)
     if not OmegaConf.has_resolver("help_groups"):  # the --help pages' list of groups and options
         OmegaConf.register_new_resolver("help_groups", group_options)
+    if not OmegaConf.has_resolver("smoke"):
+        OmegaConf.register_new_resolver("smoke", _smoke)
 
 
 def compose(config_name: str, overrides: list[str], out_dir: str | Path, config_dir: str | Path) -> DictConfig:
