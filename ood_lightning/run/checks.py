@@ -171,9 +171,10 @@ def _check_targets(cfg: DictConfig) -> None:
             try:
                 _locate(str(target))
             except Exception:  # noqa: BLE001 - Hydra raises ImportError or its own wrapper
-                known = [f"ood_lightning.detectors.{n}" for n in _detector_names()] if group == "detectors" else []
-                close = difflib.get_close_matches(str(target), known, n=1)
-                hint = f"did you mean {close[0]}?" if close else "check the module path and class name"
+                known = _detector_names() if group == "detectors" else []
+                close = difflib.get_close_matches(str(target).rpartition(".")[2], known, n=1)  # the class name alone
+                hint = (f"did you mean ood_lightning.detectors.{close[0]}?" if close
+                        else "check the module path and class name (conf/detectors/all.yaml lists every detector)")
                 raise ConfigError(f"{where}._target_={target}: no such class or function; {hint}") from None
 
 
