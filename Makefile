@@ -13,7 +13,7 @@ ARGS   ?=
 # single-threaded end-to-end runs, so two workers on two cores take about half the time)
 WORKERS ?= auto
 
-.PHONY: install demo test test-fast test-latest lock lint bench clean
+.PHONY: install demo test test-fast test-latest lock mutants lint bench clean
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: install  ## the whole CPU suite (CI runs this)
 
 test-fast: install  ## unit tests only, no end-to-end runs
 	$(BIN)/python -m pytest -q -n $(WORKERS) -m "not slow" $(ARGS)
+
+mutants: install  ## curated wrong implementations of the papers' methods, each must fail its named tests (tests/mutations/); ARGS=--fast for the CI subset
+	$(BIN)/python tests/mutations/mutants.py $(ARGS)
 
 test-latest:  ## the whole suite against the newest release of every dependency, in a fresh $(LATEST)
 	rm -rf $(LATEST)

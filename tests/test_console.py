@@ -52,6 +52,9 @@ def test_a_run_s_console_has_no_known_noise(tmp_path):
     assert not re.search(r"━ +\d+/\d+", text)  # a progress bar's last frame ("━━━━ 4/4")
     assert "\n\n" not in text.replace("\r\n", "\n")  # no blank line anywhere
     assert "model Classifier: backbone SmallCNN" in text and "scoring 1 OOD sets with 3 scorers" in text
+    # the thread choice is among the run's first lines, with the count torch really uses
+    assert re.search(r"CPU threads: \S+ intra-op \(.*\); OMP_WAIT_POLICY=.*; torch uses \d+", text)
+    assert text.index("CPU threads:") < text.index("model Classifier")
     assert "training on cpu" in text and "epoch 1/1: 4 steps" in text  # 1-based, as the config's max_epochs
     assert "offline-run-" in text  # W&B's opening lines still say where its files are
     # debug=fast: a smoke run, said right above the table and in metrics.json

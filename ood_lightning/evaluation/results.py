@@ -96,14 +96,14 @@ def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: d
     atomic_write(run_dir / "scores.npz", lambda tmp: np.savez_compressed(tmp, **arrays))
     from ood_lightning.evaluation.plots import roc_curves, score_histograms
 
-    untuned = {}
+    by_scorer = {}  # scorer -> split (split@tuned_for for a scorer tuned on each OOD set) -> scores
     for key, v in results.scores.items():
-        if key.tuned_for is None and key.split != "id_val":
-            untuned.setdefault(key.scorer, {})[key.split] = v
-    if untuned:  # detectors=none: accuracy only, nothing to plot
-        score_histograms(untuned, run_dir / "plots" / "scores.png")
-        if any(s not in ("id_val", "id_test") for by in untuned.values() for s in by):
-            roc_curves(untuned, run_dir / "plots" / "roc.png")
+        if key.split != "id_val":
+            by_scorer.setdefault(key.scorer, {})[key.split + (f"@{key.tuned_for}" if key.tuned_for else "")] = v
+    if by_scorer:  # detectors=none: accuracy only, nothing to plot
+        score_histograms(by_scorer, run_dir / "plots" / "scores.png")
+        if results.ood_keys():
+            roc_curves(by_scorer, run_dir / "plots" / "roc.png")
     return run_dir / "metrics.json"
 
 

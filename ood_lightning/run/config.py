@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from ood_lightning.core.pretrained import models_root
 from ood_lightning.data.registry import default_data_root
 from ood_lightning.data.schema import register_schema
+from ood_lightning.run.typos import group_options
 
 
 def _epochs_at(max_epochs: int, fractions) -> ListConfig:
@@ -50,6 +51,8 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("epochs_at", _epochs_at)
     if not OmegaConf.has_resolver("epochs_every"):
         OmegaConf.register_new_resolver("epochs_every", _epochs_every)
+    if not OmegaConf.has_resolver("help_groups"):  # the --help pages' list of groups and options
+        OmegaConf.register_new_resolver("help_groups", group_options)
     if not OmegaConf.has_resolver("smoke"):
         OmegaConf.register_new_resolver("smoke", _smoke)
 
