@@ -83,7 +83,7 @@ def test_decoding_a_pack_writes_no_blank_line_and_logs_its_closing_line(capsys, 
     n, blob = 6000, buf.getvalue()  # above the 5000 from which rich's track drew (and left a blank line)
     jpeg, offsets = np.frombuffer(blob * n, np.uint8), np.arange(n + 1, dtype=np.int64) * len(blob)
     ticks = iter(range(0, 10**6, 1))  # one second per clock read: the stage lasts long enough to report
-    with caplog.at_level(logging.INFO, logger="ood_lightning.progress"), \
+    with caplog.at_level(logging.INFO, logger="ood_lightning.core.progress"), \
             Progress(console=Console(file=io.StringIO()), every=1e9, clock=lambda: float(next(ticks))):
         images = packs._decode(jpeg, offsets)
     assert images.shape == (n, 3, 4, 4)
