@@ -98,7 +98,7 @@ class OODMethod(L.LightningModule):
     monitor_ood: dict = {}
 
     def monitor_scores(self, x: Tensor) -> Tensor | None:
-        """A score to follow during training (AUROC per validation epoch, ``analysis/ood_monitor.py``)."""
+        """A score to follow during training (AUROC per validation epoch, ``methods/dhm/ood_monitor.py``)."""
         return None
 
     def train_batch_sampler(self, labels: Tensor) -> Sampler | None:
