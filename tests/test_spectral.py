@@ -295,7 +295,7 @@ def test_backbone_spectral_coeff_bounds_batchnorm_unless_switched_off(spectral_b
 
 
 def test_aot_autograd_gets_the_batchnorm_bound_s_gradient_wrong_which_is_why_compile_is_refused():
-    """The measurement behind assembly.runtime's refusal of compile= with the BatchNorm bound
+    """The measurement behind run.runtime's refusal of compile= with the BatchNorm bound
     (torch 2.14.1): eager autograd matches a finite difference, the AOT-autograd gradient does not.
     When a torch upgrade makes this test fail, the two agree: lift the refusal."""
     from ood_lightning.nn.spectral import bound_batchnorm

@@ -59,7 +59,7 @@ class OODMethod(L.LightningModule):
         #: host reads of the loss: every step (1) or every k steps (train.yaml ``nan_check_every``)
         self.nan_check_every = 1
         #: dtype of the evaluation passes' backbone forward under autocast (``evaluation.precision``;
-        #: None = float32); set by ``assembly.runtime.apply_eval_speedups``
+        #: None = float32); set by ``run.runtime.apply_eval_speedups``
         self.eval_autocast: torch.dtype | None = None
         self._nonfinite_guard: NonFiniteGuard | None = None
 
@@ -101,7 +101,7 @@ class OODMethod(L.LightningModule):
     monitor_ood: dict = {}
 
     def monitor_scores(self, x: Tensor) -> Tensor | None:
-        """A score to follow during training (AUROC per validation epoch, ``analysis/ood_monitor.py``)."""
+        """A score to follow during training (AUROC per validation epoch, ``methods/dhm/ood_monitor.py``)."""
         return None
 
     def train_batch_sampler(self, labels: Tensor) -> Sampler | None:

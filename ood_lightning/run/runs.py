@@ -133,11 +133,11 @@ def run_setting(cfg: DictConfig, dm: OODDataModule, results, groups: dict[str, s
 
 def train(cfg: DictConfig) -> dict:
     """Fit the configured method, score it, write results; returns the metrics dict. SIGTERM ends
-    it with a checkpoint and the command that resumes it (``assembly.preemption``).
+    it with a checkpoint and the command that resumes it (``run.preemption``).
 
     ``skip_finished=true`` (a re-launched sweep): a job that already finished with this config
     returns its ``metrics.json`` without running; one that left a checkpoint of this config
-    resumes from it (``assembly.finished``)."""
+    resumes from it (``run.finished``)."""
     log_thread_choice(log)
     digest = config_hash(cfg)
     if cfg.get("skip_finished"):

@@ -3,7 +3,7 @@
 Every backbone has ``feature_dim``, ``forward(x) -> [B, feature_dim]`` and
 ``forward_features(x) -> dict`` of named intermediates in network order ending with "penultimate".
 Every backbone subclasses :class:`~ood_lightning.nn.backbones.base.Backbone`. Configs in
-``conf/backbone/`` name the classes (``_target_``); ``assembly.build.build_backbone`` builds them.
+``conf/backbone/`` name the classes (``_target_``); ``run.build.build_backbone`` builds them.
 """
 
 from __future__ import annotations
