@@ -25,6 +25,7 @@ from torch import Tensor
 from ood_lightning.core.errors import ConfigError, CorruptDataError, DatasetNotFoundError
 from ood_lightning.core.roots import shared_root
 from ood_lightning.data import synthetic
+from ood_lightning.data.idx import read_idx
 from ood_lightning.data.packs import load_pack
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,33 @@ def _torchvision_only(name: str, cls_name: str, tv_folder: str):
     return load
 
 
+#: where the Debian package ``dataset-fashion-mnist`` installs the four original ``*-ubyte.gz`` files
+FASHION_MNIST_PACKAGE = Path("/usr/share/datasets/fashion-mnist")
+
+#: Fashion-MNIST's class names in label order (the dataset's own list; torchvision uses the same)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+
+
+def _fashion_mnist(root: Path, split: str, download: bool, **_) -> ArrayData:
+    """torchvision's layout under ``root`` (``FashionMNIST/raw``) where it is there or ``download`` is on,
+    else the Debian package's files, read where they are (no copy)."""
+    tv_folder = root / "FashionMNIST" / "raw"
+    if download or tv_folder.is_dir():
+        return _torchvision("fashionmnist", "FashionMNIST", root, split, download, "FashionMNIST/raw")
+    prefix = "train" if split == "train" else "t10k"
+    images, labels = (FASHION_MNIST_PACKAGE / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1"))
+    if not (images.is_file() and labels.is_file()):
+        raise DatasetNotFoundError(
+            f"dataset 'fashionmnist' not found: looked for {tv_folder} and {FASHION_MNIST_PACKAGE}; install it with "
+            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass data.root=/folder/with/FashionMNIST/raw, "
+            "or data.download=true when online")
+    x, y = read_idx(images), read_idx(labels)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise CorruptDataError.of(images, f"images {x.shape} do not match labels {y.shape} of {labels.name}")
+    return ArrayData(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64)), FASHION_MNIST_CLASSES)
+
+
 def _ood_pack(name: str, stem: str):
     def load(root: Path, cache_dir=None, **_) -> ArrayData:
         path = root / f"{stem}.npz"
@@ -201,7 +229,7 @@ DATASETS: dict[str, Callable[..., ArrayData]] = {
     "cifar100": _packed_or_torchvision("cifar100", "cifar100", "CIFAR100", "cifar-100-python"),
     "svhn": _packed_or_torchvision("svhn", "svhn", "SVHN", "{train,test}_32x32.mat"),
     "mnist": _torchvision_only("mnist", "MNIST", "MNIST/raw"),
-    "fashionmnist": _torchvision_only("fashionmnist", "FashionMNIST", "FashionMNIST/raw"),
+    "fashionmnist": _fashion_mnist,
     "tinyimagenet_crop": _ood_pack("tinyimagenet_crop", "tinyimagenet-crop"),
     "tinyimagenet_resize": _ood_pack("tinyimagenet_resize", "tinyimagenet-resize"),
     "textures": _image_folder("textures", "dtd/images"),
@@ -213,6 +241,12 @@ DATASETS: dict[str, Callable[..., ArrayData]] = {
     **{name: _synthetic(name) for name in synthetic.SYNTHETIC},
     "additive_noise": additive_noise,  # a registered set plus noise, e.g. VMDLS's "MNIST-noise"
 }
+
+
+#: classes of the labelled datasets whose count is fixed (``data.known_classes`` is checked against
+#: it before any file is read)
+CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10, "mnist": 10, "fashionmnist": 10, "stripes": 2,
+                "moons": 2}
 
 
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike = ".", download: bool = False,

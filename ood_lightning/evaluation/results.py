@@ -127,8 +127,15 @@ def wide_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=120)
 
 
-def print_results(metrics: dict, console: Console | None = None) -> None:
+#: the line above a smoke run's table (debug=fast)
+SMOKE_NOTE = ("SMOKE RUN (debug=fast): a few batches of a subset, cut-down scoring; "
+              "these numbers test the code, they are not results")
+
+
+def print_results(metrics: dict, console: Console | None = None, smoke: bool = False) -> None:
     console = console or wide_console()
+    if smoke:
+        console.print(SMOKE_NOTE, style="bold", markup=False)
     if not any(metrics.get("results", {}).values()):
         acc = metrics.get("accuracy")
         head = f"ID accuracy {100 * acc:.2f}%; " if acc is not None else ""
