@@ -240,3 +240,9 @@ def test_every_figure_shares_one_style_and_leaves_the_global_style_alone(tmp_pat
     assert roc.xaxis.get_gridlines()[0].get_visible() and sweep.xaxis.get_gridlines()[0].get_visible()
     assert roc.lines[0].get_color() == sweep.lines[0].get_color() == style.PALETTE[0]  # the first curve
     assert dict(plt.rcParams) == before
+
+
+def test_heatmap_of_runs_without_ood_scores_says_so(tmp_path, drawn):
+    auroc_heatmap([], tmp_path / "h.png")
+    (fig,) = drawn
+    assert [t.get_text() for t in fig.axes[0].texts] == ["no AUROC in these runs (no OOD sets or no detectors)"]

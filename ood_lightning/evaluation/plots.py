@@ -184,10 +184,14 @@ def auroc_heatmap(rows: list[dict], path: str | Path) -> Path:
         if ax in axes[:, 0]:
             ax.set_ylabel("detector")
         ax.set_title(wrap(legend.labels[group] if legend.several else "every run", width / cols))
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) or 1:]:
         ax.remove()
-    bar = fig.colorbar(im, ax=list(axes.flat[:len(groups)]), fraction=0.05, label="AUROC ×100 (50 = chance)")
-    bar.ax.axhline(CHANCE, color="white", linewidth=1)
+    if not groups:  # runs without OOD scores (detectors=none or ood=none): say so, not an empty frame
+        axes[0, 0].text(0.5, 0.5, "no AUROC in these runs (no OOD sets or no detectors)", ha="center", va="center")
+        axes[0, 0].axis("off")
+    else:
+        bar = fig.colorbar(im, ax=list(axes.flat[:len(groups)]), fraction=0.05, label="AUROC ×100 (50 = chance)")
+        bar.ax.axhline(CHANCE, color="white", linewidth=1)
     runs = max((r["n"] for r in rows), default=0)
     spread = "one run per setting: no spread" if runs == 1 else f"mean ± std over up to {runs} seeds per setting"
     fig.suptitle(wrap(f"AUROC ×100 ({spread})", width, RC["figure.titlesize"]))
