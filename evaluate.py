@@ -9,15 +9,24 @@
 
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-from rich.markdown import Markdown
+from ood_lightning.run.typos import exit_on_unknown_key
 
-import ood_lightning.run.config  # noqa: F401  (registers the config resolvers)
-from ood_lightning.core.console import quiet_known_noise
-from ood_lightning.core.errors import ConfigError
-from ood_lightning.evaluation.results import wide_console
-from ood_lightning.run.cli import run_safely
+if __name__ == "__main__":
+    exit_on_unknown_key("evaluate")  # a mistyped key: one line, before the slow imports below
+
+from ood_lightning.core.cpu_runtime import configure_threads
+
+configure_threads()  # before torch loads OpenMP: it reads OMP_* once
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from rich.markdown import Markdown  # noqa: E402
+
+import ood_lightning.run.config  # noqa: E402,F401  (registers the config resolvers)
+from ood_lightning.core.console import quiet_known_noise  # noqa: E402
+from ood_lightning.core.errors import ConfigError  # noqa: E402
+from ood_lightning.evaluation.results import wide_console  # noqa: E402
+from ood_lightning.run.cli import run_safely  # noqa: E402
 
 
 def evaluate(cfg: DictConfig):
@@ -63,7 +72,7 @@ def _sweep_outputs(cfg: DictConfig, rows: list[dict]) -> list[Path]:
 
     if cfg.get("compare"):
         text = side_by_side(rows, list(cfg.compare), list(cfg.get("compare_metrics") or ["auroc", "aupr_in", "autc"]),
-                            title=f"{' vs '.join(cfg.compare)} (mean ± std over seeds; AuTC: lower is better)")
+                            title=f"{' vs '.join(cfg.compare)} (×100, mean ± std over seeds; AuTC: lower is better)")
         path = Path(cfg.run_dir) / "compare.md"
         path.write_text(text)
         wide_console().print(Markdown(text))

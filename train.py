@@ -7,14 +7,23 @@
 
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from ood_lightning.run.typos import exit_on_unknown_key
 
-import ood_lightning.run.config  # noqa: F401  (registers the config resolvers)
-from ood_lightning.core.console import quiet_known_noise
-from ood_lightning.run.checks import check_cli_overrides
-from ood_lightning.run.cli import run_safely
-from ood_lightning.run.runs import train
+if __name__ == "__main__":
+    exit_on_unknown_key("train")  # a mistyped key: one line, before the slow imports below
+
+from ood_lightning.core.cpu_runtime import configure_threads
+
+configure_threads()  # before torch loads OpenMP: it reads OMP_* once
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import ood_lightning.run.config  # noqa: E402,F401  (registers the config resolvers)
+from ood_lightning.core.console import quiet_known_noise  # noqa: E402
+from ood_lightning.run.checks import check_cli_overrides  # noqa: E402
+from ood_lightning.run.cli import run_safely  # noqa: E402
+from ood_lightning.run.runs import train  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

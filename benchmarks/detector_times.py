@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ood_lightning.core.checkpoints import SCRIPT_OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation import metrics as M
 from ood_lightning.run.build import build_detectors, build_model, connect, load_weights, stored_config
+from ood_lightning.run.cli import exit_on_error
 from ood_lightning.run.config import compose
 from ood_lightning.scoring.api import FitData
 from ood_lightning.scoring.passes import extract
@@ -117,15 +119,15 @@ def pytorch_ood(model, dm, fit_limit: int, device) -> dict:
     return seconds
 
 
-def main(ckpt: str, out_dir: str) -> None:
+def main(ckpt: str, out_dir: str, allow_unsafe: bool = False) -> None:
     torch.set_num_threads(1)
-    trained = stored_config(ckpt)
+    trained = stored_config(ckpt, allow_unsafe, opt_in=SCRIPT_OPT_IN)
     fit_limit = int(compose("train", [], "/tmp/unused", ROOT / "conf").evaluation.fit_limit)
     dm = OODDataModule(trained.data, trained.ood)
     dm.setup("test")
     model = build_model(trained, dm.num_classes, pretrained=False)
     connect(dm, model)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, allow_unsafe)
     model.eval()
     device = torch.device("cpu")
     extract_s, rows = ours(model, dm, fit_limit, device)
@@ -141,6 +143,7 @@ def main(ckpt: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(f"usage: {__doc__.split(chr(10) + chr(10))[1].strip()}")
-    main(*sys.argv[1:3])
+    args = [a for a in sys.argv[1:] if a != SCRIPT_OPT_IN]
+    if len(args) != 2:
+        sys.exit(f"usage: {__doc__.split(chr(10) + chr(10))[1].strip()} [{SCRIPT_OPT_IN}]")
+    exit_on_error(lambda: main(*args, allow_unsafe=SCRIPT_OPT_IN in sys.argv[1:]))

@@ -20,18 +20,21 @@ from pathlib import Path
 
 import torch
 
+from ood_lightning.core.checkpoints import SCRIPT_OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.methods.dhm.sensitivity import sensitivity, to_markdown
 from ood_lightning.run.build import build_model, load_weights, stored_config
+from ood_lightning.run.cli import exit_on_error
 from ood_lightning.run.runtime import resolve_device
 
 
-def run(ckpt: Path, n: int, max_norm: float | None, levels: int, seed: int, device: str) -> tuple[str, dict]:
-    cfg = stored_config(ckpt)
+def run(ckpt: Path, n: int, max_norm: float | None, levels: int, seed: int, device: str,
+        allow_unsafe: bool = False) -> tuple[str, dict]:
+    cfg = stored_config(ckpt, allow_unsafe, opt_in=SCRIPT_OPT_IN)
     dm = OODDataModule(cfg.data, None)
     dm.setup("test")
     model = build_model(cfg, dm.num_classes, pretrained=False)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, allow_unsafe)
     dev = resolve_device(device)
     model = model.to(dev).eval()
     x = dm.preprocess.to(dev)(dm.test_set.images[:n].to(dev))
@@ -54,11 +57,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=None, help="folder for sensitivity.md/.json")
+    ap.add_argument(SCRIPT_OPT_IN, action="store_true", help="build a stored config that names code outside the project (only for a file you trust)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     texts, payload = [], []
     for ckpt in args.checkpoints:
-        text, result = run(ckpt, args.n, args.max_norm, args.levels, args.seed, args.device)
+        text, result = run(ckpt, args.n, args.max_norm, args.levels, args.seed, args.device,
+                            args.allow_unsafe_checkpoint)
         print(text)
         texts.append(text)
         payload.append(result)
@@ -70,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

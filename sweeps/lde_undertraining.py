@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import ood_lightning.run.config  # noqa: F401
+from ood_lightning.core.checkpoints import SCRIPT_OPT_IN
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.style import ID_COLOUR, legend, reference, save, styled
 from ood_lightning.methods.lde.latent_flow import LatentFlowDetector
@@ -27,6 +28,7 @@ from ood_lightning.run.build import (
     load_weights,
     stored_config,
 )
+from ood_lightning.run.cli import exit_on_error
 from ood_lightning.run.runtime import resolve_device
 from ood_lightning.scoring.passes import extract
 
@@ -45,14 +47,15 @@ def main() -> None:
     ap.add_argument("--fit-limit", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("outputs/lde_undertraining.png"))
+    ap.add_argument(SCRIPT_OPT_IN, action="store_true", help="build a stored config that names code outside the project (only for a file you trust)")
     args = ap.parse_args()
 
-    cfg = stored_config(args.ckpt)
+    cfg = stored_config(args.ckpt, args.allow_unsafe_checkpoint, opt_in=SCRIPT_OPT_IN)
     device = resolve_device(args.device)
     dm = OODDataModule(cfg.data, cfg.ood)
     dm.setup("test")
     model = build_model(cfg, dm.num_classes, pretrained=False)
-    load_weights(model, args.ckpt)
+    load_weights(model, args.ckpt, args.allow_unsafe_checkpoint)
     model.to(device).eval()
     prep = dm.preprocess.to(device)
     train = extract(model, dm.fit_dataloader(args.fit_limit), prep, device)
@@ -97,4 +100,4 @@ def plot_history(hist: list[dict], sets: list[str], steps_per_epoch: int, epochs
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    main()
+    exit_on_error(main)

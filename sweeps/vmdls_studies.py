@@ -68,20 +68,21 @@ def histograms(run_dir: Path, out: Path) -> Path:
     return score_histograms(picked, out)
 
 
-def latent(run_dirs: list[Path], out: Path, limit: int = 3000) -> Path:
+def latent(run_dirs: list[Path], out: Path, limit: int = 3000, allow_unsafe: bool = False) -> Path:
     """Scatter of the 2-D head mean μ per run: ID test by class, OOD sets in grey."""
     from ood_lightning.evaluation.style import styled
 
-    return styled(_latent)(run_dirs, out, limit)
+    return styled(_latent)(run_dirs, out, limit, allow_unsafe)
 
 
-def _latent(run_dirs: list[Path], out: Path, limit: int) -> Path:
+def _latent(run_dirs: list[Path], out: Path, limit: int, allow_unsafe: bool) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
+    from ood_lightning.core.checkpoints import SCRIPT_OPT_IN
     from ood_lightning.data.datamodule import OODDataModule
     from ood_lightning.evaluation.style import legend, save
     from ood_lightning.run.build import build_model, load_weights, stored_config
@@ -89,11 +90,11 @@ def _latent(run_dirs: list[Path], out: Path, limit: int) -> Path:
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 4), squeeze=False)
     for ax, run in zip(axes[0], run_dirs):
         ckpt = run / "checkpoints" / "last.ckpt"
-        cfg = stored_config(ckpt)
+        cfg = stored_config(ckpt, allow_unsafe, opt_in=SCRIPT_OPT_IN)
         dm = OODDataModule(cfg.data, cfg.ood)
         dm.setup("test")
         model = build_model(cfg, dm.num_classes, pretrained=False)
-        load_weights(model, ckpt)
+        load_weights(model, ckpt, allow_unsafe)
         model.eval()
         if model.latent_dim != 2:
             raise SystemExit(f"{run}: latent_dim={model.latent_dim}; the scatter needs method.latent_dim=2")
@@ -124,16 +125,19 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--ood", default="tin_resize", help="table5: the OOD set (the paper's ImageNet-resize)")
+    parser.add_argument("--allow-unsafe-checkpoint", action="store_true", help="build a stored config that names code outside the project (only for a file you trust)")
     args = parser.parse_args()
     if args.study == "table":
         print(table(args.runs))
     elif args.study == "table5":
         print(table5(args.runs[0], args.ood))
     elif args.study == "latent":
-        print(latent(args.runs, args.out or args.runs[0].parent / "latent.png"))
+        print(latent(args.runs, args.out or args.runs[0].parent / "latent.png", allow_unsafe=args.allow_unsafe_checkpoint))
     else:
         print(histograms(args.runs[0], args.out or args.runs[0] / "plots" / "vmdls_histograms.png"))
 
 
 if __name__ == "__main__":
-    main()
+    from ood_lightning.run.cli import exit_on_error
+
+    exit_on_error(main)

@@ -86,6 +86,36 @@ def test_short_runs_and_gpus_get_no_advice():
     assert gpu.line.endswith("on cuda (3 steps)") and CPU_ADVICE not in gpu.line
 
 
+def test_the_first_validation_corrects_the_projection_with_every_step_and_its_own_time(caplog):
+    """The DHM case: the first steps looked cheap, later ones were not, and the validation (exact
+    log-dets, the OOD monitor) was never counted; the second line is the measured whole."""
+    cb = CostProjection(steps=5, threshold_min=1000, clock=_Clock(0.34))
+    caplog.set_level(logging.INFO)
+    trainer = _Trainer(batches=30, epochs=2)
+    trainer.check_val_every_n_epoch = 1
+    trainer.sanity_checking = True  # Lightning's sanity check (before training) is not the validation
+    cb.on_validation_start(trainer, None)
+    cb.clock.now += 99.0
+    cb.on_validation_end(trainer, None)
+    trainer.sanity_checking = False
+    _run(cb, trainer, 6)  # step 0 warms up, steps 1-5 at 0.34 s
+    assert cb.line.startswith("projected: 0.34 s/step x 30 steps/epoch = 10 s/epoch")
+    cb.clock.step = 1.0
+    _run(cb, trainer, 24)  # the rest of the epoch: 1.0 s/step
+    assert cb.with_validation is None
+    cb.on_validation_start(trainer, None)
+    cb.clock.now += 19.0
+    cb.on_validation_end(trainer, None)
+    # steps 1..29: 5 x 0.34 + 24 x 1.0 = 25.7 s / 29 steps = 0.886 s/step; 30 x 0.886 + 19 = 45.6 s/epoch
+    assert cb.with_validation.startswith("projected: 0.89 s/step x 30 steps/epoch + 19 s validation = 46 s/epoch, "
+                                         "91 s for 2 epochs on cpu (29 steps, plus 19 s of validation every 1 epoch(s))")
+    assert cb.with_validation in caplog.text
+    cb.on_validation_start(trainer, None)  # later validations: no third line
+    cb.clock.now += 5.0
+    cb.on_validation_end(trainer, None)
+    assert caplog.text.count("of validation every") == 1
+
+
 def test_no_line_for_an_epoch_shorter_than_the_measurement():
     cb = CostProjection(steps=5, clock=_Clock(1.0))
     _run(cb, _Trainer(batches=4, epochs=1), 4)  # debug=fast: 4 batches

@@ -4,6 +4,7 @@ statistics; class splits, shape conversion and batched transforms do what they s
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -35,6 +36,37 @@ def test_pack_decodes_like_pil_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(packs, "_decode", lambda *a: pytest.fail("decoded twice"))
     again = packs.load_pack(str(tmp_path / "toy-test.npz"), str(tmp_path / "cache"))
     np.testing.assert_array_equal(again.images, expected)
+
+
+def test_an_altered_copy_with_the_same_size_and_mtime_never_reuses_decoded_pixels(tmp_path):
+    """What ``cp -p`` / ``rsync -a`` / tar give: another data.root holds a pack of the same name, size
+    and mtime with other images. It must decode its own pixels (as an uncached load does), and a pack
+    rewritten in place the same way must too."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    original, copy = tmp_path / "a" / "toy-test.npz", tmp_path / "b" / "toy-test.npz"
+    original.parent.mkdir()
+    copy.parent.mkdir()
+    write_pack(original, images, np.arange(6) % 2)
+    write_pack(copy, images[::-1], np.arange(6) % 2)  # the same JPEGs in another order: the same byte count
+    assert copy.stat().st_size == original.stat().st_size
+    os.utime(copy, ns=(original.stat().st_atime_ns, original.stat().st_mtime_ns))
+    cache = tmp_path / "cache"
+    packs.load_pack.cache_clear()
+    first = packs.load_pack(str(original), str(cache))
+    packs.load_pack.cache_clear()
+    altered = packs.load_pack(str(copy), str(cache))
+    packs.load_pack.cache_clear()
+    uncached = packs.load_pack(str(copy), None)
+    np.testing.assert_array_equal(altered.images, uncached.images)
+    assert not np.array_equal(altered.images, first.images)
+    # the copy moved over the original's path, keeping size and mtime (cp -p over it: the same inode)
+    stat = original.stat()
+    original.write_bytes(copy.read_bytes())
+    os.utime(original, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (original.stat().st_size, original.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    packs.load_pack.cache_clear()
+    np.testing.assert_array_equal(packs.load_pack(str(original), str(cache)).images, uncached.images)
 
 
 @needs_shared("cifar10-test.npz")
@@ -228,7 +260,7 @@ def test_corrupt_decoded_pack_cache_is_rebuilt_and_logged_with_its_path(tmp_path
     assert str(cache) in caplog.text and "corrupt" in caplog.text
     packs.load_pack.cache_clear()
     np.testing.assert_array_equal(np.load(cache), first.images)  # rebuilt in place
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.name]
+    assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [cache.name]
 
 
 def test_data_keys_have_one_schema_with_defaults_and_typos_are_named(tmp_path):

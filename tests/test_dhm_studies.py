@@ -199,11 +199,12 @@ def test_table_one_puts_detectors_side_by_side_and_evaluate_writes_it(tmp_path, 
     runs, _ = collect(tmp_path)
     text = side_by_side(aggregate(runs), ["dhm", "msp"])
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[0] == "| detector | svhn auroc | svhn aupr_in | svhn autc |"
-    assert lines[1].startswith("| dhm | 0.890 ± 0.014 | 0.840 ± 0.014 | 0.300 ± 0.000")
-    assert lines[2].startswith("| msp | 0.860 ± 0.014")
+    # ×100 like summary.md; AUROC std of (0.90, 0.88) = 1.41 points, AuTC 0.3 in both seeds
+    assert lines[0] == "| OOD set | dhm auroc | dhm aupr_in | dhm autc | msp auroc | msp aupr_in | msp autc |"
+    assert lines[1] == "| svhn | 89.0 ± 1.4 | 84.0 ± 1.4 | 30.0 ± 0.0 | 86.0 ± 1.4 | 81.0 ± 1.4 | 35.0 ± 0.0 |"
+    assert "**every run** (2 seeds, test accuracy 90.0 ± 0.0)" in text
     with caplog.at_level(logging.WARNING):  # a typo'd detector is left out, loudly
-        assert side_by_side(aggregate(runs), ["dhm", "mps"]).count("| dhm |") == 1
+        assert "| OOD set | dhm auroc | dhm aupr_in | dhm autc |\n" in side_by_side(aggregate(runs), ["dhm", "mps"])
     assert "['mps'] not in the runs" in caplog.text and "'msp'" in caplog.text
     from evaluate import evaluate
 
@@ -212,7 +213,7 @@ def test_table_one_puts_detectors_side_by_side_and_evaluate_writes_it(tmp_path, 
         evaluate(cfg)  # these runs have no λ: a clear error
     cfg = compose_cfg("evaluate", [f"run_dir={tmp_path}", "compare=[dhm,msp]"], tmp_path / "eval")
     evaluate(cfg)
-    assert "| dhm | 0.890 ± 0.014" in (tmp_path / "compare.md").read_text()
+    assert "| svhn | 89.0 ± 1.4 |" in (tmp_path / "compare.md").read_text()
     assert (tmp_path / "summary.md").exists()
 
 

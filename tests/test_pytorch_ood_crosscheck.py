@@ -8,6 +8,9 @@ the test asserts the documented relation and says why beside it. Install with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -279,26 +282,49 @@ def restrict(out: Outputs, keep: Tensor) -> Outputs:
     return Outputs(logits=out.logits, features=f, layers={"penultimate": f}, labels=out.labels)
 
 
+@contextmanager
+def float64_default() -> Iterator[None]:
+    """pytorch-ood builds its means, covariances and ridge with the default dtype: float64 here.
+
+    In float32 its inverse of the unnormalised scatter (cond ~ 2000 on this setup) carries errors
+    of 3e-3 to 3e-2 on RMD's difference of two distances, depending on which MKL kernels the CPU
+    gets (MKL_CBWR=COMPATIBLE gives the larger); in float64 both libraries agree to 3e-7.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_mahalanobis_is_minus_2n_times_pytorch_oods(setup) -> None:
     keep = live_units(setup["train"])
     train, test = restrict(setup["train"], keep), restrict(setup["test"], keep)
-    ref = P.Mahalanobis(encoder=None).fit_features(train.features, train.labels)
+    with float64_default():
+        f_train, f_test = train.features.double(), test.features.double()
+        ref = P.Mahalanobis(encoder=None).fit_features(f_train, train.labels)
+        reference = ref.predict_features(f_test)
     # pytorch-ood: half the squared distance under the *unnormalised* within-class scatter S = N·Σ
     # (+ 1e-6·I); ours (the reference code's): the full squared distance under Σ = S / N. Hence
-    # ours = 2N × (−theirs), up to the 1e-6 ridge.
+    # ours = 2N × (−theirs), up to the 1e-6 ridge (5e-8 relative here).
     n = len(train.features)
-    agree(ours(Mahalanobis(), None, train, test), 2 * n * theirs(ref.predict_features(test.features)), tol=1e-4)
+    agree(ours(Mahalanobis(), None, train, test), 2 * n * theirs(reference), tol=1e-6)
 
 
 def test_rmds_is_minus_n_times_pytorch_oods(setup) -> None:
     keep = live_units(setup["train"])
     train, test = restrict(setup["train"], keep), restrict(setup["test"], keep)
-    ref = P.RMD(encoder=None).fit_features(train.features, train.labels)
+    with float64_default():
+        f_train, f_test = train.features.double(), test.features.double()
+        ref = P.RMD(encoder=None).fit_features(f_train, train.labels)
+        reference = ref.predict_features(f_test)
     # both covariances unnormalised in pytorch-ood (sums, + 1e-6·I), both divided by N here (the MLE,
-    # as Ren et al.'s and OpenOOD's sklearn EmpiricalCovariance): ours = N × (−theirs). pytorch-ood
-    # works in float32 and RMD subtracts two large distances, hence the looser 1e-3 (relative).
+    # as Ren et al.'s and OpenOOD's sklearn EmpiricalCovariance): ours = N × (−theirs), up to the
+    # ridge (3e-8 relative here). Ren et al.'s formula itself, brute force in float64, is checked in
+    # test_detectors_new.py::test_rmds_is_class_minus_background_mahalanobis.
     n = len(train.features)
-    agree(ours(RMDS(), None, train, test), n * theirs(ref.predict_features(test.features)), tol=1e-3)
+    agree(ours(RMDS(), None, train, test), n * theirs(reference), tol=1e-6)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -96,21 +96,23 @@ def test_mnist_preset_trains_channels_last_with_the_nchw_step(tmp_path):
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for ga, gb in zip(grads_a, grads_b):  # float32 summation order: relative to each gradient's norm
-        assert float((gb - ga).norm() / ga.norm()) < 1e-3  # a wrong layout is off by O(1)
+        # float32 summation order through five 100-channel convs: ~1e-3 relative; a wrong layout is O(1)
+        assert float((gb - ga).norm() / ga.norm()) < 1e-2
 
 
 # ---------------------------------------------------------------------------------- CIFAR-10 optimiser
 def test_cifar10_preset_uses_the_authors_sgd_and_step_schedule(tmp_path):
-    """SGD-Nesterov (momentum 0.9), lr 1e-4, weight decay 1e-4, lr x0.1 every 100 epochs: the learning
-    rate of every one of 350 epochs equals torch's StepLR(step_size=100, gamma=0.1)."""
+    """SGD-Nesterov (momentum 0.9), lr 0.01 (the authors' README command), weight decay 1e-4, lr x0.1
+    every 100 epochs: the learning rate of every one of 350 epochs equals torch's StepLR(step_size=100,
+    gamma=0.1)."""
     cfg = compose_cfg("train", ["experiment=vmdls_cifar10", "trainer.max_epochs=350"], tmp_path)
     params = [nn.Parameter(torch.zeros(1))]
     opt = instantiate(cfg.method.optimizer)(params)
     assert type(opt) is torch.optim.SGD
     group = opt.param_groups[0]
-    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-4, 0.9, True, 1e-4)
+    assert (group["lr"], group["momentum"], group["nesterov"], group["weight_decay"]) == (1e-2, 0.9, True, 1e-4)
     ours = instantiate(cfg.method.scheduler)(opt)
-    ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-4)
+    ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-2)
     ref = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=100, gamma=0.1)
     for epoch in range(350):
         assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12), epoch
@@ -118,7 +120,8 @@ def test_cifar10_preset_uses_the_authors_sgd_and_step_schedule(tmp_path):
         ref_opt.step()
         ours.step()
         ref.step()
-    assert list(compose_cfg("train", ["experiment=vmdls_cifar10"], tmp_path).method.scheduler.milestones) == []
+    assert list(compose_cfg("train", ["experiment=vmdls_cifar10", "trainer.max_epochs=100"],
+                            tmp_path).method.scheduler.milestones) == []
 
 
 # ---------------------------------------------------------------------------------- ablation driver

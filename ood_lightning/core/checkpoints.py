@@ -1,4 +1,4 @@
-"""Reading checkpoint files: the one place the framework opens a weights file.
+"""Reading and writing checkpoint files: the one place the framework opens a weights file.
 
 Unpickling a file can run code, so every file is read with ``torch.load(weights_only=True)``:
 tensors and plain containers only. Every checkpoint this framework writes reads that way
@@ -13,12 +13,14 @@ mismatch message short enough to read.
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ood_lightning.core.errors import (
     CheckpointMismatchError,
@@ -26,6 +28,7 @@ from ood_lightning.core.errors import (
     InvalidCheckpointError,
     UnsafeCheckpointError,
 )
+from ood_lightning.core.io import atomic_write_bytes
 from ood_lightning.core.pretrained import where_to_get
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,10 @@ log = logging.getLogger(__name__)
 SAFE_GLOBALS: tuple[type, ...] = ()
 torch.serialization.add_safe_globals(list(SAFE_GLOBALS))  # also for Lightning's own resume load
 
-#: the top-level config key that lets a run fully unpickle a trusted file
+#: the top-level config key that lets a run fully unpickle a trusted file (and build its stored config)
 OPT_IN = "allow_unsafe_checkpoint"
+#: the same opt-in as a flag of the study and benchmark scripts
+SCRIPT_OPT_IN = "--allow-unsafe-checkpoint"
 #: first-level module names third-party code gives the classifier head
 HEAD_NAMES = ("linear", "fc")
 #: keys a mismatch message lists per kind (the counts are always complete)
@@ -45,6 +50,21 @@ _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _OPERAND = re.compile(r"Unsupported operand (\d+)")
 _SIZE = re.compile(r"size mismatch for ([^:\s]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
                    r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomic on disk: the file is serialised in memory, written to a
+    temporary file beside the target, flushed and renamed, so an earlier ``last.ckpt`` survives any
+    failed write (a full disk ends in one line naming the folder and the space needed)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buffer.getbuffer())
 
 
 def read_checkpoint(path: str | Path, allow_unsafe: bool = False, *, key: str = "checkpoint", hint: str = "") -> dict:

@@ -36,6 +36,29 @@ class ConfigError(OODLightningError, ValueError):
     pass
 
 
+class DiskFullError(OODLightningError, OSError):
+    """No space left where a file was being written: the folder, the space needed and what is free."""
+
+    @classmethod
+    def of(cls, path, needed: int | None = None, at_least: bool = False) -> "DiskFullError":
+        import shutil
+        from pathlib import Path
+
+        path = Path(path)
+        folder = path if path.is_dir() else path.parent
+        try:
+            free = f", {_size(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = ""
+        need = f"{'at least ' * at_least}{_size(needed)} needed" if needed else "more space needed"
+        return cls(f"no space left on the device of {folder} while writing {path.name} ({need}{free}): free space "
+                   "there, or write elsewhere (paths.log_dir=... for runs, paths.cache_dir=... for caches)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 class CheckpointMismatchError(OODLightningError):
     pass
 
@@ -57,16 +80,25 @@ class UnsafeCheckpointError(OODLightningError):
 
 
 class RunTerminated(OODLightningError):
-    """SIGTERM (a scheduler's notice before preemption) ended the run: where and how to resume."""
+    """SIGTERM (a scheduler's notice before preemption) or Ctrl-C ended the run: its folder, the
+    checkpoint to resume from, and the command that does it."""
 
-    exit_code = 143  # 128 + SIGTERM, as a shell reports a terminated process
-    sweep_continues = False  # the scheduler is taking the machine: the next job would be killed too
+    sweep_continues = False  # the scheduler is taking the machine (or the user stopped): the next job would be too
 
-    def __init__(self, checkpoint, command: str):
-        self.checkpoint, self.command = checkpoint, command
-        where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet (training had not started)"
-        super().__init__(f"terminated by SIGTERM; {where}; resume with: {command}")
+    def __init__(self, checkpoint, command: str, out_dir=None, signal_name: str = "SIGTERM", trains: bool = True):
+        self.checkpoint, self.command, self.signal_name = checkpoint, command, signal_name
+        self.reason = "interrupted" if signal_name == "SIGINT" else "terminated"
+        #: 128 + the signal's number, as a shell reports a process the signal ended
+        self.exit_code = 130 if signal_name == "SIGINT" else 143
+        what = "interrupted (Ctrl-C)" if signal_name == "SIGINT" else "terminated by SIGTERM"
+        folder = f"; run folder {out_dir} (failed.json marks it {self.reason})" if out_dir is not None else ""
+        if not trains:
+            where, verb = "scoring had not finished", "re-run with"
+        else:
+            where = f"checkpoint {checkpoint}" if checkpoint is not None else "no checkpoint yet (it starts from the beginning)"
+            verb = "resume with"
+        super().__init__(f"{what}{folder}; {where}; {verb}: {command}")
 
     def failure_fields(self) -> dict:
-        return {"reason": "terminated", "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+        return {"reason": self.reason, "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
                 "resume_command": self.command}

@@ -27,6 +27,7 @@ import lightning as L
 import rich
 import rich.progress as rp
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from rich.console import Console
 from rich.text import Text
 
@@ -178,6 +179,26 @@ def stage(description: str, total: int, unit: str = "inputs", progress: Progress
     if progress is not None:
         return progress.stage(description, total, unit, quiet_under)
     return Stage(Progress().__enter__(), description, total, unit, owns=True, quiet_under=quiet_under)
+
+
+class TrainingBar(RichProgressBar):
+    """Lightning's rich bar, on a terminal only (in a file or a pipe it would leave its last frame
+    with the metrics wrapped over several lines; :class:`EpochProgress` writes lines there), and
+    numbered as the log's epoch lines: ``Epoch 3/3``, not Lightning's 0-based ``Epoch 2/2``."""
+
+    def __init__(self, console: Console | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.console = console
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        console = self.console if self.console is not None else rich.get_console()
+        if not console.is_terminal:
+            self.disable()
+        super().setup(trainer, pl_module, stage)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        epochs = f"/{self.trainer.max_epochs}" if self.trainer.max_epochs and self.trainer.max_epochs > 0 else ""
+        return f"{f'Epoch {current_epoch + 1}{epochs}':{len(self.validation_description)}}"
 
 
 class EpochProgress(L.Callback):

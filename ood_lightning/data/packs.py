@@ -1,8 +1,12 @@
 """Offline dataset packs (``*.npz`` of concatenated JPEGs, see ``shared/data/README.md``).
 
 A pack is decoded once into a uint8 array [N, C, H, W] and cached as ``.npy`` next to
-nothing the user owns (``cache_dir``), keyed by the pack's name, size and mtime, so no
-JPEG is ever decoded per sample per epoch. Later processes read the cache (~0.1 s for CIFAR-10).
+nothing the user owns (``cache_dir``), keyed by a SHA-256 of the pack's bytes, so no JPEG is
+ever decoded per sample per epoch and no two different files ever share decoded pixels (a copy
+with altered images keeps the size and mtime under ``cp -p``, ``rsync -a``, tar or zip). The
+hash is computed once per file and remembered under ``cache_dir/digests`` by path, size, mtime,
+ctime and inode (ctime changes on every write, and no tool sets it back). Later processes read the
+cache (~0.1 s for CIFAR-10).
 
 A pack that cannot be read whole (truncated copy, bad CRC) is a :class:`CorruptDataError`
 naming the file and the checksum check; a damaged cache file is logged and decoded again.
@@ -10,6 +14,7 @@ naming the file and the checksum check; a damaged cache file is logged and decod
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -22,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from ood_lightning.core.errors import CorruptDataError
-from ood_lightning.core.io import atomic_write
+from ood_lightning.core.io import atomic_write, atomic_write_text
+from ood_lightning.core.progress import stage
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +42,13 @@ class Pack:
 
 def _decode(jpeg: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Decode every JPEG of a pack into one uint8 array (N, C, H, W)."""
-    from rich.progress import track
-
     first = np.asarray(Image.open(io.BytesIO(jpeg[offsets[0] : offsets[1]].tobytes())))
     n = len(offsets) - 1
     out = np.empty((n, *first.shape), dtype=np.uint8)
-    for i in track(range(n), description="decoding pack", transient=True, disable=n < 5000):
-        out[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+    with stage("decoding pack", n, "images", quiet_under=5.0) as decoding:
+        for i in range(n):
+            out[i] = np.asarray(Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())))
+            decoding.advance()
     return out[:, None] if out.ndim == 3 else out.transpose(0, 3, 1, 2).copy()
 
 
@@ -62,6 +68,28 @@ def _read_cache(cache: Path, n: int) -> np.ndarray | None:
     return images
 
 
+def content_digest(path: Path, cache_dir: str | os.PathLike) -> str:
+    """SHA-256 of the file at ``path``, remembered in ``cache_dir/digests`` for this exact file
+    (path, size, mtime, ctime, inode): any write to it, or another file at that path, hashes again."""
+    st = path.stat()
+    identity = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    memo = Path(cache_dir) / "digests" / f"{hashlib.sha256(identity.encode()).hexdigest()[:32]}.txt"
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            sha.update(chunk)
+    digest = sha.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(memo, digest)
+    return digest
+
+
 @lru_cache(maxsize=8)
 def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Pack:
     """Read a pack, decoding its JPEGs only the first time (per cache directory)."""
@@ -74,8 +102,7 @@ def load_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None = Non
         raise CorruptDataError.of(path, f"{type(err).__name__}: {err}") from None
     cache = None
     if cache_dir is not None:
-        st = path.stat()
-        cache = Path(cache_dir) / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}.npy"
+        cache = Path(cache_dir) / f"{path.stem}-{content_digest(path, cache_dir)[:20]}.npy"
         if cache.exists():
             images = _read_cache(cache, len(labels))
             if images is not None:

@@ -243,6 +243,12 @@ DATASETS: dict[str, Callable[..., ArrayData]] = {
 }
 
 
+#: classes of the labelled datasets whose count is fixed (``data.known_classes`` is checked against
+#: it before any file is read)
+CLASS_COUNTS = {"cifar10": 10, "cifar100": 100, "svhn": 10, "mnist": 10, "fashionmnist": 10, "stripes": 2,
+                "moons": 2}
+
+
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike = ".", download: bool = False,
                  cache_dir: str | os.PathLike | None = None, **kwargs) -> ArrayData:
     """Load split ``split`` of dataset ``name`` (see :data:`DATASETS`) as tensors."""

@@ -13,20 +13,63 @@ import csv
 import io
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from ood_lightning.core.errors import ConfigError
 from ood_lightning.core.io import atomic_write_text
 from ood_lightning.evaluation.metrics import format_mean_std, mean_std
+from ood_lightning.evaluation.references import LOWER_IS_BETTER
 from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, never_started, overrides, read_metrics
 
 SUMMARY_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "tnr95", "autc", "macro_f1")
 
 
+def setting_overrides(overrides: list[str]) -> list[str]:
+    """The run's overrides without its seed, sorted: what its setting is."""
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith("seed="))
+
+
 def group_name(overrides: list[str]) -> str:
     """The run's setting without its seed (``-`` when only the seed was overridden)."""
-    kept = [o for o in overrides if not o.lstrip("+~").startswith("seed=")]
-    return " ".join(sorted(kept)) or "-"
+    return " ".join(setting_overrides(overrides)) or "-"
+
+
+#: a setting label longer than this gives every setting a short name (S1, S2, ...) and a legend line
+MAX_LABEL = 40
+
+
+@dataclass
+class SettingLegend:
+    """How tables and figures name the settings of a sweep: the overrides every run shares, said
+    once, and per setting only the overrides that set it apart (``lambda=0.01``), or, when those
+    are long, a short name (``S1``) explained by one legend line each."""
+
+    common: list[str]
+    labels: dict[str, str]  # group -> label
+    differing: dict[str, str]  # group -> the overrides that set it apart
+
+    @property
+    def several(self) -> bool:
+        return len(self.labels) > 1
+
+    def markdown(self) -> str:
+        """The lines under a table's heading: the shared overrides, then the named settings."""
+        text = f"Every run: `{' '.join(self.common)}`.\n" if self.common else ""
+        if any(label != self.differing[g] for g, label in self.labels.items()):
+            text += "\nSettings:\n\n" + "".join(f"- {label}: `{self.differing[g]}`\n" for g, label in self.labels.items())
+        return text
+
+
+def setting_legend(rows: list[dict]) -> SettingLegend:
+    """The :class:`SettingLegend` of :func:`aggregate` rows (or of runs from :func:`collect`), in
+    the order their settings first appear."""
+    by_group = {r["group"]: r["overrides"] for r in rows}
+    common = [o for o in next(iter(by_group.values()), []) if all(o in s for s in by_group.values())]
+    differing = {g: " ".join(o for o in s if o not in common) or "-" for g, s in by_group.items()}
+    short = all(len(d) <= MAX_LABEL for d in differing.values())
+    labels = differing if short else {g: f"S{i}" for i, g in enumerate(by_group, 1)}
+    return SettingLegend(common, labels, differing)
 
 
 def collect(run_dir: str | Path) -> tuple[list[dict], list[JobIssue]]:
@@ -41,6 +84,7 @@ def collect(run_dir: str | Path) -> tuple[list[dict], list[JobIssue]]:
             issues.append(metrics)
             continue
         metrics["group"] = group_name(overrides(job))
+        metrics["overrides"] = setting_overrides(overrides(job))
         metrics["run"] = str(job)
         runs.append(metrics)
     return runs, issues
@@ -55,6 +99,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     """One row per (group, detector, OOD set) with values per metric over seeds."""
     values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     accuracy: dict[str, list[float]] = defaultdict(list)
+    settings = {run["group"]: run["overrides"] for run in runs}
     for run in runs:
         if run.get("accuracy") is not None:
             accuracy[run["group"]].append(run["accuracy"])
@@ -65,7 +110,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
                         values[(run["group"], det, ood)][k].append(m[k])
     rows = []
     for (group, det, ood), by_metric in values.items():
-        row = {"group": group, "detector": det, "ood_set": ood, "n": len(next(iter(by_metric.values())))}
+        row = {"group": group, "overrides": settings[group], "detector": det, "ood_set": ood,
+               "n": len(next(iter(by_metric.values())))}
         mean, std = mean_std(accuracy[group]) if accuracy[group] else (float("nan"), float("nan"))
         row.update({"accuracy_mean": mean, "accuracy_std": std})
         for k, v in by_metric.items():
@@ -76,13 +122,22 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], metrics=("auroc", "aupr_in", "fpr95", "autc")) -> str:
-    """Paper-style table: one line per group × detector × OOD set, ×100, mean ± std (n seeds)."""
-    head = ["setting", "detector", "OOD set", "n"] + [m for m in metrics]
+    """Paper-style table: one line per setting × detector × OOD set, ×100, mean ± std (n seeds).
+
+    The overrides every run shares stand once above the table (:class:`SettingLegend`); the
+    setting column, only with several settings, names each by what sets it apart.
+    """
+    legend = setting_legend(rows)
+    head = (["setting"] if legend.several else []) + ["detector", "OOD set", "n"] + [m for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["group"], r["detector"], r["ood_set"], str(r["n"])] + [r.get(f"{m}_fmt", "") for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cells = ([legend.labels[r["group"]]] if legend.several else []) + [r["detector"], r["ood_set"], str(r["n"])]
+        lines.append("| " + " | ".join(cells + [r.get(f"{m}_fmt", "") for m in metrics]) + " |")
+    lower = [m for m in metrics if m in LOWER_IS_BETTER]
+    spread = "mean ± std over a setting's n seeds" if any(r["n"] > 1 for r in rows) else "one run each"
+    units = (f"{', '.join(metrics)}: ×100, {spread}"
+             + (f"; {', '.join(lower)}: lower is better" if lower else "") + ".\n")
+    return legend.markdown() + "\n" + units + "\n" + "\n".join(lines) + "\n"
 
 
 def _issues_text(issues: list[JobIssue], unstarted: list[str]) -> str:
@@ -116,8 +171,8 @@ def write_summary(run_dir: str | Path) -> tuple[Path, Path, list[dict], list[Job
     text += _issues_text(issues, unstarted)
     md = atomic_write_text(run_dir / "summary.md", text)
     buf = io.StringIO(newline="")
-    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("group", "detector", "ood_set", "n"), k))
-    writer = csv.DictWriter(buf, fieldnames=fields)
+    fields = sorted({k for r in rows for k in r} - {"overrides"}, key=lambda k: (k not in ("group", "detector", "ood_set", "n"), k))
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     out_csv = atomic_write_text(run_dir / "summary.csv", buf.getvalue())

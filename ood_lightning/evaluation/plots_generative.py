@@ -52,19 +52,21 @@ def elbo_component_histograms(components: Mapping[str, Mapping[str, np.ndarray]]
                               title: str | None = None) -> Path:
     """``components[split][name]`` per input, one panel per component: ID test filled, OOD outlined."""
     names = [n for n in COMPONENT_TITLES if all(n in c for c in components.values())]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.6 + 0.16 * len(components)), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes[0], names):
-        hist_panel(ax, {split: c[name] for split, c in components.items()}, COMPONENT_TITLES[name])
+        hist_panel(ax, {split: c[name] for split, c in components.items()}, COMPONENT_TITLES[name],
+                   legend_below_axis=True)
     return save(fig, path, title)
 
 
 @styled
 def probe_distance_histograms(probes: Mapping, path: str | Path) -> Path:
     """One panel per OOD set: held-out signed distances to the SVM hyperplane (positive = ID side)."""
-    fig, axes = plt.subplots(1, len(probes), figsize=(4.2 * len(probes), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(probes), figsize=(4.6 * len(probes), 4.0), squeeze=False, layout="constrained")
     for ax, (ood, p) in zip(axes[0], probes.items()):
         hist_panel(ax, {"id_test": p.distances_id, ood: p.distances_ood},
                     f"{ood}: pos {p.positive_accuracy:.3f} / neg {p.negative_accuracy:.3f}",
-                    "signed distance to the hyperplane (latent units)")
+                    "signed distance to the hyperplane (latent units)", legend_below_axis=True)
         reference(ax, x=0.0)
     return save(fig, path, "linear SVM on latent means (held-out inputs)")

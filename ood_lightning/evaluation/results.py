@@ -96,14 +96,14 @@ def write_results(run_dir: str | Path, results: Results, metrics: dict, extra: d
     atomic_write(run_dir / "scores.npz", lambda tmp: np.savez_compressed(tmp, **arrays))
     from ood_lightning.evaluation.plots import roc_curves, score_histograms
 
-    untuned = {}
+    by_scorer = {}  # scorer -> split (split@tuned_for for a scorer tuned on each OOD set) -> scores
     for key, v in results.scores.items():
-        if key.tuned_for is None and key.split != "id_val":
-            untuned.setdefault(key.scorer, {})[key.split] = v
-    if untuned:  # detectors=none: accuracy only, nothing to plot
-        score_histograms(untuned, run_dir / "plots" / "scores.png")
-        if any(s not in ("id_val", "id_test") for by in untuned.values() for s in by):
-            roc_curves(untuned, run_dir / "plots" / "roc.png")
+        if key.split != "id_val":
+            by_scorer.setdefault(key.scorer, {})[key.split + (f"@{key.tuned_for}" if key.tuned_for else "")] = v
+    if by_scorer:  # detectors=none: accuracy only, nothing to plot
+        score_histograms(by_scorer, run_dir / "plots" / "scores.png")
+        if results.ood_keys():
+            roc_curves(by_scorer, run_dir / "plots" / "roc.png")
     return run_dir / "metrics.json"
 
 
@@ -127,8 +127,15 @@ def wide_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=120)
 
 
-def print_results(metrics: dict, console: Console | None = None) -> None:
+#: the line above a smoke run's table (debug=fast)
+SMOKE_NOTE = ("SMOKE RUN (debug=fast): a few batches of a subset, cut-down scoring; "
+              "these numbers test the code, they are not results")
+
+
+def print_results(metrics: dict, console: Console | None = None, smoke: bool = False) -> None:
     console = console or wide_console()
+    if smoke:
+        console.print(SMOKE_NOTE, style="bold", markup=False)
     if not any(metrics.get("results", {}).values()):
         acc = metrics.get("accuracy")
         head = f"ID accuracy {100 * acc:.2f}%; " if acc is not None else ""

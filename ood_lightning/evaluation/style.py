@@ -25,6 +25,8 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
 ID_COLOUR = "black"
 #: the chance level / reference lines
 REFERENCE = {"color": "grey", "linewidth": 0.8, "linestyle": ":"}
+#: line styles that tell apart curves of the same colour once the palette runs out
+DASHES = ("-", "--", ":", "-.")
 #: the shaded ± std band's opacity
 BAND_ALPHA = 0.2
 DPI = 120
@@ -84,19 +86,49 @@ def reference(ax, y: float | None = None, x: float | None = None, diagonal: bool
         ax.plot([0, 1], [0, 1], **REFERENCE)
 
 
+def series_style(i: int) -> dict:
+    """Colour and line style of the ``i``-th curve of a panel: the palette, then the palette again
+    dashed, so every curve of a panel with more curves than colours stays distinct."""
+    return {"color": PALETTE[i % len(PALETTE)], "linestyle": DASHES[(i // len(PALETTE)) % len(DASHES)]}
+
+
 def legend(ax, **kwargs) -> None:
     """A legend when the axis has labelled artists (none otherwise: an empty box says nothing)."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(**kwargs)
 
 
+def legend_beside(ax, **kwargs) -> None:
+    """:func:`legend` to the right of the axis, outside it: it never covers a curve."""
+    legend(ax, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
+def legend_below(ax, ncol: int = 2, **kwargs) -> None:
+    """:func:`legend` under the axis (below its x label), outside it: it never covers a curve."""
+    legend(ax, loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0, ncol=ncol, **kwargs)
+
+
+def wrap(text: str, width_in: float, fontsize: float | None = None) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``fontsize`` points (an average
+    character is about 0.6 em wide), so a long title or caption is never cut off at the figure's edge."""
+    import textwrap
+
+    fontsize = fontsize or RC["font.size"]
+    return textwrap.fill(text, width=max(10, int(width_in * 72 / (0.6 * fontsize))), break_on_hyphens=False)
+
+
 def save(fig, path: str | Path, title: str | None = None) -> Path:
-    """Title, tight layout, PNG at :data:`DPI`, close."""
+    """Title (wrapped to the figure's width), layout, PNG at :data:`DPI`, close.
+
+    A figure made with ``layout="constrained"`` (legends and captions outside the axes) keeps it;
+    any other gets matplotlib's tight layout.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(wrap(title, fig.get_figwidth(), RC["figure.titlesize"]))
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path

@@ -34,14 +34,16 @@ import yaml
 
 from ood_lightning.core.errors import ConfigError
 from ood_lightning.evaluation.run_dir import JobIssue, job_dirs, read_metrics
-from ood_lightning.evaluation.style import ID_COLOUR, PALETTE, legend, mean_std, reference, save, styled
+from ood_lightning.evaluation.style import ID_COLOUR, PALETTE, mean_std, reference, save, styled
 
 log = logging.getLogger(__name__)
 
 #: sweep name -> config key of its x value
 SWEEP_KEYS = {"lambda": "lambda", "spectral_coeff": "method.spectral_coeff"}
-#: the paper's collapse threshold: λ = 3.59e-3 trained, 3.67e-3 collapsed (Fig. 3)
+#: the paper's collapse threshold: λ = 3.59e-3 trained, 3.67e-3 collapsed (Fig. 3), measured with
+#: a WRN-28-10 on CIFAR-10 (:data:`COLLAPSE_SETTING`); another model collapses elsewhere, if at all
 COLLAPSE_THRESHOLD = (3.59e-3, 3.67e-3)
+COLLAPSE_SETTING = {"data": "cifar10", "backbone": "wrn28_10"}
 #: per-run values read from the last epoch of csv/metrics.csv (the log-det shows a collapse)
 VAL_KEYS = {"val_acc": "val/acc", "val_loss": "val/loss", "train_logdet": "train/logdet"}
 
@@ -118,6 +120,7 @@ def collect_sweep(run_dir: str | Path, key: str) -> list[dict]:
             continue
         val = last_epoch_values(run / "csv" / "metrics.csv")
         records.append({"run": str(run), "x": run_value(run, key), "seed": metrics.get("seed"),
+                        "data": metrics.get("data"), "backbone": metrics.get("backbone"),
                         "accuracy": metrics.get("accuracy"), "results": metrics["results"],
                         **{name: val.get(k, float("nan")) for name, k in VAL_KEYS.items()}})
     return records
@@ -157,21 +160,28 @@ DETECTOR_STYLES = ("-", "--", ":", "-.")
 #: the y axes of the per-run values, with units
 VAL_LABELS = {"val_acc": "validation accuracy (fraction)", "val_loss": "validation loss CE + λ·NLL (nats)",
               "train_logdet": "training log-det, last epoch (nats)"}
-METRIC_LABELS = {"auroc": "AUROC (ID = positive; 0.5 = chance)", "aupr_in": "AUPR-in (ID = positive)"}
+METRIC_LABELS = {"auroc": "AUROC ×100 (ID = positive; 50 = chance)", "aupr_in": "AUPR-in ×100 (ID = positive)"}
+
+
+def collapse_threshold(records: list[dict]) -> tuple[float, float] | None:
+    """The paper's collapse threshold when every run has the paper's setting (data and backbone,
+    from ``metrics.json``); None otherwise: a small model's curve says nothing about it."""
+    same = all(r.get(k) == v for r in records for k, v in COLLAPSE_SETTING.items())
+    return COLLAPSE_THRESHOLD if records and same else None
 
 
 def _ood_panel(ax, records, detectors, metric: str) -> None:
-    """Per detector (line style) and OOD set (colour): mean ± std over seeds against x."""
+    """Per detector (line style) and OOD set (colour): mean ± std over seeds ×100 against x."""
     sets = list(dict.fromkeys(o for det in detectors for o in ood_sets(records, det)))
     for i, det in enumerate(detectors):
         for ood in ood_sets(records, det):
             xs, mean, std, _ = summarise(records, _metric(det, ood, metric))
             if len(xs):
-                mean_std(ax, xs, mean, std, label=f"{det}: {ood}", color=PALETTE[sets.index(ood) % len(PALETTE)],
-                         linestyle=DETECTOR_STYLES[i % len(DETECTOR_STYLES)])
+                mean_std(ax, xs, 100 * mean, 100 * std, label=f"{det}: {ood}",
+                         color=PALETTE[sets.index(ood) % len(PALETTE)], linestyle=DETECTOR_STYLES[i % len(DETECTOR_STYLES)])
     ax.set_ylabel(METRIC_LABELS[metric])
     if metric == "auroc":
-        reference(ax, y=0.5)
+        reference(ax, y=50)
 
 
 def _value_panel(ax, records, value, ylabel: str) -> None:
@@ -185,14 +195,24 @@ def _value_panel(ax, records, value, ylabel: str) -> None:
 
 def _title(records, x_label: str) -> str:
     n_seeds = max((n for n in summarise(records, lambda r: r["accuracy"] or 0.0)[3]), default=0)
-    return f"{len(records)} runs; mean ± std (band) over up to {n_seeds} seeds per {x_label}"
+    seeds = f"{n_seeds} seed" if n_seeds == 1 else f"up to {n_seeds} seeds"
+    spread = "" if n_seeds == 1 else "; mean ± std (band) over seeds"
+    return f"{len(records)} run{'s' if len(records) != 1 else ''}, {seeds} per {x_label}{spread}"
+
+
+def _figure_legend(fig, ax) -> None:
+    """The legend of ``ax``'s curves, once, to the right of the figure: it covers no panel."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", handlelength=3.5)
 
 
 @styled
 def lambda_figure(records: list[dict], detectors: Sequence[str] = ("dhm",),
-                  threshold: tuple[float, float] | None = COLLAPSE_THRESHOLD):
-    """The figure of :func:`plot_lambda` (unsaved, for inspection): four panels on a log λ axis."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+                  threshold: tuple[float, float] | None = None):
+    """The figure of :func:`plot_lambda` (unsaved, for inspection): four panels on a log λ axis;
+    ``threshold`` (λ from, to) is drawn as a band."""
+    fig, axes = plt.subplots(1, 4, figsize=(19, 3.8), layout="constrained")
     for ax, name in zip([axes[0], axes[1], axes[3]], VAL_LABELS):
         _value_panel(ax, records, lambda r, n=name: r[n], VAL_LABELS[name])
     _ood_panel(axes[2], records, detectors, "auroc")
@@ -202,7 +222,7 @@ def lambda_figure(records: list[dict], detectors: Sequence[str] = ("dhm",),
         if threshold is not None:
             ax.axvspan(*threshold, color="tab:red", alpha=0.4, linewidth=1, label="paper's collapse threshold"
                        if ax is axes[2] else None)
-    legend(axes[2])
+    _figure_legend(fig, axes[2])
     fig.suptitle(_title(records, "λ"))
     return fig
 
@@ -210,24 +230,23 @@ def lambda_figure(records: list[dict], detectors: Sequence[str] = ("dhm",),
 @styled
 def spectral_figure(records: list[dict], detectors: Sequence[str] = ("dhm",)):
     """The figure of :func:`plot_spectral_coeff` (unsaved): test accuracy, AUROC, AUPR-in against c."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), layout="constrained")
     _value_panel(axes[0], records, lambda r: r["accuracy"], "test accuracy (fraction)")
     _ood_panel(axes[1], records, detectors, "auroc")
     _ood_panel(axes[2], records, detectors, "aupr_in")
     for ax in axes:
         ax.set_xlabel("spectral coefficient c (bound on each layer's Lipschitz constant)")
-    legend(axes[1])
-    legend(axes[2])
+    _figure_legend(fig, axes[1])
     fig.suptitle(_title(records, "c"))
     return fig
 
 
-def plot_lambda(run_dir: str | Path, out: str | Path | None = None, detectors: Sequence[str] = ("dhm",),
-                threshold: tuple[float, float] | None = COLLAPSE_THRESHOLD) -> Path:
+def plot_lambda(run_dir: str | Path, out: str | Path | None = None, detectors: Sequence[str] = ("dhm",)) -> Path:
     """Paper Fig. 3: validation accuracy, validation loss and AUROC per OOD set against λ (log x),
     and the last epoch's training log-det (the collapse monitor's quantity: 0.12 -> 1113 in the paper).
 
-    The red band marks the paper's collapse threshold (λ between 3.59e-3 and 3.67e-3). Axes whose
+    A red band marks the paper's collapse threshold (λ between 3.59e-3 and 3.67e-3) when every run has
+    the paper's setting (:func:`collapse_threshold`). Axes whose
     values span more than two decades (the loss grows with λ·NLL) are drawn on a log scale.
     """
     records = [r for r in collect_sweep(run_dir, "lambda") if r["x"] is not None and r["x"] > 0]
@@ -235,7 +254,7 @@ def plot_lambda(run_dir: str | Path, out: str | Path | None = None, detectors: S
         raise ConfigError(f"no finished runs with lambda > 0 under {run_dir} (log-scale x axis)")
     out = Path(out) if out else Path(run_dir) / "sweep_lambda.png"
     write_sweep_csv(records, "lambda", out.with_suffix(".csv"), detectors)
-    return save(lambda_figure(records, detectors, threshold), out)
+    return save(lambda_figure(records, detectors, collapse_threshold(records)), out)
 
 
 def plot_spectral_coeff(run_dir: str | Path, out: str | Path | None = None,
@@ -287,38 +306,49 @@ def write_sweep_csv(records: list[dict], key: str, path: Path, detectors: Sequen
 
 # -- Table 1 --------------------------------------------------------------------------------------
 def _fmt(row: dict, metric: str) -> str:
+    """×100, mean ± std over seeds; a single run's value alone (one run has no spread)."""
     mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
-    return f"{mean:.3f} ± {std:.3f}"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if row["n"] > 1 else "")
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
 
 
 def side_by_side(rows: list[dict], detectors: Sequence[str], metrics: Sequence[str] = ("auroc", "aupr_in", "autc"),
                  title: str = "") -> str:
     """Paper Table 1 from :func:`~ood_lightning.evaluation.aggregate.aggregate` rows: per setting, one
-    line per detector (in the given order), for each OOD set its metrics as mean ± std over seeds.
+    line per OOD set, for each detector (in the given order) its metrics ×100 as mean ± std over
+    seeds (detectors side by side: few columns however many OOD sets).
 
-    AUROC and AUPR-in: higher is better; AuTC: lower is better.
+    AUROC and AUPR-in: higher is better; AuTC: lower is better. Settings are named as in
+    ``summary.md`` (:func:`~ood_lightning.evaluation.aggregate.setting_legend`).
     """
+    from ood_lightning.evaluation.aggregate import setting_legend
+
     found = sorted({r["detector"] for r in rows})
     wanted = [d for d in detectors if d in found]
     if not wanted:
         raise ConfigError(f"none of the detectors {list(detectors)} is in the runs; found {found}")
     if missing := [d for d in detectors if d not in found]:
         log.warning("compare: %s not in the runs (left out of the table); found %s", missing, found)
-    out = [f"## {title}\n" if title else ""]
+    legend = setting_legend(rows)
+    out = [text for text in (f"## {title}\n" if title else "", legend.markdown()) if text]
     for group in dict.fromkeys(r["group"] for r in rows):
         sel = [r for r in rows if r["group"] == group]
         sets = list(dict.fromkeys(r["ood_set"] for r in sel if r["detector"] in wanted))
         n = max(r["n"] for r in sel)
         acc = next((r for r in sel if not math.isnan(r.get("accuracy_mean", math.nan))), None)
-        acc_text = f", test accuracy {acc['accuracy_mean']:.4f} ± {acc['accuracy_std']:.4f}" if acc else ""
-        out.append(f"**{group}** ({n} seeds{acc_text})\n")
-        head = ["detector"] + [f"{s} {m}" for s in sets for m in metrics]
+        acc_text = f", test accuracy {_fmt({**acc, 'n': n}, 'accuracy')}" if acc else ""
+        name = legend.labels[group] if legend.several else "every run"
+        out.append(f"**{name}** ({_seeds(n)}{acc_text})\n")
+        head = ["OOD set"] + [f"{det} {m}" for det in wanted for m in metrics]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for det in wanted:
-            by_set = {r["ood_set"]: r for r in sel if r["detector"] == det}
-            cells = [_fmt(by_set[s], m) if s in by_set else "-" for s in sets for m in metrics]
-            out.append("| " + " | ".join([det, *cells]) + " |")
+        by_key = {(r["detector"], r["ood_set"]): r for r in sel}
+        for ood in sets:
+            cells = [_fmt(by_key[det, ood], m) if (det, ood) in by_key else "-" for det in wanted for m in metrics]
+            out.append("| " + " | ".join([ood, *cells]) + " |")
         out.append("")
-    return "\n".join(line for line in out if line is not None) + "\n"
+    return "\n".join(out) + "\n"

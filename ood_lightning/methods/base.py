@@ -58,6 +58,9 @@ class OODMethod(L.LightningModule):
         self.run_config: dict | None = None  # the resolved Hydra config, stored in checkpoints
         #: host reads of the loss: every step (1) or every k steps (train.yaml ``nan_check_every``)
         self.nan_check_every = 1
+        #: dtype of the evaluation passes' backbone forward under autocast (``evaluation.precision``;
+        #: None = float32); set by ``assembly.runtime.apply_eval_speedups``
+        self.eval_autocast: torch.dtype | None = None
         self._nonfinite_guard: NonFiniteGuard | None = None
 
     # -- what detectors call ---------------------------------------------------------------

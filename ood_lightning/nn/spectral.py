@@ -38,6 +38,7 @@ The BN layers keep their class's state (same state_dict keys); their class becom
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -308,9 +309,10 @@ def bound_batchnorm(bn: nn.Module, coeff: float) -> nn.Module:
 
 
 def apply_spectral_norm(module: nn.Module, coeff: float | None, n_power_iterations: int = 1,
-                        mode: Mode = "operator", n_init_iterations: int = 50, batchnorm: bool = True) -> nn.Module:
+                        mode: Mode = "operator", n_init_iterations: int = 50, batchnorm: bool = True,
+                        exempt: Sequence[nn.Module] = ()) -> nn.Module:
     """Bound every ``nn.Conv2d`` and ``nn.Linear`` in ``module`` (in place), and with ``batchnorm``
-    every BatchNorm's scale; ``coeff=None`` is a no-op.
+    every BatchNorm's scale, except the layers in ``exempt``; ``coeff=None`` is a no-op.
 
     Layers that already carry a parametrized weight (e.g. a residual flow's own bound) or are
     already bounded BatchNorms are skipped.
@@ -319,7 +321,10 @@ def apply_spectral_norm(module: nn.Module, coeff: float | None, n_power_iteratio
         return module
     if mode not in ("operator", "matrix"):
         raise ConfigError(f"spectral norm mode must be 'operator' or 'matrix', got {mode!r}")
+    free = {id(m) for m in exempt}
     for layer in list(module.modules()):
+        if id(layer) in free:
+            continue
         if isinstance(layer, (nn.Conv2d, nn.Linear)) and not parametrize.is_parametrized(layer, "weight"):
             spectral_norm_bound(layer, coeff, n_power_iterations, mode, n_init_iterations)
         elif batchnorm and isinstance(layer, _BatchNorm):

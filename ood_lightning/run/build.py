@@ -13,7 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ood_lightning.core.checkpoints import OPT_IN, load_state_strict, read_checkpoint, to_project_layout
+from ood_lightning.core.checkpoints import (
+    OPT_IN,
+    AtomicCheckpointIO,
+    load_state_strict,
+    read_checkpoint,
+    to_project_layout,
+)
 from ood_lightning.core.errors import CheckpointMismatchError, ConfigError, InvalidCheckpointError
 from ood_lightning.core.pretrained import check_input_normalisation
 from ood_lightning.data.datamodule import OODDataModule
@@ -22,6 +28,7 @@ from ood_lightning.methods.dhm.ood_monitor import OODMonitor
 from ood_lightning.nn.spectral import apply_spectral_norm
 from ood_lightning.run.config import to_dict
 from ood_lightning.run.loggers import build_loggers
+from ood_lightning.run.stored_config import check_stored_targets
 from ood_lightning.scoring.api import Scorer
 from ood_lightning.scoring.feature_cache import FeatureCache
 from ood_lightning.scoring.fit_cache import FitCache
@@ -52,7 +59,7 @@ def build_backbone(cfg: DictConfig) -> torch.nn.Module:
     spectral_bn = bool(spec.pop("spectral_bn", True))
     backbone = instantiate(spec)
     if spectral_coeff is not None:
-        apply_spectral_norm(backbone, float(spectral_coeff), batchnorm=spectral_bn)
+        apply_spectral_norm(backbone, float(spectral_coeff), batchnorm=spectral_bn, exempt=backbone.unbounded_layers())
     return backbone
 
 
@@ -100,7 +107,8 @@ def build_trainer(cfg: DictConfig, model: OODMethod, dm: OODDataModule,
         names = list(dm.ood_sets) if sets == "all" else list(sets)
         callbacks.append(OODMonitor(dm.val_set.images, {n: dm.ood_sets[n].images for n in names}, dm.preprocess,
                                     int(model.monitor_ood.get("limit", 500))))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}  # a full disk keeps last.ckpt
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **plugins)
     for logger in loggers:
         logger.log_hyperparams(to_dict(cfg))
     return trainer, loggers
@@ -185,10 +193,15 @@ def load_weights(model: torch.nn.Module, ckpt_path: str | Path, allow_unsafe: bo
     load_state_strict(model, state["state_dict"], path, "model")
 
 
-def stored_config(ckpt_path: str | Path, allow_unsafe: bool = False) -> DictConfig:
-    """The resolved config a ``train.py`` checkpoint was trained with."""
+def stored_config(ckpt_path: str | Path, allow_unsafe: bool = False,
+                  opt_in: str = f"{OPT_IN}=true") -> DictConfig:
+    """The resolved config a ``train.py`` checkpoint was trained with: the one reader of a stored
+    config, which refuses any ``_target_`` the project does not name (``stored_config`` module)
+    unless the user passes ``opt_in`` (``allow_unsafe``)."""
     path = Path(ckpt_path)
     ckpt = read_checkpoint(path, allow_unsafe, key="ckpt_path", hint="pass ckpt_path=<run_dir>/checkpoints/last.ckpt")
-    if "ood_lightning_config" not in ckpt:
+    stored = ckpt.get("ood_lightning_config")
+    if not isinstance(stored, dict):
         raise CheckpointMismatchError(f"checkpoint {path} has no stored ood-lightning config; was it written by train.py?")
-    return OmegaConf.create(ckpt["ood_lightning_config"])
+    check_stored_targets(stored, f"ckpt_path={path}", allow_unsafe, opt_in)
+    return OmegaConf.create(stored)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from ood_lightning.core.pretrained import models_root
 from ood_lightning.data.registry import default_data_root
 from ood_lightning.data.schema import register_schema
+from ood_lightning.run.typos import group_options
 
 
 def _epochs_at(max_epochs: int, fractions) -> ListConfig:
@@ -25,6 +26,12 @@ def _epochs_at(max_epochs: int, fractions) -> ListConfig:
 def _epochs_every(max_epochs: int, step: int) -> ListConfig:
     """MultiStepLR milestones that make it StepLR(step_size=step): 250 epochs, step 100 -> [100, 200]."""
     return OmegaConf.create(list(range(int(step), int(max_epochs), int(step))))
+
+
+def _smoke(fast, full, *, _root_):
+    """``${smoke:FAST,FULL}``: FAST in a smoke run (the top-level ``smoke: true`` that debug=fast
+    sets), else FULL; so each method's config names its own cut for a smoke run."""
+    return fast if _root_.get("smoke", False) else full
 
 
 def register_resolvers() -> None:
@@ -44,6 +51,10 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("epochs_at", _epochs_at)
     if not OmegaConf.has_resolver("epochs_every"):
         OmegaConf.register_new_resolver("epochs_every", _epochs_every)
+    if not OmegaConf.has_resolver("help_groups"):  # the --help pages' list of groups and options
+        OmegaConf.register_new_resolver("help_groups", group_options)
+    if not OmegaConf.has_resolver("smoke"):
+        OmegaConf.register_new_resolver("smoke", _smoke)
 
 
 def compose(config_name: str, overrides: list[str], out_dir: str | Path, config_dir: str | Path) -> DictConfig:

@@ -23,14 +23,21 @@ log = logging.getLogger(__name__)
 
 
 class QuietWandbLogger(WandbLogger):
-    """Lightning's ``WandbLogger`` without the ``anonymous`` argument when it is not asked for.
+    """Lightning's ``WandbLogger`` without the ``anonymous`` argument when it is not asked for, and
+    with W&B's ``quiet`` setting (``quiet=False`` to undo).
 
     Lightning passes ``anonymous=None`` to ``wandb.init`` whatever it is given, and wandb >= 0.19
     warns about any ``anonymous`` setting that is not left unset ("The anonymous setting has no
     effect and will be removed"): a warning on every W&B run that no config of ours can avoid.
-    ``anonymous=True`` is still passed on (and warned about, rightly)."""
+    ``anonymous=True`` is still passed on (and warned about, rightly). ``quiet`` drops W&B's closing
+    footer (a sparkline and the last value of every metric, over 40 lines that repeat the run's own
+    table); its opening lines, which say where the run's data is and how to sync it, stay."""
 
-    def __init__(self, *args, anonymous: bool | None = None, **kwargs) -> None:
+    def __init__(self, *args, anonymous: bool | None = None, quiet: bool = True, **kwargs) -> None:
+        if quiet and "settings" not in kwargs:
+            import wandb
+
+            kwargs["settings"] = wandb.Settings(quiet=True)
         super().__init__(*args, anonymous=anonymous, **kwargs)
         if not anonymous:
             self._wandb_init.pop("anonymous", None)

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from ood_lightning.core.checkpoints import OPT_IN
+from ood_lightning.core.cpu_runtime import log_thread_choice
 from ood_lightning.core.pretrained import check_input_normalisation
 from ood_lightning.data.datamodule import OODDataModule
 from ood_lightning.evaluation.results import (
@@ -36,12 +37,13 @@ from ood_lightning.run.build import (
     scorer_configs,
     stored_config,
 )
-from ood_lightning.run.checks import check_config
+from ood_lightning.run.checks import check_config, ood_overlapping_id, warn_ood_overlap
 from ood_lightning.run.finished import ConfigHashStamp, config_hash, finished_metrics, resumable_checkpoint
 from ood_lightning.run.loggers import finish_runs, log_results
 from ood_lightning.run.preemption import Preemption
 from ood_lightning.run.runtime import (
     apply_eval_layout,
+    apply_eval_precision,
     apply_speedups,
     check_accelerator,
     resolve_device,
@@ -61,6 +63,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     (so a failing method report loses nothing), then the report merged into ``metrics.json``.
     Returns the metrics on the main rank, None on the others."""
     apply_eval_layout(model, cfg, device)
+    apply_eval_precision(model, cfg, device)
     f1_threshold = str(cfg.evaluation.get("f1_threshold", "auto"))
     f1_threshold = check_f1_threshold(model.f1_threshold_split if f1_threshold == "auto" else f1_threshold)
     fits = fit_cache(cfg, model) if cache is not None else None
@@ -72,9 +75,10 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
         return None
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
-    meta = {**meta, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
+    smoke = bool(cfg.get("smoke", False))
+    meta = {**meta, "smoke": smoke, "timings_s": {k: round(v, 3) for k, v in results.timings.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
-            "selected": results.selected,
+            "selected": results.selected, "ood_overlaps_id": ood_overlapping_id(cfg),
             "fit_cache": {"hits": sum(v == "cache" for v in results.fit_cache.values()),
                           "fitted": sum(v == "fitted" for v in results.fit_cache.values()),
                           "sources": results.fit_cache} if fits is not None else None}
@@ -82,7 +86,7 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     report = model.report(out_dir, results, dm, device)
     artifacts = sorted(str(p.relative_to(out_dir)) for p in (Path(out_dir) / "plots").glob("*.png"))
     write_metrics(out_dir, metrics, {**meta, **report, "artifacts": artifacts})
-    print_results(metrics)
+    print_results(metrics, smoke=smoke)
     log.info("results written to %s", out_dir)
     return metrics
 
@@ -94,6 +98,7 @@ def train(cfg: DictConfig) -> dict:
     ``skip_finished=true`` (a re-launched sweep): a job that already finished with this config
     returns its ``metrics.json`` without running; one that left a checkpoint of this config
     resumes from it (``assembly.finished``)."""
+    log_thread_choice(log)
     digest = config_hash(cfg)
     if cfg.get("skip_finished"):
         done = _finished_or_resume(cfg, digest)
@@ -125,7 +130,8 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
     clear_stale_results(cfg.paths.output_dir)  # a failure below must not leave an earlier attempt's numbers
     check_config(cfg)  # before any data is read
     check_accelerator(cfg)
-    L.seed_everything(cfg.seed, workers=True)
+    warn_ood_overlap(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config
     out_dir = Path(cfg.paths.output_dir)
     dm = build_data(cfg)
     dm.setup("fit")
@@ -165,16 +171,25 @@ def _train(cfg: DictConfig, preemption: Preemption, digest: str) -> dict:
 
 
 def rescore(cfg: DictConfig) -> dict:
-    """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets)."""
+    """Load ``cfg.ckpt_path``, score with ``cfg.detectors`` on ``cfg.ood`` (or the stored sets). SIGTERM
+    or Ctrl-C ends it as it ends ``train``: one line, ``failed.json``, the command that re-runs it."""
+    out_dir = HydraConfig.get().runtime.output_dir
+    with Preemption(out_dir, entry="evaluate.py").installed():
+        return _rescore(cfg)
+
+
+def _rescore(cfg: DictConfig) -> dict:
+    log_thread_choice(log)
     clear_stale_results(HydraConfig.get().runtime.output_dir)  # a failure below must not leave old numbers
     allow_unsafe = bool(cfg.get(OPT_IN, False))
-    check_config(cfg)  # before any data is read
+    check_config(cfg, stored=True)  # before any data is read
     trained = stored_config(cfg.ckpt_path, allow_unsafe)
     data = cfg.data if cfg.get("data") else trained.data
     ood = cfg.ood if cfg.get("ood") is not None else trained.ood
     with open_dict(cfg):  # the detectors' ${data.*} (e.g. ODIN's input std) resolve against the data scored
         cfg.data, cfg.ood = data, ood
     check_input_normalisation(trained.backbone, data)  # e.g. data=cifar10 for weights trained otherwise
+    warn_ood_overlap(cfg)
     dm = OODDataModule(data, ood)
     dm.setup("test")
     model = build_model(trained, dm.num_classes, pretrained=False)  # the checkpoint holds every weight

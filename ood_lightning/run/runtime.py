@@ -9,6 +9,7 @@ import weakref
 import torch
 from omegaconf import DictConfig
 
+from ood_lightning.core.cpu_runtime import fast_bf16
 from ood_lightning.core.errors import ConfigError
 from ood_lightning.nn.spectral import BoundedBatchNorm
 from ood_lightning.run.config import to_dict
@@ -51,7 +52,12 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
     """
     backbone = model.backbone
     applied = {"channels_last": False, "compile": False}
-    if resolve_channels_last(cfg.get("channels_last", "auto"), device, "train"):
+    precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
+    bf16 = precision.startswith("bf16")
+    if bf16 and device.type == "cpu" and not fast_bf16():
+        log.warning("trainer.precision=%s on a CPU without AMX: bf16 is emulated here and much slower than "
+                    "float32 (docs/performance.md); trainer.precision=32-true is faster on this machine", precision)
+    if resolve_channels_last(cfg.get("channels_last", "auto"), device, "train", bf16):
         applied["channels_last"] = _to_channels_last(backbone)
     options = cfg.get("compile", False)
     if options and any(isinstance(m, BoundedBatchNorm) for m in backbone.modules()):
@@ -69,18 +75,19 @@ def apply_speedups(model, cfg: DictConfig, device: torch.device) -> dict:
     return applied
 
 
-def resolve_channels_last(choice, device: torch.device, stage: str) -> bool:
+def resolve_channels_last(choice, device: torch.device, stage: str, bf16: bool = False) -> bool:
     """What ``channels_last: auto|true|false`` means for ``stage`` (``train`` or ``eval``) on ``device``.
 
-    ``auto`` is on CUDA for both stages, and on the CPU for evaluation only: there NHWC made the
-    published ResNet-56's feature extraction 1.2-1.4x faster (benchmarks/extraction_speed.py,
-    docs/performance.md), while CPU training keeps NCHW (not measured at scale here).
+    ``auto`` is on CUDA for both stages; on the CPU for evaluation (NHWC made the published
+    ResNet-56's feature extraction 1.2-1.4x faster, benchmarks/extraction_speed.py) and for
+    training in bf16 (``bf16``: oneDNN's bf16 kernels want NHWC; bf16 on NCHW tensors reorders
+    around every conv), while fp32 CPU training keeps NCHW.
     """
     text = str(choice).lower()
     if text not in ("auto", "true", "false"):
         raise ConfigError(f"channels_last={choice!r}: choose auto, true or false")
     if text == "auto":
-        return device.type == "cuda" or stage == "eval"
+        return device.type == "cuda" or stage == "eval" or bf16
     return text == "true"
 
 
@@ -109,6 +116,28 @@ def apply_eval_layout(model, cfg: DictConfig, device: torch.device) -> bool:
     if done:
         log.info("evaluation on %s: backbone in channels_last (channels_last=%s)", device, cfg.get("channels_last", "auto"))
     return done
+
+
+#: ``evaluation.precision`` -> the autocast dtype of the evaluation passes' backbone (None = float32)
+EVAL_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def apply_eval_precision(model, cfg: DictConfig, device: torch.device) -> torch.dtype | None:
+    """``evaluation.precision: fp32|bf16``: the dtype of the evaluation passes' backbone and head
+    (autocast, :func:`ood_lightning.scoring.passes.extract`). Their outputs are cast to float32, so
+    every fit and density (Mahalanobis, GMMs, flows, a DHM's log-det) runs in float32; the
+    input-gradient detectors' own passes (ODIN, Mahalanobis*) stay float32. fp32 is the default until
+    the AUROC difference is measured (docs/performance.md, "bf16 feature extraction")."""
+    choice = str(cfg.get("evaluation", {}).get("precision", "fp32")).lower()
+    if choice not in EVAL_PRECISIONS:
+        raise ConfigError(f"evaluation.precision={choice!r}: choose {' or '.join(EVAL_PRECISIONS)}")
+    model.eval_autocast = EVAL_PRECISIONS[choice]
+    if model.eval_autocast is not None:
+        slow = device.type == "cpu" and not fast_bf16()
+        (log.warning if slow else log.info)(
+            "evaluation passes in %s autocast on %s%s", choice, device,
+            " (a CPU without AMX: bf16 is emulated and slower than float32 here)" if slow else "")
+    return model.eval_autocast
 
 
 def _channels_last_input(module: torch.nn.Module, args: tuple):

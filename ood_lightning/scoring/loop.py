@@ -219,12 +219,13 @@ def split_outputs(model: LightningModule, dm: OODDataModule, split: str, loader,
         def run(*args, **kwargs) -> Outputs:
             if on_extract is not None:
                 on_extract(split)
-            return extract(*args, ranks=ranks, pass_values=model.pass_values, **kwargs)
+            return extract(*args, ranks=ranks, pass_values=model.pass_values, autocast=model.eval_autocast, **kwargs)
 
         if cache is None:
             return run(model, loader, prep, device, progress, f"{model.pass_label}: {split}")
         dataset, name, tag = dm.cache_key(split, limit)
         tag = f"{tag}-augmented" if augment else tag
+        tag = f"{tag}-{str(model.eval_autocast).removeprefix('torch.')}" if model.eval_autocast is not None else tag
         return cache.get_or_extract(model, split, loader, prep, device, dataset, name, tag,
                                     extract_fn=run, progress=progress, fingerprint=fingerprint)
 

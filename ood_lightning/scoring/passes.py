@@ -20,11 +20,13 @@ PassValues = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
 @torch.no_grad()
 def extract(model, loader, preprocess: Callable[[Tensor], Tensor], device: torch.device | str,
             progress: Progress | None = None, description: str = "extracting", ranks: Ranks = SINGLE,
-            pass_values: PassValues | None = None) -> Outputs:
+            pass_values: PassValues | None = None, autocast: torch.dtype | None = None) -> Outputs:
     """Run ``model`` over ``loader`` once and keep logits, pooled layers, labels and the method's
-    ``pass_values`` (on CPU); with several ``ranks``, each runs its block and the blocks are gathered."""
+    ``pass_values`` (on CPU); with several ``ranks``, each runs its block and the blocks are gathered.
+    ``autocast`` (e.g. ``torch.bfloat16``; ``evaluation.precision``) runs the backbone and head under
+    autocast; every output is float32 all the same."""
     return ranks.run_sharded(loader, lambda ld: _extract(model, ld, preprocess, torch.device(device), progress,
-                                                          description, pass_values), Outputs.cat)
+                                                          description, pass_values, autocast), Outputs.cat)
 
 
 def n_inputs(loader) -> int:
@@ -32,14 +34,19 @@ def n_inputs(loader) -> int:
     return len(loader.labels) if isinstance(loader, DeviceLoader) else len(loader.dataset)
 
 
-def _extract(model, loader, preprocess, device, progress, description, pass_values) -> Outputs:
+def _extract(model, loader, preprocess, device, progress, description, pass_values, dtype) -> Outputs:
     model.eval()
     logits, labels, layers, extra = [], [], {}, {}
     with stage(description, n_inputs(loader), progress=progress) as st:
         for x, y in loader:
             x = preprocess(x.to(device))
-            feats = model.forward_features(x)
-            logits.append(model.classify(feats["penultimate"]).float().cpu())
+            # the backbone and head under autocast (evaluation.precision); everything read from their
+            # outputs (pass_values: a flow's log-det, a VAE's bound; every scorer's fit) is float32
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                feats = model.forward_features(x)
+                logit = model.classify(feats["penultimate"])
+            feats = {name: value.float() for name, value in feats.items()}
+            logits.append(logit.float().cpu())
             labels.append(y.cpu())
             for name, value in feats.items():
                 layers.setdefault(name, []).append(pool(value).float().cpu())

@@ -54,7 +54,7 @@ class DeepHybridModel(OODMethod):
             if is_spectrally_bounded(backbone):
                 raise ConfigError("the backbone is already spectrally normalised (backbone.spectral_coeff): set the "
                                   "DHM's bound with method.spectral_coeff only")
-            apply_spectral_norm(backbone, float(spectral_coeff), batchnorm=spectral_bn)
+            apply_spectral_norm(backbone, float(spectral_coeff), batchnorm=spectral_bn, exempt=backbone.unbounded_layers())
         self.spectral_coeff, self.spectral_bn = spectral_coeff, spectral_bn
         self.flow = flow(backbone.feature_dim)
         lambda_ = DEFAULT_LAMBDA if lambda_ is None else float(lambda_)
@@ -64,6 +64,8 @@ class DeepHybridModel(OODMethod):
         if head_input not in ("raw", "normalized"):
             raise ConfigError(f"method.head_input must be 'raw' or 'normalized', got {head_input!r}")
         self.head_input, self.norm_log_coeff = head_input, float(norm_log_coeff)
+        #: the head on normalised features is not a linear map of the penultimate features
+        self.has_linear_head = head_input == "raw"
         if head not in ("linear", "softmax"):
             raise ConfigError(f"method.head must be 'linear' or 'softmax', got {head!r}")
         if head == "softmax":

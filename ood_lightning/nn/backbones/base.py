@@ -21,5 +21,10 @@ class Backbone(nn.Module):
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def unbounded_layers(self) -> list[nn.Module]:
+        """Layers that spectral normalisation leaves free (e.g. an output projection, as DUE's
+        ``FCResNet``); none by default."""
+        return []
+
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)["penultimate"]

@@ -43,10 +43,12 @@ class WideResNet(Backbone):
     """WRN-depth-width without the classifier head; ``forward`` gives the pooled 64*width features.
 
     forward_features keys: "block1".."block3" (raw residual-stream output of each group at
-    32/16/8 px for 32x32 input), then "penultimate" (after the final BN-ReLU and global pooling).
+    32/16/8 px for 32x32 input), then "penultimate" (after the final BN-ReLU and global pooling;
+    ``final_relu=False``: after the final BN only, as the DHM authors' features, which can be negative).
     """
 
-    def __init__(self, depth: int = 28, width: int = 10, dropout: float = 0.0, in_channels: int = 3) -> None:
+    def __init__(self, depth: int = 28, width: int = 10, dropout: float = 0.0, in_channels: int = 3,
+                 final_relu: bool = True) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ConfigError(f"backbone.depth: WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 22, 28, 40), got depth={depth}")
@@ -54,7 +56,7 @@ class WideResNet(Backbone):
             raise ConfigError(f"backbone.width: WideResNet width must be >= 1, got width={width}")
         n = (depth - 4) // 6
         widths = (16 * width, 32 * width, 64 * width)
-        self.depth, self.width = depth, width
+        self.depth, self.width, self.final_relu = depth, width, bool(final_relu)
         self.feature_dim: int = widths[-1]
 
         self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
@@ -78,7 +80,9 @@ class WideResNet(Backbone):
         for name in ("block1", "block2", "block3"):
             out = getattr(self, name)(out)
             feats[name] = out
-        out = F.relu(self.bn(out))
+        out = self.bn(out)
+        if self.final_relu:
+            out = F.relu(out)
         feats["penultimate"] = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
         return feats
 
