@@ -156,3 +156,16 @@ def test_a_block_of_a_hand_written_page_is_filled_and_checked_against_a_run(tmp_
     with pytest.raises(ConfigError, match="has no block 'demo': put the lines <!-- report:demo -->"):
         write_block(run, page, "demo")
 
+
+
+DEMO_RUN = ROOT / "docs" / "results" / "demo"
+
+
+@pytest.mark.skipif(not (DEMO_RUN / "metrics.json").is_file(),
+                    reason=f"no recorded demo run at {DEMO_RUN} yet: `make demo-record` records it and fills README.md")
+def test_the_readme_demo_table_is_the_recorded_demo_run():
+    """README.md's demo block has exactly the numbers of docs/results/demo/metrics.json (`make demo-record`);
+    `make demo-check` compares a fresh demo run the same way (the demo's minutes, so not in the suite)."""
+    from ood_lightning.evaluation.report import write_block
+
+    write_block(DEMO_RUN, ROOT / "README.md", "demo", check=True)
