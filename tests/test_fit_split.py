@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ood_lightning.detectors import LatentFlowDetector, Mahalanobis
+from ood_lightning.detectors import Mahalanobis
+from ood_lightning.methods.lde import LatentFlowDetector
 from ood_lightning.scoring import loop
 from ood_lightning.scoring.api import FitData, Scorer
 from ood_lightning.scoring.feature_cache import FeatureCache

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from ood_lightning.core import provenance
 from ood_lightning.core.errors import ConfigError
+from ood_lightning.core.io import atomic_write_text
 from ood_lightning.evaluation.paper_compare import LEGEND, backbone_label, section, setting_of
 from ood_lightning.evaluation.references import LOWER_IS_BETTER, load
 from ood_lightning.evaluation.run_dir import job_dirs
-from ood_lightning.io import atomic_write_text
 
 #: the tables of a page, in order: metrics.json key -> heading
 METRICS = {"auroc": "AUROC", "fpr95": "FPR@95%TPR", "tnr95": "TNR@95%TPR", "aupr_in": "AUPR-in", "aupr_out": "AUPR-out",
