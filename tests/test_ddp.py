@@ -45,7 +45,7 @@ def test_rank_blocks_concatenate_to_the_single_pass():
     prep = lambda x: x.float() / 255  # noqa: E731
 
     def pass_over(ld):
-        return _extract(model, ld, prep, torch.device("cpu"), None, "", None)
+        return _extract(model, ld, prep, torch.device("cpu"), None, "", None, None)
 
     with torch.no_grad():
         full = pass_over(loader)

@@ -27,7 +27,7 @@ def test_train_help_names_every_preset_and_the_quickstart():
     for knob in ("data.limit_train", "data.limit_ood", "evaluation.fit_limit", "lambda="):
         assert knob in out
     groups = out.split("== Configuration groups")[1].split("\n", 1)[1].split("\n==")[0]
-    assert "data: cifar10, cifar100, cifar6, fashionmnist, mnist, mnist6, moons, rings, stripes, svhn\n" in groups
+    assert "data: cifar10, cifar100, cifar10_jpeg, cifar6, fashionmnist, mnist, mnist6, moons, rings, stripes, svhn\n" in groups
     assert "schema" not in groups  # the data configs' schema is not a dataset
 
 

@@ -47,7 +47,8 @@ _STOP = f"+callbacks.stop_after={{_target_: {__name__}.StopAfterEpoch, epochs: 1
 
 def _results(run_dir) -> tuple[dict, dict]:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics.pop("timings_s")  # wall-clock seconds, the one thing a rerun may not repeat
+    metrics.pop("timings_s")
+    metrics.pop("provenance")  # the command, commit, machine and wall time of each process  # wall-clock seconds, the one thing a rerun may not repeat
     with np.load(run_dir / "scores.npz") as scores:
         return metrics, {k: scores[k] for k in scores.files}
 

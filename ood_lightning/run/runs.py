@@ -78,11 +78,12 @@ def score_and_write(model: OODMethod, dm: OODDataModule, cfg: DictConfig, out_di
     groups = {name: spec.get("group") for name, spec in dm.ood_cfg.items() if spec.get("group")}
     metrics = compute_metrics(results, cfg.evaluation.tpr, groups, f1_threshold)
     started = meta.pop("started", None)
+    stage_s = meta.pop("stage_s", {})
     machine = provenance.machine()
     meta = {**meta, "provenance": {"command": provenance.command(), "commit": provenance.commit(), "machine": machine,
                                    "wall_s": None if started is None else round(time.time() - started, 1)},
             "setting": run_setting(cfg, dm, results, groups),
-            "timings_s": {k: round(v, 3) for k, v in {**meta.pop("stage_s", {}), **results.timings}.items()},
+            "timings_s": {k: round(v, 3) for k, v in {**stage_s, **results.timings}.items()},
             "fit_samples": results.fit_samples, "fit_augmented": results.fit_augmented,
             "fit_splits": {name: {"augmented": aug, "samples": results.fit_samples}
                            for name, aug in results.fit_splits.items()},
